@@ -1,0 +1,127 @@
+//! The VM description shared by `bulwark run` flags and `--config vm.toml`, and the parsers for
+//! human sizes (`256M`) and durations (`10s`).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("bad size `{0}`: use a number with an optional K, M or G suffix, such as 256M")]
+    BadSize(String),
+    #[error("bad duration `{0}`: use a number with ms, s or m, such as 10s or 500ms")]
+    BadDuration(String),
+    #[error("cannot read config file {path}: {error}")]
+    Read { path: PathBuf, error: String },
+    #[error("config file {path}: {error}")]
+    Parse { path: PathBuf, error: String },
+    #[error("no payload given: pass --payload FILE or set `payload` in the config file")]
+    NoPayload,
+}
+
+/// Parses `256M`, `1G`, `4096`, `512k`, `16MiB`.
+pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
+    let bad = || ConfigError::BadSize(s.to_string());
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(1u64 << shift).ok_or_else(bad)
+}
+
+/// Parses `10s`, `500ms`, `2m`, or a plain number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, ConfigError> {
+    let bad = || ConfigError::BadDuration(s.to_string());
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    match unit.trim() {
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "ms" => Ok(Duration::from_millis(n)),
+        "m" | "min" => n.checked_mul(60).map(Duration::from_secs).ok_or_else(bad),
+        _ => Err(bad()),
+    }
+}
+
+/// `vm.toml`: the same fields as the `run` flags. Unknown keys are errors.
+#[derive(Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub payload: Option<PathBuf>,
+    pub memory: Option<String>,
+    pub vcpus: Option<u32>,
+    pub arg: Option<String>,
+    pub cpl0: Option<bool>,
+    pub timeout: Option<String>,
+    pub console_limit: Option<String>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.to_path_buf(),
+            error: e.to_string(),
+        })?;
+        let mut cfg: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            error: e.to_string(),
+        })?;
+        // A relative payload path is relative to the config file.
+        if let (Some(p), Some(dir)) = (&cfg.payload, path.parent())
+            && p.is_relative()
+        {
+            cfg.payload = Some(dir.join(p));
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_suffixes_parse() {
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("512k"), Ok(512 << 10));
+        assert_eq!(parse_size("16MiB"), Ok(16 << 20));
+        for bad in ["", "M", "12X", "-1M", "1.5G", "99999999999999999999G"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn duration_units_parse() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("3h").is_err());
+    }
+
+    #[test]
+    fn config_file_rejects_unknown_keys_and_resolves_paths() {
+        let dir = std::env::temp_dir().join(format!("bulwark-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("vm.toml");
+        std::fs::write(&f, "payload = \"p.elf\"\nmemory = \"32M\"\nvcpus = 2\n").unwrap();
+        let c = FileConfig::load(&f).unwrap();
+        assert_eq!(c.payload, Some(dir.join("p.elf")));
+        assert_eq!(c.vcpus, Some(2));
+        std::fs::write(&f, "payload = \"p.elf\"\nmemroy = \"32M\"\n").unwrap();
+        let e = FileConfig::load(&f).unwrap_err().to_string();
+        assert!(e.contains("memroy"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

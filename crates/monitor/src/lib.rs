@@ -1,0 +1,20 @@
+//! The per-VM monitor: the trusted core of one VM.
+//!
+//! It owns the KVM VM, guest memory (a sealed memfd), the vCPU threads and one event loop, and
+//! routes every exit through [`exit::dispatch`]. This crate talks to KVM and guest memory, so it
+//! may use `unsafe`; each use carries its safety argument.
+
+pub mod abi;
+pub mod control;
+pub mod exit;
+pub mod hostcall;
+pub mod input;
+pub mod kvm;
+pub mod memory;
+pub mod outcome;
+pub mod payload;
+pub mod vcpu;
+pub mod vm;
+
+pub use outcome::{FaultReport, RunReport, StopReason, VmStats};
+pub use vm::{ConsoleIn, ConsoleIo, FunctionVmConfig, VmError, run_function};

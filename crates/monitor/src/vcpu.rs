@@ -1,0 +1,190 @@
+//! The vCPU thread: run, take the exit, dispatch, repeat until the VM stops.
+
+use std::sync::Arc;
+
+use kvm_bindings::KVM_EXIT_INTERNAL_ERROR;
+use kvm_ioctls::VcpuFd;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::control::VmControl;
+use crate::exit::{Buses, Exit, ExitAction, StopKind, dispatch};
+use crate::hostcall::{HostCallResult, HostCalls};
+use crate::outcome::{FaultReport, StopReason};
+use crate::payload::descriptors::{ExceptionFrame, is_stub_rip};
+
+/// What every vCPU of a VM shares.
+#[derive(Debug)]
+pub struct VcpuContext {
+    pub buses: Arc<Buses>,
+    pub hostcalls: Arc<HostCalls>,
+    pub mem: GuestMemoryMmap,
+    pub control: Arc<VmControl>,
+    pub software_virtualization: bool,
+}
+
+/// Per-vCPU exit counters, summed when the VM ends.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct VcpuCounters {
+    pub exits: u64,
+    pub io: u64,
+    pub mmio: u64,
+    pub hostcalls: u64,
+}
+
+#[derive(Debug)]
+pub struct Vcpu {
+    pub index: u32,
+    pub fd: VcpuFd,
+    pub ctx: Arc<VcpuContext>,
+}
+
+impl Vcpu {
+    /// Runs until this vCPU or another stops the VM.
+    pub fn run(mut self) -> VcpuCounters {
+        let mut n = VcpuCounters::default();
+        while !self.ctx.control.is_stopping() {
+            let action = match self.fd.run() {
+                Ok(exit) => {
+                    let exit = Exit::from(exit);
+                    n.exits += 1;
+                    match exit {
+                        Exit::IoIn { .. } | Exit::IoOut { .. } => n.io += 1,
+                        Exit::MmioRead { .. } | Exit::MmioWrite { .. } => n.mmio += 1,
+                        _ => {}
+                    }
+                    dispatch(exit, &self.ctx.buses)
+                }
+                Err(e) if matches!(e.errno(), libc::EINTR | libc::EAGAIN) => continue,
+                Err(e) => {
+                    self.stop(StopReason::KvmRun {
+                        vcpu: self.index,
+                        error: e.to_string(),
+                    });
+                    break;
+                }
+            };
+            match action {
+                ExitAction::Resume => {}
+                ExitAction::HostCall(nr) => {
+                    n.hostcalls += 1;
+                    if let Some(reason) = self.host_call(nr) {
+                        self.stop(reason);
+                        break;
+                    }
+                }
+                ExitAction::FaultReport(_) => {
+                    if let Some(report) = self.fault_report() {
+                        self.stop(StopReason::Fault(report));
+                        break;
+                    }
+                    // Not from the stubs: a payload poking the port. Treat as an unknown port.
+                    self.ctx
+                        .buses
+                        .pio
+                        .write(u64::from(crate::abi::FAULT_PORT), &[0]);
+                }
+                ExitAction::Stop(kind) => {
+                    let reason = self.stop_reason(kind);
+                    self.stop(reason);
+                    break;
+                }
+            }
+        }
+        n
+    }
+
+    fn stop(&self, reason: StopReason) {
+        tracing::debug!(vcpu = self.index, %reason, "vCPU stops the VM");
+        self.ctx.control.stop(reason);
+    }
+
+    fn rip(&self) -> u64 {
+        self.fd.get_regs().map(|r| r.rip).unwrap_or(0)
+    }
+
+    /// Serves a host call; `Some` if it ends the VM.
+    fn host_call(&self, nr: u32) -> Option<StopReason> {
+        let mut regs = match self.fd.get_regs() {
+            Ok(r) => r,
+            Err(e) => return Some(StopReason::Monitor(format!("KVM_GET_REGS failed: {e}"))),
+        };
+        let args = [regs.rdi, regs.rsi, regs.rdx];
+        let ctx = &self.ctx;
+        match ctx.hostcalls.handle(&ctx.mem, nr, args, ctx.control.flag()) {
+            HostCallResult::Return(v) => {
+                regs.rax = v;
+                self.fd
+                    .set_regs(&regs)
+                    .err()
+                    .map(|e| StopReason::Monitor(format!("KVM_SET_REGS failed: {e}")))
+            }
+            HostCallResult::Exit(status) => Some(StopReason::Exited(status)),
+            // Another thread stopped the VM; its reason stands.
+            HostCallResult::Stopped => {
+                Some(StopReason::Monitor("stopped during a host call".into()))
+            }
+        }
+    }
+
+    /// Reads the exception frame the stubs left on the exception stack. `None` if the report
+    /// did not come from the stubs.
+    fn fault_report(&self) -> Option<FaultReport> {
+        let regs = self.fd.get_regs().ok()?;
+        if !is_stub_rip(regs.rip) {
+            return None;
+        }
+        let mut raw = [0u8; ExceptionFrame::SIZE];
+        self.ctx
+            .mem
+            .read_slice(&mut raw, GuestAddress(regs.rsp))
+            .ok()?;
+        let frame = ExceptionFrame::parse(&raw);
+        let address = if frame.vector == 14 {
+            self.fd.get_sregs().ok().map(|s| s.cr2)
+        } else {
+            None
+        };
+        Some(FaultReport {
+            vcpu: self.index,
+            vector: frame.vector,
+            error_code: frame.error_code,
+            rip: frame.rip,
+            cpl: (frame.cs & 3) as u8,
+            rsp: frame.rsp,
+            address,
+        })
+    }
+
+    fn stop_reason(&mut self, kind: StopKind) -> StopReason {
+        let vcpu = self.index;
+        match kind {
+            StopKind::Halt => StopReason::Halted {
+                vcpu,
+                rip: self.rip(),
+            },
+            StopKind::TripleFault => StopReason::TripleFault {
+                vcpu,
+                rip: self.rip(),
+            },
+            StopKind::InternalError => {
+                let run = self.fd.get_kvm_run();
+                let suberror = if run.exit_reason == KVM_EXIT_INTERNAL_ERROR {
+                    // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so KVM filled the
+                    // `internal` member of the exit union; it is plain integers.
+                    unsafe { run.__bindgen_anon_1.internal.suberror }
+                } else {
+                    0
+                };
+                StopReason::InternalError {
+                    vcpu,
+                    suberror,
+                    rip: self.rip(),
+                    software_virtualization: self.ctx.software_virtualization,
+                }
+            }
+            StopKind::FailEntry(reason) => StopReason::FailEntry { vcpu, reason },
+            StopKind::SystemEvent(kind) => StopReason::SystemEvent { vcpu, kind },
+            StopKind::Unexpected(what) => StopReason::Unexpected { vcpu, what },
+        }
+    }
+}
