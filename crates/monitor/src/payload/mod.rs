@@ -265,7 +265,7 @@ mod tests {
     fn page_tables_fit_for_extreme_layouts() {
         for (mem, vcpus) in [
             (MIN_MEMORY, 1),
-            (MIN_MEMORY, MAX_VCPUS),
+            (8 << 20, MAX_VCPUS),
             (MAX_MEMORY, MAX_VCPUS),
         ] {
             let l = Layout::new(mem, vcpus).unwrap();
