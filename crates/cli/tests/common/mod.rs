@@ -1,0 +1,117 @@
+//! Helpers for end-to-end tests: build payloads with `bulwark payload build` and run them with
+//! `bulwark run` on the host's real /dev/kvm.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+pub fn bulwark() -> &'static str {
+    env!("CARGO_BIN_EXE_bulwark")
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// These tests run real VMs. Without KVM they must fail, loudly, never skip.
+pub fn require_kvm() {
+    static CHECK: OnceLock<()> = OnceLock::new();
+    CHECK.get_or_init(|| {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm");
+        if let Err(e) = f {
+            panic!(
+                "these tests run real VMs and need /dev/kvm (read-write): {e}. \
+                 Run on a KVM host as root or as a member of the kvm group."
+            );
+        }
+    });
+}
+
+/// A directory for one test's files, removed when dropped.
+pub struct TestDir(pub PathBuf);
+
+impl TestDir {
+    pub fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("bulwark-test-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+    pub fn path(&self, f: &str) -> PathBuf {
+        self.0.join(f)
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Builds `src` (relative to the repo root) into `dir`; assembly gets no C start-up code.
+pub fn build_payload(dir: &TestDir, src: &str) -> PathBuf {
+    let src = repo_root().join(src);
+    let name = src.file_stem().unwrap().to_string_lossy().into_owned();
+    let out = dir.path(&format!("{name}.elf"));
+    let mut cmd = Command::new(bulwark());
+    cmd.args(["payload", "build"]).arg(&src).arg("-o").arg(&out);
+    if src.extension().is_some_and(|e| e == "S") {
+        cmd.arg("--no-crt0");
+    }
+    let o = cmd.output().unwrap();
+    assert!(
+        o.status.success(),
+        "building {}: {}",
+        src.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
+/// Runs `bulwark` with `args`, feeding `stdin`.
+pub fn run(args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new(bulwark())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    let data = stdin.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(&data);
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    out
+}
+
+/// Runs a payload file with extra flags.
+pub fn run_payload(payload: &Path, extra: &[&str], stdin: &[u8]) -> Output {
+    let p = payload.to_str().unwrap();
+    let mut args = vec!["run", "--payload", p, "--stats"];
+    args.extend_from_slice(extra);
+    run(&args, stdin)
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Value of `key=` in the `--stats` line.
+pub fn stat(o: &Output, key: &str) -> Option<String> {
+    let err = stderr(o);
+    let line = err.lines().find(|l| l.contains("bulwark: stats:"))?;
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(&format!("{key}=")).map(str::to_string))
+}
