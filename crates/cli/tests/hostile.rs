@@ -78,7 +78,11 @@ fn hostile_payloads_end_with_expected_outcome() {
         let (out, err) = (stdout(&o), stderr(&o));
         let mut why = Vec::new();
         if o.status.code() != exp.exit {
-            why.push(format!("exit {:?}, expected {:?}", o.status.code(), exp.exit));
+            why.push(format!(
+                "exit {:?}, expected {:?}",
+                o.status.code(),
+                exp.exit
+            ));
         }
         for s in &exp.stderr {
             if !err.contains(s.as_str()) {

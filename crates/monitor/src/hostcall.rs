@@ -1,6 +1,7 @@
 //! Host calls of function micro-VMs (ABI in [`crate::abi`]). Every argument is guest-controlled:
-//! buffers must lie entirely in the payload's own memory, never in the system area the monitor
-//! built (page tables, descriptor tables, stubs), so a host call cannot be used to rewrite them.
+//! buffers the host writes must lie entirely in the payload's own memory, never in the system
+//! area the monitor built (page tables, descriptor tables, stubs), so a host call cannot be used
+//! to rewrite them; buffers the host reads may also lie in the read-only info page.
 
 use std::io::Read;
 use std::sync::Arc;
@@ -77,7 +78,7 @@ impl HostCalls {
             2 => &self.stderr,
             _ => return err(errno::EBADF),
         };
-        if !self.layout.is_payload_memory(ptr, len) {
+        if !self.layout.is_host_readable(ptr, len) {
             return err(errno::EFAULT);
         }
         let mut buf = vec![0u8; CHUNK.min(len as usize)];

@@ -160,6 +160,16 @@ impl Layout {
                 .checked_add(len)
                 .is_some_and(|end| end <= self.mem_size)
     }
+
+    /// Whether a host call may read `[addr, addr + len)`: payload memory or the info page
+    /// (which the payload can read anyway, and which holds the argument string).
+    pub fn is_host_readable(&self, addr: u64, len: u64) -> bool {
+        let in_info = addr >= INFO_ADDR
+            && addr
+                .checked_add(len)
+                .is_some_and(|end| end <= INFO_ADDR + PAGE);
+        in_info || self.is_payload_memory(addr, len)
+    }
 }
 
 #[cfg(test)]
@@ -221,5 +231,9 @@ mod tests {
         assert!(!l.is_payload_memory((16 << 20) - 4, 8));
         assert!(!l.is_payload_memory(u64::MAX - 2, 8));
         assert!(l.is_payload_memory((16 << 20) - 8, 8));
+        assert!(l.is_host_readable(INFO_ADDR + INFO_ARG_OFFSET as u64, 10));
+        assert!(!l.is_host_readable(INFO_ADDR + PAGE - 4, 8));
+        assert!(!l.is_payload_memory(INFO_ADDR, 8));
+        assert!(!l.is_host_readable(PAGE_TABLES_ADDR, 8));
     }
 }

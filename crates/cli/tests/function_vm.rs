@@ -1,0 +1,278 @@
+//! End-to-end tests of function micro-VMs through the `bulwark` binary on real KVM: console,
+//! exit status, host calls, devices, vCPUs, configuration and refusals of bad input.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn example_payload_greets_its_argument_and_exits_zero() {
+    require_kvm();
+    let dir = TestDir::new("hello");
+    let p = build_payload(&dir, "examples/payloads/hello.c");
+    let o = run_payload(&p, &["--arg", "tester"], b"");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.starts_with("hello, tester, from a bulwark function micro-VM\n"),
+        "{out}"
+    );
+    assert!(out.contains("vCPUs: 1, memory: 16 MiB"), "{out}");
+    assert!(out.contains("platform device magic: 0x4b574c42"), "{out}");
+}
+
+#[test]
+fn console_input_reaches_payload_and_output_returns() {
+    require_kvm();
+    let dir = TestDir::new("echo");
+    let p = build_payload(&dir, "tests/payloads/echo.c");
+    let input: Vec<u8> = b"hello bulwark\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(1000)
+        .collect();
+    let o = run_payload(&p, &[], &input);
+    assert_eq!(
+        stdout(&o),
+        String::from_utf8(input.to_ascii_uppercase()).unwrap()
+    );
+    assert_eq!(o.status.code(), Some(1000 % 256), "{}", stderr(&o));
+}
+
+#[test]
+fn console_input_from_regular_file_is_read_directly() {
+    require_kvm();
+    let dir = TestDir::new("echo-file");
+    let p = build_payload(&dir, "tests/payloads/echo.c");
+    let input = dir.path("in.txt");
+    std::fs::write(&input, b"from a file").unwrap();
+    let o = std::process::Command::new(bulwark())
+        .args(["run", "--payload", p.to_str().unwrap()])
+        .stdin(std::fs::File::open(&input).unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&o), "FROM A FILE");
+    assert_eq!(o.status.code(), Some(11));
+}
+
+#[test]
+fn exit_status_and_stderr_come_from_payload() {
+    require_kvm();
+    let dir = TestDir::new("status");
+    let p = build_payload(&dir, "tests/payloads/status.c");
+    for status in [0, 1, 42, 255] {
+        let s = status.to_string();
+        let o = run(&["run", "--payload", p.to_str().unwrap(), "--arg", &s], b"");
+        assert_eq!(o.status.code(), Some(status));
+        assert_eq!(stderr(&o), "bye\n", "no monitor chatter on a clean exit");
+        assert!(o.stdout.is_empty());
+    }
+}
+
+#[test]
+fn clock_advances_and_random_differs_between_vms() {
+    require_kvm();
+    let dir = TestDir::new("clock");
+    let p = build_payload(&dir, "tests/payloads/clock_random.c");
+    let draw = || {
+        let o = run_payload(&p, &[], b"");
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        let out = stdout(&o);
+        assert!(out.contains("clock ok "), "{out}");
+        out.lines()
+            .find_map(|l| l.strip_prefix("random "))
+            .unwrap()
+            .to_string()
+    };
+    let (a, b) = (draw(), draw());
+    assert_eq!(a.len(), 64);
+    assert_ne!(a, b, "two VMs drew the same random bytes");
+}
+
+#[test]
+fn port_and_mmio_devices_answer_and_postcode_is_kept() {
+    require_kvm();
+    let dir = TestDir::new("devices");
+    let p = build_payload(&dir, "tests/payloads/devices.c");
+    let o = run_payload(&p, &["--vcpus", "1", "--memory", "32M"], b"");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "uart ok\ne9 ok\n");
+    assert_eq!(stat(&o, "postcode").as_deref(), Some("0x42"));
+    assert_eq!(stat(&o, "unhandled_pio").as_deref(), Some("0"));
+    assert_eq!(stat(&o, "unhandled_mmio").as_deref(), Some("0"));
+    let mmio: u64 = stat(&o, "mmio").unwrap().parse().unwrap();
+    assert!(mmio >= 6, "{mmio} MMIO exits");
+}
+
+#[test]
+fn two_vcpus_run_at_once() {
+    require_kvm();
+    let dir = TestDir::new("smp");
+    let p = build_payload(&dir, "tests/payloads/two_vcpus.c");
+    let o = run_payload(&p, &["--vcpus", "2", "--timeout", "30s"], b"");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("while vcpu 0 ran"));
+}
+
+#[test]
+fn flat_binary_runs_from_its_first_byte() {
+    require_kvm();
+    let dir = TestDir::new("flat");
+    let out = dir.path("status.bin");
+    let o = run(
+        &[
+            "payload",
+            "build",
+            repo_root()
+                .join("tests/payloads/status.c")
+                .to_str()
+                .unwrap(),
+            "--flat",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        b"",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_ne!(&std::fs::read(&out).unwrap()[..4], b"\x7fELF");
+    let o = run(
+        &["run", "--payload", out.to_str().unwrap(), "--arg", "9"],
+        b"",
+    );
+    assert_eq!(o.status.code(), Some(9), "{}", stderr(&o));
+}
+
+#[test]
+fn config_file_sets_fields_and_flags_override() {
+    require_kvm();
+    let dir = TestDir::new("config");
+    let p = build_payload(&dir, "examples/payloads/hello.c");
+    let cfg = dir.path("vm.toml");
+    std::fs::write(
+        &cfg,
+        "payload = \"hello.elf\"\nmemory = \"64M\"\nvcpus = 2\narg = \"from toml\"\ntimeout = \"20s\"\n",
+    )
+    .unwrap();
+    assert!(p.ends_with("hello.elf"));
+    let o = run(&["run", "--config", cfg.to_str().unwrap()], b"");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("hello, from toml,") && out.contains("vCPUs: 2, memory: 64 MiB"),
+        "{out}"
+    );
+    let o = run(
+        &[
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--memory",
+            "32M",
+            "--arg",
+            "flag",
+        ],
+        b"",
+    );
+    assert!(stdout(&o).contains("hello, flag,") && stdout(&o).contains("memory: 32 MiB"));
+}
+
+/// Runs bulwark expecting it to refuse before starting a VM: status 125 and a message.
+fn refuses(args: &[&str], needle: &str) {
+    let o = run(args, b"");
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(125), "{args:?}: {err}");
+    assert!(
+        err.contains(needle),
+        "{args:?}: expected `{needle}` in: {err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn bad_input_is_refused_with_a_reason() {
+    require_kvm();
+    let dir = TestDir::new("bad");
+    let good = build_payload(&dir, "tests/payloads/status.c");
+    let good = good.to_str().unwrap();
+    let empty = dir.path("empty.bin");
+    std::fs::write(&empty, b"").unwrap();
+    let huge = dir.path("huge.bin");
+    std::fs::write(&huge, vec![0x90u8; 5 << 20]).unwrap();
+    let cfg = dir.path("bad.toml");
+    std::fs::write(&cfg, format!("payload = \"{good}\"\nvcpu = 2\n")).unwrap();
+    let pie = dir.path("pie.elf");
+    let mut elf = std::fs::read(good).unwrap();
+    elf[16] = 3; // ET_DYN
+    std::fs::write(&pie, elf).unwrap();
+
+    refuses(
+        &["run", "--payload", empty.to_str().unwrap()],
+        "payload file is empty",
+    );
+    refuses(
+        &["run", "--payload", huge.to_str().unwrap(), "--memory", "4M"],
+        "raise --memory",
+    );
+    refuses(&["run", "--payload", pie.to_str().unwrap()], "-no-pie");
+    refuses(
+        &["run", "--payload", "/nonexistent/p.elf"],
+        "cannot read payload /nonexistent/p.elf",
+    );
+    refuses(&["run"], "no payload given");
+    refuses(
+        &["run", "--payload", good, "--memory", "1M"],
+        "use at least 4M",
+    );
+    refuses(
+        &["run", "--payload", good, "--memory", "8G"],
+        "the limit is 3G",
+    );
+    refuses(
+        &["run", "--payload", good, "--memory", "17M"],
+        "not a multiple of 2 MiB",
+    );
+    refuses(&["run", "--payload", good, "--vcpus", "0"], "1 to 32");
+    refuses(&["run", "--payload", good, "--vcpus", "1000"], "1 to 32");
+    refuses(
+        &["run", "--config", cfg.to_str().unwrap()],
+        "unknown field `vcpu`",
+    );
+    refuses(
+        &["run", "--payload", good, "--arg", &"x".repeat(5000)],
+        "the limit is",
+    );
+    // clap rejects malformed sizes itself, with its own status.
+    let o = run(&["run", "--payload", good, "--memory", "lots"], b"");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("bad size `lots`"));
+}
+
+#[test]
+fn elf_with_segment_outside_memory_is_refused() {
+    require_kvm();
+    let dir = TestDir::new("elf-outside");
+    let src = dir.path("far.S");
+    std::fs::write(
+        &src,
+        ".section .text.start, \"ax\"\n.globl _start\n_start: jmp .\n.section .bss\n.skip 0x2000000\n",
+    )
+    .unwrap();
+    let out = dir.path("far.elf");
+    let o = run(
+        &[
+            "payload",
+            "build",
+            "--no-crt0",
+            src.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        b"",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    refuses(
+        &["run", "--payload", out.to_str().unwrap()],
+        "lies outside payload memory",
+    );
+}
