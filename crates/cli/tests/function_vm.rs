@@ -276,3 +276,75 @@ fn elf_with_segment_outside_memory_is_refused() {
         "lies outside payload memory",
     );
 }
+
+#[test]
+fn read_blocked_on_open_input_ends_at_timeout() {
+    require_kvm();
+    let dir = TestDir::new("blocked-read");
+    let p = build_payload(&dir, "tests/payloads/echo.c");
+    // Keep stdin open and silent: the payload blocks in `read` until the timeout stops it.
+    let mut child = std::process::Command::new(bulwark())
+        .args([
+            "run",
+            "--payload",
+            p.to_str().unwrap(),
+            "--timeout",
+            "300ms",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let open_stdin = child.stdin.take(); // wait_with_output would close it
+    let o = child.wait_with_output().unwrap();
+    drop(open_stdin);
+    assert_eq!(o.status.code(), Some(124), "{}", stderr(&o));
+    assert!(stderr(&o).contains("timed out after 0.3"), "{}", stderr(&o));
+}
+
+/// Runs `sh -c script` as root in a private mount namespace (so /dev can be replaced).
+fn in_mount_namespace(script: &str) -> std::process::Output {
+    let o = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", script])
+        .output()
+        .expect("unshare (util-linux) is needed for this test");
+    assert!(
+        !stderr(&o).contains("unshare failed"),
+        "this test needs root to create a mount namespace: {}",
+        stderr(&o)
+    );
+    o
+}
+
+#[test]
+fn missing_or_forbidden_kvm_is_explained() {
+    require_kvm();
+    let dir = TestDir::new("nokvm");
+    let p = build_payload(&dir, "tests/payloads/status.c");
+    let run = format!("{} run --payload {}", bulwark(), p.display());
+    let o = in_mount_namespace(&format!("mount -t tmpfs none /dev && exec {run}"));
+    assert_eq!(o.status.code(), Some(125), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("/dev/kvm does not exist"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        stderr(&o).contains("modprobe kvm_intel or kvm_amd"),
+        "{}",
+        stderr(&o)
+    );
+
+    // A /dev/kvm the user may not open.
+    let o = in_mount_namespace(&format!(
+        "mount -t tmpfs none /dev && mknod -m 600 /dev/kvm c 10 232 && \
+         exec setpriv --reuid=65534 --regid=65534 --clear-groups {run}"
+    ));
+    assert_eq!(o.status.code(), Some(125), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("permission denied opening /dev/kvm"),
+        "{}",
+        stderr(&o)
+    );
+}
