@@ -7,6 +7,8 @@
 pub mod abi;
 pub mod control;
 pub mod exit;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod hostcall;
 pub mod input;
 pub mod kvm;
