@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
-use kvm_bindings::KVM_EXIT_INTERNAL_ERROR;
-use kvm_ioctls::VcpuFd;
+use kvm_bindings::{KVM_EXIT_INTERNAL_ERROR, kvm_regs};
+use kvm_ioctls::{SyncReg, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::control::VmControl;
@@ -20,6 +20,9 @@ pub struct VcpuContext {
     pub mem: GuestMemoryMmap,
     pub control: Arc<VmControl>,
     pub software_virtualization: bool,
+    /// KVM copies the general registers into `kvm_run` on every exit (`KVM_CAP_SYNC_REGS`), so
+    /// host calls need no `KVM_GET_REGS`/`KVM_SET_REGS` round trips.
+    pub sync_regs: bool,
 }
 
 /// Per-vCPU exit counters, summed when the VM ends.
@@ -98,23 +101,42 @@ impl Vcpu {
         self.ctx.control.stop(reason);
     }
 
+    /// The general registers at the last exit.
+    fn regs(&self) -> Result<kvm_regs, kvm_ioctls::Error> {
+        if self.ctx.sync_regs {
+            Ok(self.fd.sync_regs().regs)
+        } else {
+            self.fd.get_regs()
+        }
+    }
+
+    /// Sets the general registers for the next entry.
+    fn set_regs(&mut self, regs: &kvm_regs) -> Result<(), kvm_ioctls::Error> {
+        if self.ctx.sync_regs {
+            self.fd.sync_regs_mut().regs = *regs;
+            self.fd.set_sync_dirty_reg(SyncReg::Register);
+            Ok(())
+        } else {
+            self.fd.set_regs(regs)
+        }
+    }
+
     fn rip(&self) -> u64 {
-        self.fd.get_regs().map(|r| r.rip).unwrap_or(0)
+        self.regs().map(|r| r.rip).unwrap_or(0)
     }
 
     /// Serves a host call; `Some` if it ends the VM.
-    fn host_call(&self, nr: u32) -> Option<StopReason> {
-        let mut regs = match self.fd.get_regs() {
+    fn host_call(&mut self, nr: u32) -> Option<StopReason> {
+        let mut regs = match self.regs() {
             Ok(r) => r,
             Err(e) => return Some(StopReason::Monitor(format!("KVM_GET_REGS failed: {e}"))),
         };
         let args = [regs.rdi, regs.rsi, regs.rdx];
-        let ctx = &self.ctx;
+        let ctx = self.ctx.clone();
         match ctx.hostcalls.handle(&ctx.mem, nr, args, ctx.control.flag()) {
             HostCallResult::Return(v) => {
                 regs.rax = v;
-                self.fd
-                    .set_regs(&regs)
+                self.set_regs(&regs)
                     .err()
                     .map(|e| StopReason::Monitor(format!("KVM_SET_REGS failed: {e}")))
             }
@@ -129,7 +151,7 @@ impl Vcpu {
     /// Reads the exception frame the stubs left on the exception stack. `None` if the report
     /// did not come from the stubs.
     fn fault_report(&self) -> Option<FaultReport> {
-        let regs = self.fd.get_regs().ok()?;
+        let regs = self.regs().ok()?;
         if !is_stub_rip(regs.rip) {
             return None;
         }

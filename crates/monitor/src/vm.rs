@@ -13,7 +13,7 @@ use bulwark_devices::postcode::PostCode;
 use bulwark_devices::serial::{COM1_BASE, Serial16550, UART_PORTS};
 use bulwark_devices::{BusError, BusRange};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_fpu, kvm_userspace_memory_region};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Cap, Kvm, SyncReg, VmFd};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
@@ -211,6 +211,7 @@ fn create_vcpus(
     layout: &Layout,
     entry: u64,
     cpl0: bool,
+    sync_regs: bool,
 ) -> Result<Vec<kvm_ioctls::VcpuFd>, VmError> {
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -222,9 +223,12 @@ fn create_vcpus(
     };
     (0..layout.vcpus)
         .map(|i| {
-            let fd = vm
+            let mut fd = vm
                 .create_vcpu(u64::from(i))
                 .map_err(kvm_err("creating a vCPU"))?;
+            if sync_regs {
+                fd.set_sync_valid_reg(SyncReg::Register);
+            }
             fd.set_cpuid2(&cpuid).map_err(kvm_err("the vCPU's CPUID"))?;
             let mut sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
             let regs = payload::entry_state(layout, entry, i, cpl0, &mut sregs);
@@ -271,7 +275,8 @@ pub fn run_function(cfg: &FunctionVmConfig, io: ConsoleIo) -> Result<RunReport, 
     let ram = GuestRam::new(cfg.memory)?;
     register_memory(&vm, &ram)?;
     payload::install(ram.memory(), &layout, &image, &spec)?;
-    let vcpu_fds = create_vcpus(&kvm, &vm, &layout, image.entry, cfg.cpl0)?;
+    let sync_regs = kvm.check_extension(Cap::SyncRegs);
+    let vcpu_fds = create_vcpus(&kvm, &vm, &layout, image.entry, cfg.cpl0, sync_regs)?;
 
     // Console input: a queue fed by the event loop, or direct reads for regular files.
     let epoll = Epoll::new().map_err(os("epoll_create"))?;
@@ -319,6 +324,7 @@ pub fn run_function(cfg: &FunctionVmConfig, io: ConsoleIo) -> Result<RunReport, 
         mem: ram.memory().clone(),
         control: control.clone(),
         software_virtualization: kvm::is_software_virtualization(),
+        sync_regs,
     });
 
     let mut handles = Vec::with_capacity(vcpu_fds.len());
