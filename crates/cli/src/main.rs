@@ -27,7 +27,7 @@ const EXIT_CRASH: u8 = 123;
     about = "A security-first virtual machine monitor for KVM"
 )]
 struct Cli {
-    /// More logging (-v info, -vv debug). BULWARK_LOG overrides.
+    /// More logging (-v info, -vv debug). BULWARK_LOG=LEVEL overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
     #[command(subcommand)]
@@ -97,16 +97,19 @@ enum PayloadCommand {
     },
 }
 
+/// Logs go to stderr, warnings only unless `-v`/`-vv` or `BULWARK_LOG=error|warn|info|debug|trace`.
 fn init_logging(verbose: u8) {
-    use tracing_subscriber::EnvFilter;
-    let default = match verbose {
-        0 => "warn",
-        1 => "info",
-        _ => "debug",
-    };
-    let filter = EnvFilter::try_from_env("BULWARK_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    use tracing::Level;
+    let from_env = std::env::var("BULWARK_LOG")
+        .ok()
+        .and_then(|v| v.parse::<Level>().ok());
+    let level = from_env.unwrap_or(match verbose {
+        0 => Level::WARN,
+        1 => Level::INFO,
+        _ => Level::DEBUG,
+    });
     tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_max_level(level)
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();

@@ -12,8 +12,8 @@ use bulwark_devices::info::{INFO_WINDOW, PlatformInfo};
 use bulwark_devices::postcode::PostCode;
 use bulwark_devices::serial::{COM1_BASE, Serial16550, UART_PORTS};
 use bulwark_devices::{BusError, BusRange};
-use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_fpu, kvm_userspace_memory_region};
-use kvm_ioctls::{Cap, Kvm, SyncReg, VmFd};
+use kvm_bindings::{kvm_fpu, kvm_userspace_memory_region};
+use kvm_ioctls::{Cap, SyncReg, VmFd};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
@@ -206,16 +206,13 @@ fn build_devices(cfg: &FunctionVmConfig, io: ConsoleIo) -> Result<Devices, VmErr
 }
 
 fn create_vcpus(
-    kvm: &Kvm,
     vm: &VmFd,
     layout: &Layout,
     entry: u64,
     cpl0: bool,
     sync_regs: bool,
 ) -> Result<Vec<kvm_ioctls::VcpuFd>, VmError> {
-    let cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    let host = payload::cpuid::HostCpu::read();
     let fpu = kvm_fpu {
         fcw: 0x37f,
         mxcsr: 0x1f80,
@@ -229,6 +226,8 @@ fn create_vcpus(
             if sync_regs {
                 fd.set_sync_valid_reg(SyncReg::Register);
             }
+            let cpuid = payload::cpuid::cpuid(&host, i, layout.vcpus)
+                .map_err(|e| os("building the CPUID table")(io::Error::other(format!("{e:?}"))))?;
             fd.set_cpuid2(&cpuid).map_err(kvm_err("the vCPU's CPUID"))?;
             let mut sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
             let regs = payload::entry_state(layout, entry, i, cpl0, &mut sregs);
@@ -276,7 +275,7 @@ pub fn run_function(cfg: &FunctionVmConfig, io: ConsoleIo) -> Result<RunReport, 
     register_memory(&vm, &ram)?;
     payload::install(ram.memory(), &layout, &image, &spec)?;
     let sync_regs = kvm.check_extension(Cap::SyncRegs);
-    let vcpu_fds = create_vcpus(&kvm, &vm, &layout, image.entry, cfg.cpl0, sync_regs)?;
+    let vcpu_fds = create_vcpus(&vm, &layout, image.entry, cfg.cpl0, sync_regs)?;
 
     // Console input: a queue fed by the event loop, or direct reads for regular files.
     let epoll = Epoll::new().map_err(os("epoll_create"))?;
@@ -458,11 +457,16 @@ fn event_loop(
 /// Kicks every vCPU out of the guest until its thread ends, and sums their counters.
 fn stop_vcpus(handles: Vec<JoinHandle<VcpuCounters>>) -> VcpuCounters {
     let give_up = Instant::now() + JOIN_GRACE;
+    // The vCPU that stopped the VM is already on its way out; the others are in KVM_RUN or a
+    // blocking call until a signal interrupts them. Re-kick until all are gone, backing off
+    // from a few microseconds so the common case costs almost nothing.
+    let mut pause = Duration::from_micros(5);
     while handles.iter().any(|h| !h.is_finished()) && Instant::now() < give_up {
         for h in handles.iter().filter(|h| !h.is_finished()) {
             let _ = h.kill(SIGRTMIN());
         }
-        std::thread::sleep(Duration::from_micros(200));
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(1));
     }
     let mut total = VcpuCounters::default();
     for h in handles {

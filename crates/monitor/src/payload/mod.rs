@@ -1,6 +1,7 @@
 //! Function micro-VMs: payloads with no OS, entered in 64-bit mode with their page tables,
 //! descriptor tables and stacks already built by the monitor.
 
+pub mod cpuid;
 pub mod descriptors;
 pub mod image;
 pub mod layout;
