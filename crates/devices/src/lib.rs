@@ -8,8 +8,11 @@
 
 pub mod bus;
 pub mod console;
+pub mod i8042;
 pub mod info;
 pub mod postcode;
+pub mod power;
+pub mod rtc;
 pub mod serial;
 
 pub use bus::{Bus, BusDevice, BusError, BusRange, BusStats};

@@ -9,12 +9,17 @@ use crate::abi::{ABI_VERSION, FAULT_PORT, HOSTCALL_PORT};
 /// The exits the monitor distinguishes, borrowed from the vCPU's `kvm_run` page.
 #[derive(Debug)]
 pub enum Exit<'a> {
+    /// Port input. `size` is the access width (1, 2 or 4); `data` holds `size * count` bytes,
+    /// as KVM hands a whole `rep ins` to user space in one exit.
     IoIn {
         port: u16,
+        size: usize,
         data: &'a mut [u8],
     },
+    /// Port output, `size` bytes per element as for [`Exit::IoIn`].
     IoOut {
         port: u16,
+        size: usize,
         data: &'a [u8],
     },
     MmioRead {
@@ -40,11 +45,21 @@ pub enum Exit<'a> {
     Other(&'static str),
 }
 
-impl<'a> From<VcpuExit<'a>> for Exit<'a> {
-    fn from(e: VcpuExit<'a>) -> Self {
+impl<'a> Exit<'a> {
+    /// Converts KVM's exit. `io_size` is `kvm_run.io.size`, which `VcpuExit` does not carry; it
+    /// is only read for port exits.
+    pub fn from_kvm(e: VcpuExit<'a>, io_size: impl FnOnce() -> usize) -> Self {
         match e {
-            VcpuExit::IoIn(port, data) => Exit::IoIn { port, data },
-            VcpuExit::IoOut(port, data) => Exit::IoOut { port, data },
+            VcpuExit::IoIn(port, data) => Exit::IoIn {
+                port,
+                size: io_width(io_size(), data.len()),
+                data,
+            },
+            VcpuExit::IoOut(port, data) => Exit::IoOut {
+                port,
+                size: io_width(io_size(), data.len()),
+                data,
+            },
             VcpuExit::MmioRead(addr, data) => Exit::MmioRead { addr, data },
             VcpuExit::MmioWrite(addr, data) => Exit::MmioWrite { addr, data },
             VcpuExit::Hlt => Exit::Hlt,
@@ -63,6 +78,15 @@ impl<'a> From<VcpuExit<'a>> for Exit<'a> {
             VcpuExit::X86Wrmsr(_) => Exit::Other("wrmsr"),
             _ => Exit::Other("unsupported exit"),
         }
+    }
+}
+
+/// A sane element width: 1, 2 or 4 bytes that divides the transfer, else the whole transfer.
+fn io_width(size: usize, len: usize) -> usize {
+    if matches!(size, 1 | 2 | 4) && len % size == 0 {
+        size
+    } else {
+        len.max(1)
     }
 }
 
@@ -95,6 +119,9 @@ pub enum ExitAction {
 pub struct Buses {
     pub pio: Bus,
     pub mmio: Bus,
+    /// Whether the function micro-VM ABI ports (host calls, fault reports) exist. Off for
+    /// Linux guests, to whom those ports are ordinary unused ports.
+    pub payload_abi: bool,
 }
 
 fn le_u32(data: &[u8]) -> u32 {
@@ -105,32 +132,44 @@ fn le_u32(data: &[u8]) -> u32 {
 }
 
 /// Handles one exit. Device accesses complete here; everything else is returned to the loop.
+/// String port I/O reaches the device once per element. The ABI ports exist only when the
+/// buses say so (function micro-VMs); a string access to them counts as one, its first element.
 pub fn dispatch(exit: Exit<'_>, buses: &Buses) -> ExitAction {
+    let abi = buses.payload_abi;
     match exit {
         Exit::IoOut {
             port: HOSTCALL_PORT,
+            size,
             data,
-        } => ExitAction::HostCall(le_u32(data)),
+        } if abi => ExitAction::HostCall(le_u32(&data[..size.min(data.len())])),
         Exit::IoOut {
             port: FAULT_PORT,
+            size,
             data,
-        } => ExitAction::FaultReport(le_u32(data)),
+        } if abi => ExitAction::FaultReport(le_u32(&data[..size.min(data.len())])),
         Exit::IoIn {
             port: HOSTCALL_PORT,
+            size,
             data,
-        } => {
+        } if abi => {
             let v = ABI_VERSION.to_le_bytes();
-            for (i, b) in data.iter_mut().enumerate() {
-                *b = v.get(i).copied().unwrap_or(0);
+            for element in data.chunks_mut(size) {
+                for (i, b) in element.iter_mut().enumerate() {
+                    *b = v.get(i).copied().unwrap_or(0);
+                }
             }
             ExitAction::Resume
         }
-        Exit::IoIn { port, data } => {
-            buses.pio.read(u64::from(port), data);
+        Exit::IoIn { port, size, data } => {
+            for element in data.chunks_mut(size) {
+                buses.pio.read(u64::from(port), element);
+            }
             ExitAction::Resume
         }
-        Exit::IoOut { port, data } => {
-            buses.pio.write(u64::from(port), data);
+        Exit::IoOut { port, size, data } => {
+            for element in data.chunks(size) {
+                buses.pio.write(u64::from(port), element);
+            }
             ExitAction::Resume
         }
         Exit::MmioRead { addr, data } => {
@@ -170,7 +209,10 @@ mod tests {
 
     fn buses() -> (Buses, Arc<Reg>) {
         let reg = Arc::new(Reg::default());
-        let mut b = Buses::default();
+        let mut b = Buses {
+            payload_abi: true,
+            ..Default::default()
+        };
         b.pio.insert(BusRange::new(0x70, 2), reg.clone()).unwrap();
         b.mmio
             .insert(BusRange::new(0xd000_0000, 0x1000), reg.clone())
@@ -186,6 +228,7 @@ mod tests {
             dispatch(
                 Exit::IoOut {
                     port: 0x71,
+                    size: 1,
                     data: &out
                 },
                 &b
@@ -221,6 +264,7 @@ mod tests {
             dispatch(
                 Exit::IoIn {
                     port: 0x1234,
+                    size: 2,
                     data: &mut d
                 },
                 &b
@@ -246,6 +290,7 @@ mod tests {
             dispatch(
                 Exit::IoOut {
                     port: HOSTCALL_PORT,
+                    size: 4,
                     data: &[3, 0, 0, 0]
                 },
                 &b
@@ -257,6 +302,7 @@ mod tests {
             dispatch(
                 Exit::IoOut {
                     port: FAULT_PORT,
+                    size: 1,
                     data: &[14]
                 },
                 &b
@@ -267,6 +313,7 @@ mod tests {
         dispatch(
             Exit::IoIn {
                 port: HOSTCALL_PORT,
+                size: 4,
                 data: &mut v,
             },
             &b,
@@ -277,6 +324,53 @@ mod tests {
             Default::default(),
             "ABI ports bypass the bus"
         );
+    }
+
+    #[test]
+    fn dispatch_string_io_reaches_device_per_element() {
+        let (b, reg) = buses();
+        // rep outsw of three words: the device sees three 2-byte writes.
+        dispatch(
+            Exit::IoOut {
+                port: 0x70,
+                size: 2,
+                data: &[1, 0, 2, 0, 3, 0],
+            },
+            &b,
+        );
+        assert_eq!(*reg.0.lock().unwrap(), 3);
+        assert_eq!(b.pio.stats().writes, 3);
+        // rep insb of eight bytes: every element answered, none left stale.
+        let mut d = [0u8; 8];
+        dispatch(
+            Exit::IoIn {
+                port: 0x70,
+                size: 1,
+                data: &mut d,
+            },
+            &b,
+        );
+        assert_eq!(d, [3; 8]);
+        assert_eq!(io_width(3, 6), 6, "odd widths: one access");
+        assert_eq!(io_width(4, 8), 4);
+    }
+
+    #[test]
+    fn dispatch_abi_ports_are_plain_ports_for_linux_guests() {
+        let (mut b, _) = buses();
+        b.payload_abi = false;
+        assert_eq!(
+            dispatch(
+                Exit::IoOut {
+                    port: HOSTCALL_PORT,
+                    size: 4,
+                    data: &[0, 0, 0, 0]
+                },
+                &b
+            ),
+            ExitAction::Resume
+        );
+        assert_eq!(b.pio.stats().unhandled_writes, 1);
     }
 
     #[test]

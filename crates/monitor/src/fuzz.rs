@@ -135,7 +135,10 @@ impl ExitRig {
         let info = Arc::new(PlatformInfo::new(1, 16 << 20));
         let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd for the serial irq");
         let serial = Arc::new(Serial16550::new(irq, sink.clone()));
-        let mut buses = Buses::default();
+        let mut buses = Buses {
+            payload_abi: true,
+            ..Default::default()
+        };
         let debug = Arc::new(DebugPort::new(sink.clone()));
         let inserts = [
             buses
@@ -368,8 +371,8 @@ fn other_exit(input: &mut Cursor<'_>, buses: &Buses) -> Option<()> {
 /// Written data follows, zero-padded if the input runs out.
 /// String I/O is there because KVM may hand user space a whole `rep ins` as one exit of
 /// `size * count` bytes (its read-ahead; `rep insb` of 8 bytes from 0xe9 is one exit on the
-/// project's hosts), so devices do see accesses longer than 8 bytes. Only the first 8 bytes of
-/// such a read are checked: the devices treat it as one access, not `count` of them.
+/// project's hosts); `dispatch` splits it into `count` accesses of `size` bytes, and the model
+/// checks every element.
 pub fn exit_dispatch(data: &[u8]) {
     exit_ops(data);
 }
@@ -392,11 +395,17 @@ fn exit_op(input: &mut Cursor<'_>, rig: &ExitRig, model: &mut ExitModel) -> Opti
     let op = input.u8()?;
     let kind = op & 7;
     let raw = op & 0x80 != 0;
-    let len = match kind {
-        0..=3 => usize::from((op >> 3) & 7) + 1,
+    let (len, size) = match kind {
+        0..=3 => {
+            let len = usize::from((op >> 3) & 7) + 1;
+            (len, len)
+        }
         4 | 5 => {
             let size = [1, 2, 4, 4][usize::from((op >> 3) & 3)];
-            size * (usize::from(input.u16()?) % (PIO_PAGE / size) + 1)
+            (
+                size * (usize::from(input.u16()?) % (PIO_PAGE / size) + 1),
+                size,
+            )
         }
         6 => {
             let n = input.u8()?;
@@ -423,11 +432,19 @@ fn exit_op(input: &mut Cursor<'_>, rig: &ExitRig, model: &mut ExitModel) -> Opti
         (true, true) => dispatch(
             Exit::IoIn {
                 port,
+                size,
                 data: &mut buf,
             },
             &rig.buses,
         ),
-        (true, false) => dispatch(Exit::IoOut { port, data: &buf }, &rig.buses),
+        (true, false) => dispatch(
+            Exit::IoOut {
+                port,
+                size,
+                data: &buf,
+            },
+            &rig.buses,
+        ),
         (false, true) => dispatch(
             Exit::MmioRead {
                 addr,
@@ -440,9 +457,14 @@ fn exit_op(input: &mut Cursor<'_>, rig: &ExitRig, model: &mut ExitModel) -> Opti
     if is_read || !is_port {
         assert_eq!(action, ExitAction::Resume, "access at {addr:#x}");
     }
+    // Port I/O reaches the device once per element; the ABI ports take a string access as one.
+    let abi_port = matches!(port, HOSTCALL_PORT | FAULT_PORT);
     match (is_port, is_read) {
-        (true, true) => model.port_read(port, &buf),
-        (true, false) => model.port_write(port, &buf, action),
+        (true, true) => buf.chunks(size).for_each(|e| model.port_read(port, e)),
+        (true, false) if abi_port => model.port_write(port, &buf[..size], action),
+        (true, false) => buf
+            .chunks(size)
+            .for_each(|e| model.port_write(port, e, action)),
         (false, true) => model.mmio_read(addr, &buf),
         (false, false) => model.mmio_write(addr, &buf),
     }

@@ -12,6 +12,7 @@ pub mod fuzz;
 pub mod hostcall;
 pub mod input;
 pub mod kvm;
+pub mod linux;
 pub mod memory;
 pub mod outcome;
 pub mod payload;

@@ -45,10 +45,21 @@ impl Vcpu {
     /// Runs until this vCPU or another stops the VM.
     pub fn run(mut self) -> VcpuCounters {
         let mut n = VcpuCounters::default();
+        let run_page: *const kvm_bindings::kvm_run = self.fd.get_kvm_run();
+        let io_size = || {
+            // SAFETY: `run_page` points at this vCPU's kvm_run mapping, which lives as long as
+            // `self.fd`. The struct occupies the mapping's first page; the port data the exit
+            // borrows lives at `data_offset` (the next page), so this shared reference does not
+            // overlap it.
+            let run = unsafe { &*run_page };
+            // SAFETY: read only after KVM_RUN returned a port exit, when KVM has filled the `io`
+            // member of the exit union; its fields are plain integers.
+            usize::from(unsafe { run.__bindgen_anon_1.io.size })
+        };
         while !self.ctx.control.is_stopping() {
             let action = match self.fd.run() {
                 Ok(exit) => {
-                    let exit = Exit::from(exit);
+                    let exit = Exit::from_kvm(exit, io_size);
                     n.exits += 1;
                     match exit {
                         Exit::IoIn { .. } | Exit::IoOut { .. } => n.io += 1,

@@ -179,7 +179,10 @@ fn build_devices(cfg: &FunctionVmConfig, io: ConsoleIo) -> Result<Devices, VmErr
     let stdout = Arc::new(ConsoleSink::new(io.stdout, cfg.console_limit));
     let stderr = Arc::new(ConsoleSink::new(io.stderr, cfg.console_limit));
     let postcode = Arc::new(PostCode::new());
-    let mut buses = Buses::default();
+    let mut buses = Buses {
+        payload_abi: true,
+        ..Default::default()
+    };
     buses
         .pio
         .insert(BusRange::new(POSTCODE_PORT.into(), 1), postcode.clone())?;

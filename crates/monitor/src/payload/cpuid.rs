@@ -103,11 +103,7 @@ pub fn entries(host: &HostCpu, index: u32, count: u32) -> Vec<kvm_cpuid_entry2> 
 }
 
 /// The table as KVM takes it.
-pub fn cpuid(
-    host: &HostCpu,
-    index: u32,
-    count: u32,
-) -> Result<CpuId, vmm_sys_util::fam::Error> {
+pub fn cpuid(host: &HostCpu, index: u32, count: u32) -> Result<CpuId, vmm_sys_util::fam::Error> {
     CpuId::from_entries(&entries(host, index, count))
 }
 
@@ -139,7 +135,11 @@ mod tests {
         assert_ne!(l(1).edx & (1 << 26), 0, "SSE2");
         assert_ne!(l(1).ecx & (1 << 31), 0, "hypervisor bit");
         assert_ne!(l(0x8000_0001).edx & (1 << 29), 0, "long mode");
-        assert_eq!(l(0x8000_0001).edx & (1 << 11), 0, "no SYSCALL: it is disabled");
+        assert_eq!(
+            l(0x8000_0001).edx & (1 << 11),
+            0,
+            "no SYSCALL: it is disabled"
+        );
         assert_eq!(l(0x8000_0008).eax & 0xff, 46);
     }
 

@@ -1,0 +1,5 @@
+//! Linux guests: boot protocols, ACPI, platform set-up.
+
+pub mod acpi;
+pub mod boot;
+pub mod layout;
