@@ -16,6 +16,7 @@ pub mod linux;
 pub mod memory;
 pub mod outcome;
 pub mod payload;
+pub mod runner;
 pub mod vcpu;
 pub mod vm;
 

@@ -16,7 +16,8 @@ use crate::payload::descriptors::{ExceptionFrame, is_stub_rip};
 #[derive(Debug)]
 pub struct VcpuContext {
     pub buses: Arc<Buses>,
-    pub hostcalls: Arc<HostCalls>,
+    /// The host-call ABI, for function micro-VMs.
+    pub hostcalls: Option<Arc<HostCalls>>,
     pub mem: GuestMemoryMmap,
     pub control: Arc<VmControl>,
     pub software_virtualization: bool,
@@ -144,7 +145,10 @@ impl Vcpu {
         };
         let args = [regs.rdi, regs.rsi, regs.rdx];
         let ctx = self.ctx.clone();
-        match ctx.hostcalls.handle(&ctx.mem, nr, args, ctx.control.flag()) {
+        let Some(hostcalls) = &ctx.hostcalls else {
+            return None; // no ABI: the port is an ordinary unused port (never reached)
+        };
+        match hostcalls.handle(&ctx.mem, nr, args, ctx.control.flag()) {
             HostCallResult::Return(v) => {
                 regs.rax = v;
                 self.set_regs(&regs)

@@ -1,10 +1,8 @@
 //! Building and running one function micro-VM: KVM VM, memory, devices, vCPU threads, and the
 //! event loop on the calling thread.
 
-use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
-use std::sync::{Arc, Once};
-use std::thread::JoinHandle;
+use std::io::{self, Write};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bulwark_devices::console::{ConsoleSink, DebugPort};
@@ -14,9 +12,7 @@ use bulwark_devices::serial::{COM1_BASE, Serial16550, UART_PORTS};
 use bulwark_devices::{BusError, BusRange};
 use kvm_bindings::{kvm_fpu, kvm_userspace_memory_region};
 use kvm_ioctls::{Cap, SyncReg, VmFd};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
 use crate::abi::{DEBUG_CONSOLE_PORT, POSTCODE_PORT};
 use crate::control::VmControl;
@@ -25,15 +21,14 @@ use crate::hostcall::{HostCalls, InputSource};
 use crate::input::ConsoleInput;
 use crate::kvm::{self, KvmError};
 use crate::memory::{GuestRam, MemoryError};
-use crate::outcome::{RunReport, StopReason, VmStats};
+use crate::outcome::RunReport;
 use crate::payload::layout::INFO_DEVICE_ADDR;
 use crate::payload::{self, Layout, PayloadError, PayloadSpec};
-use crate::vcpu::{Vcpu, VcpuContext, VcpuCounters};
-
-/// Stack size of vCPU threads: the exit path is shallow and buffers live on the heap.
-const VCPU_STACK: usize = 256 * 1024;
-/// How long a stopping VM waits for its vCPU threads before giving up on joining them.
-const JOIN_GRACE: Duration = Duration::from_secs(2);
+use crate::runner::{
+    Console, ReportSources, install_kick_handler, make_undumpable, report, spawn_vcpus,
+    stop_vcpus,
+};
+use crate::vcpu::{Vcpu, VcpuContext};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -63,11 +58,11 @@ pub enum VmError {
     },
 }
 
-fn os(what: &'static str) -> impl FnOnce(io::Error) -> VmError {
+pub(crate) fn os(what: &'static str) -> impl FnOnce(io::Error) -> VmError {
     move |source| VmError::Os { what, source }
 }
 
-fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+pub(crate) fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Setup { what, source }
 }
 
@@ -133,29 +128,7 @@ impl Default for FunctionVmConfig {
     }
 }
 
-extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
-/// The kick signal only interrupts `KVM_RUN` and blocking syscalls; its handler does nothing.
-fn install_kick_handler() -> Result<(), VmError> {
-    static ONCE: Once = Once::new();
-    let mut result = Ok(());
-    ONCE.call_once(|| {
-        result = register_signal_handler(SIGRTMIN(), kick_handler)
-            .map_err(|e| os("installing the vCPU kick signal handler")(e.into()));
-    });
-    result
-}
-
-/// Other processes of the same user must not ptrace the monitor or read its memory.
-fn make_undumpable() -> Result<(), VmError> {
-    // SAFETY: PR_SET_DUMPABLE takes an integer argument and touches no memory of ours.
-    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
-        return Err(os("prctl(PR_SET_DUMPABLE)")(io::Error::last_os_error()));
-    }
-    Ok(())
-}
-
-fn register_memory(vm: &VmFd, ram: &GuestRam) -> Result<(), VmError> {
+pub(crate) fn register_memory(vm: &VmFd, ram: &GuestRam) -> Result<(), VmError> {
     let region = kvm_userspace_memory_region {
         slot: 0,
         flags: 0,
@@ -255,21 +228,7 @@ pub fn run_function(cfg: &FunctionVmConfig, io: ConsoleIo) -> Result<RunReport, 
         cpl0: cfg.cpl0,
     };
     let image = payload::prepare(&layout, &spec)?;
-    let host = kvm::host_memory();
-    if cfg.memory > host {
-        return Err(VmError::HostMemory {
-            requested: cfg.memory,
-            host,
-        });
-    }
-    let kvm = kvm::open()?;
-    let max = kvm.get_max_vcpus();
-    if cfg.vcpus as usize > max {
-        return Err(VmError::TooManyVcpus {
-            requested: cfg.vcpus,
-            max,
-        });
-    }
+    let kvm = open_checked(cfg.memory, cfg.vcpus)?;
     make_undumpable()?;
     install_kick_handler()?;
 
@@ -281,211 +240,77 @@ pub fn run_function(cfg: &FunctionVmConfig, io: ConsoleIo) -> Result<RunReport, 
     let vcpu_fds = create_vcpus(&vm, &layout, image.entry, cfg.cpl0, sync_regs)?;
 
     // Console input: a queue fed by the event loop, or direct reads for regular files.
-    let epoll = Epoll::new().map_err(os("epoll_create"))?;
     let queue = Arc::new(ConsoleInput::new());
     let control = Arc::new(VmControl::new(queue.clone()).map_err(os("eventfd"))?);
-    epoll
-        .ctl(
-            ControlOperation::Add,
-            control.exit_evt.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, TOKEN_EXIT),
-        )
-        .map_err(os("epoll_ctl"))?;
-    let mut watch_stdin = false;
-    let input = match &io.input {
-        ConsoleIn::Bytes(b) => {
-            queue.push(b);
-            queue.close();
-            InputSource::Queue(queue.clone())
-        }
-        ConsoleIn::Stdin => {
-            let ev = EpollEvent::new(EventSet::IN, TOKEN_STDIN);
-            match epoll.ctl(ControlOperation::Add, libc::STDIN_FILENO, ev) {
-                Ok(()) => {
-                    watch_stdin = true;
-                    InputSource::Queue(queue.clone())
-                }
-                // epoll refuses regular files and /dev/null: those never block, read them directly.
-                Err(e) if e.raw_os_error() == Some(libc::EPERM) => InputSource::DirectStdin,
-                Err(e) => return Err(os("watching stdin")(e)),
-            }
-        }
+    let (mut console, watchable) = Console::new(&control, &io.input, queue.clone())?;
+    let input = if watchable {
+        InputSource::Queue(queue.clone())
+    } else {
+        InputSource::DirectStdin
     };
 
     let devices = build_devices(cfg, io)?;
     let buses = Arc::new(devices.buses);
     let ctx = Arc::new(VcpuContext {
         buses: buses.clone(),
-        hostcalls: Arc::new(HostCalls {
+        hostcalls: Some(Arc::new(HostCalls {
             layout,
             stdout: devices.stdout.clone(),
             stderr: devices.stderr.clone(),
             input,
             start: started,
-        }),
+        })),
         mem: ram.memory().clone(),
         control: control.clone(),
         software_virtualization: kvm::is_software_virtualization(),
         sync_regs,
     });
-
-    let mut handles = Vec::with_capacity(vcpu_fds.len());
-    for (i, fd) in vcpu_fds.into_iter().enumerate() {
-        let vcpu = Vcpu {
+    let vcpus = vcpu_fds
+        .into_iter()
+        .enumerate()
+        .map(|(i, fd)| Vcpu {
             index: i as u32,
             fd,
             ctx: ctx.clone(),
-        };
-        let ctl = control.clone();
-        let h = std::thread::Builder::new()
-            .name(format!("vcpu{i}"))
-            .stack_size(VCPU_STACK)
-            .spawn(move || {
-                // A bug on the exit path must stop this VM with a message, not hang it.
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vcpu.run()))
-                    .unwrap_or_else(|_| {
-                        ctl.stop(StopReason::Monitor(format!("vCPU {i} thread panicked")));
-                        VcpuCounters::default()
-                    })
-            });
-        match h {
-            Ok(h) => handles.push(h),
-            Err(e) => {
-                control.stop(StopReason::Monitor(format!(
-                    "cannot start vCPU thread: {e}"
-                )));
-                stop_vcpus(handles);
-                return Err(os("spawning a vCPU thread")(e));
-            }
-        }
-    }
+        })
+        .collect();
+    let handles = spawn_vcpus(vcpus, &control)?;
     tracing::debug!(
         setup_us = started.elapsed().as_micros() as u64,
         "VM running"
     );
 
-    event_loop(&epoll, &control, &queue, watch_stdin, cfg.timeout, started);
+    console.run(&control, cfg.timeout, started);
     let counters = stop_vcpus(handles);
-
-    let bus_pio = buses.pio.stats();
-    let bus_mmio = buses.mmio.stats();
-    let stats = VmStats {
-        exits: counters.exits,
-        io_exits: counters.io,
-        mmio_exits: counters.mmio,
-        hostcalls: counters.hostcalls,
-        unhandled_pio: bus_pio.unhandled_reads + bus_pio.unhandled_writes,
-        unhandled_mmio: bus_mmio.unhandled_reads + bus_mmio.unhandled_writes,
-        console_bytes: devices.stdout.written(),
-        console_dropped: devices.stdout.dropped() + devices.stderr.dropped(),
-        postcode: devices.postcode.last(),
-    };
-    let reason = control
-        .reason()
-        .unwrap_or_else(|| StopReason::Monitor("VM stopped without a reason".into()));
-    Ok(RunReport {
-        reason,
-        stats,
-        elapsed: started.elapsed(),
-    })
+    Ok(report(
+        &control,
+        counters,
+        ReportSources {
+            buses: &buses,
+            stdout: &devices.stdout,
+            stderr: Some(&devices.stderr),
+            postcode: Some(&devices.postcode),
+        },
+        started,
+    ))
 }
 
-const TOKEN_EXIT: u64 = 0;
-const TOKEN_STDIN: u64 = 1;
-
-/// Waits for the VM to stop, feeding stdin to the input queue and enforcing the timeout.
-fn event_loop(
-    epoll: &Epoll,
-    control: &VmControl,
-    queue: &ConsoleInput,
-    mut watch_stdin: bool,
-    timeout: Option<Duration>,
-    started: Instant,
-) {
-    let deadline = timeout.map(|t| started + t);
-    let mut events = [EpollEvent::default(); 4];
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut stdin_paused = false;
-    while !control.is_stopping() {
-        if stdin_paused && queue.has_room() {
-            let ev = EpollEvent::new(EventSet::IN, TOKEN_STDIN);
-            stdin_paused = epoll
-                .ctl(ControlOperation::Add, libc::STDIN_FILENO, ev)
-                .is_err();
-        }
-        let mut wait_ms: i32 = if stdin_paused { 50 } else { -1 };
-        if let Some(d) = deadline {
-            let left = d.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                control.stop(StopReason::Timeout(timeout.unwrap_or_default()));
-                break;
-            }
-            let left_ms = i32::try_from(left.as_millis() + 1).unwrap_or(i32::MAX);
-            wait_ms = if wait_ms < 0 {
-                left_ms
-            } else {
-                wait_ms.min(left_ms)
-            };
-        }
-        let n = match epoll.wait(wait_ms, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                control.stop(StopReason::Monitor(format!("epoll_wait failed: {e}")));
-                break;
-            }
-        };
-        for ev in &events[..n] {
-            if ev.data() != TOKEN_STDIN || !watch_stdin {
-                continue;
-            }
-            match io::stdin().lock().read(&mut buf) {
-                Ok(0) | Err(_) => {
-                    queue.close();
-                    let _ = epoll.ctl(ControlOperation::Delete, libc::STDIN_FILENO, *ev);
-                    watch_stdin = false;
-                }
-                Ok(k) => {
-                    queue.push(&buf[..k]);
-                    if !queue.has_room() {
-                        let _ = epoll.ctl(ControlOperation::Delete, libc::STDIN_FILENO, *ev);
-                        stdin_paused = true;
-                    }
-                }
-            }
-        }
+/// Opens KVM and checks the requested size against the host.
+pub(crate) fn open_checked(memory: u64, vcpus: u32) -> Result<kvm_ioctls::Kvm, VmError> {
+    let host = kvm::host_memory();
+    if memory > host {
+        return Err(VmError::HostMemory {
+            requested: memory,
+            host,
+        });
     }
-}
-
-/// Kicks every vCPU out of the guest until its thread ends, and sums their counters.
-fn stop_vcpus(handles: Vec<JoinHandle<VcpuCounters>>) -> VcpuCounters {
-    let give_up = Instant::now() + JOIN_GRACE;
-    // The vCPU that stopped the VM is already on its way out; the others are in KVM_RUN or a
-    // blocking call until a signal interrupts them. Re-kick until all are gone, backing off
-    // from a few microseconds so the common case costs almost nothing.
-    let mut pause = Duration::from_micros(5);
-    while handles.iter().any(|h| !h.is_finished()) && Instant::now() < give_up {
-        for h in handles.iter().filter(|h| !h.is_finished()) {
-            let _ = h.kill(SIGRTMIN());
-        }
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(1));
+    let kvm = kvm::open()?;
+    let max = kvm.get_max_vcpus();
+    if vcpus as usize > max {
+        return Err(VmError::TooManyVcpus {
+            requested: vcpus,
+            max,
+        });
     }
-    let mut total = VcpuCounters::default();
-    for h in handles {
-        if !h.is_finished() {
-            tracing::warn!("a vCPU thread did not stop in time; leaving it behind");
-            continue;
-        }
-        match h.join() {
-            Ok(c) => {
-                total.exits += c.exits;
-                total.io += c.io;
-                total.mmio += c.mmio;
-                total.hostcalls += c.hostcalls;
-            }
-            Err(_) => tracing::error!("a vCPU thread panicked"),
-        }
-    }
-    total
+    Ok(kvm)
 }

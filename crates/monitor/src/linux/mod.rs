@@ -2,4 +2,5 @@
 
 pub mod acpi;
 pub mod boot;
+pub mod cpu;
 pub mod layout;
