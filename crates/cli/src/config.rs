@@ -16,8 +16,14 @@ pub enum ConfigError {
     Read { path: PathBuf, error: String },
     #[error("config file {path}: {error}")]
     Parse { path: PathBuf, error: String },
-    #[error("no payload given: pass --payload FILE or set `payload` in the config file")]
+    #[error(
+        "nothing to run: pass --payload FILE, --image DIR or --kernel FILE (or set one in the config file)"
+    )]
     NoPayload,
+    #[error("give one of payload, image and kernel, not several")]
+    Conflict,
+    #[error("{0}")]
+    BadCommand(String),
 }
 
 /// Parses `256M`, `1G`, `4096`, `512k`, `16MiB`.
@@ -57,6 +63,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, ConfigError> {
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub payload: Option<PathBuf>,
+    pub image: Option<PathBuf>,
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: Option<String>,
+    pub pvh: Option<bool>,
     pub memory: Option<String>,
     pub vcpus: Option<u32>,
     pub arg: Option<String>,
@@ -75,11 +86,18 @@ impl FileConfig {
             path: path.to_path_buf(),
             error: e.to_string(),
         })?;
-        // A relative payload path is relative to the config file.
-        if let (Some(p), Some(dir)) = (&cfg.payload, path.parent())
-            && p.is_relative()
-        {
-            cfg.payload = Some(dir.join(p));
+        // Relative paths are relative to the config file.
+        if let Some(dir) = path.parent() {
+            for p in [
+                &mut cfg.payload,
+                &mut cfg.image,
+                &mut cfg.kernel,
+                &mut cfg.initrd,
+            ] {
+                if let Some(rel) = p.as_ref().filter(|p| p.is_relative()) {
+                    *p = Some(dir.join(rel));
+                }
+            }
         }
         Ok(cfg)
     }

@@ -2,23 +2,15 @@
 #![forbid(unsafe_code)]
 
 mod config;
+mod run;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
-use bulwark_monitor::{ConsoleIo, FunctionVmConfig, StopReason};
 use clap::{Args, Parser, Subcommand};
 
-use config::{FileConfig, parse_duration, parse_size};
-
-/// Exit status when bulwark could not start the VM (bad config, no KVM, bad payload).
-const EXIT_SETUP: u8 = 125;
-/// Exit status when the `--timeout` ran out.
-const EXIT_TIMEOUT: u8 = 124;
-/// Exit status when the guest crashed (fault, triple fault, KVM error).
-const EXIT_CRASH: u8 = 123;
+use config::{parse_duration, parse_size};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -36,10 +28,11 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run a function micro-VM: a payload with no OS.
+    /// Run a VM: a function micro-VM (--payload) or a Linux guest (--image, --kernel).
     ///
-    /// Exit status: the payload's own status when it exits; 123 when the guest crashed
-    /// (fault, triple fault, KVM error); 124 on --timeout; 125 when the VM could not start.
+    /// Exit status: the payload's or guest job's own status when it ends (0 for a Linux guest
+    /// that powers off or reboots without a job); 123 when the guest crashed (fault, triple
+    /// fault, kernel panic, KVM error); 124 on --timeout; 125 when the VM could not start.
     Run(RunArgs),
     /// Build payloads from C or assembly with the bulwark SDK.
     #[command(subcommand)]
@@ -47,35 +40,55 @@ enum Command {
 }
 
 #[derive(Args, Debug)]
-struct RunArgs {
+pub(crate) struct RunArgs {
     /// Payload file: a flat binary (entered at its first byte) or a static ELF.
+    #[arg(long, conflicts_with_all = ["kernel", "image"])]
+    pub(crate) payload: Option<PathBuf>,
+    /// Guest image directory from `bulwark image build` (bzImage, vmlinux, initramfs.cpio).
+    #[arg(long, conflicts_with = "kernel")]
+    pub(crate) image: Option<PathBuf>,
+    /// Linux kernel: a bzImage, or an ELF vmlinux with a PVH note.
     #[arg(long)]
-    payload: Option<PathBuf>,
-    /// Guest memory, a multiple of 2 MiB: 16M, 256M, 1G [default: 16M].
+    pub(crate) kernel: Option<PathBuf>,
+    /// Initramfs for --kernel.
+    #[arg(long)]
+    pub(crate) initrd: Option<PathBuf>,
+    /// Extra kernel command-line arguments (after bulwark's console and platform defaults).
+    #[arg(long)]
+    pub(crate) cmdline: Option<String>,
+    /// With --image: boot the ELF vmlinux through PVH instead of the bzImage.
+    #[arg(long)]
+    pub(crate) pvh: bool,
+    /// Guest memory: 16M, 256M, 1G [default: 16M for payloads (a multiple of 2 MiB), 256M for
+    /// Linux].
     #[arg(long, value_parser = parse_size)]
-    memory: Option<u64>,
-    /// Number of vCPUs; each enters the payload with its index in rdi [default: 1].
+    pub(crate) memory: Option<u64>,
+    /// Number of vCPUs [default: 1]. Payloads get their index in rdi.
     #[arg(long)]
-    vcpus: Option<u32>,
+    pub(crate) vcpus: Option<u32>,
+    /// Command to run in a Linux guest image as its job; the VM powers off when it ends and
+    /// bulwark exits with its status. Without one, the image starts a shell.
+    #[arg(last = true)]
+    pub(crate) command: Vec<String>,
     /// Argument string, visible to the payload in its info page.
     #[arg(long)]
-    arg: Option<String>,
+    pub(crate) arg: Option<String>,
     /// Run the payload at CPL0 instead of CPL3 (emulated, so slow, on kvm_pvm hosts).
     #[arg(long)]
     cpl0: bool,
     /// Stop the VM after this long: 500ms, 10s, 2m.
     #[arg(long, value_parser = parse_duration)]
-    timeout: Option<Duration>,
+    pub(crate) timeout: Option<Duration>,
     /// Guest console output passed through before the rest is dropped [default: 64M].
     #[arg(long, value_parser = parse_size)]
-    console_limit: Option<u64>,
+    pub(crate) console_limit: Option<u64>,
     /// TOML file with the same fields (payload, memory, vcpus, arg, cpl0, timeout,
     /// console_limit); flags override it.
     #[arg(long)]
-    config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// Print exit and device counters to stderr when the VM ends.
     #[arg(long)]
-    stats: bool,
+    pub(crate) stats: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -115,93 +128,6 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
-/// Merges flags over the config file over defaults.
-fn vm_config(args: &RunArgs) -> anyhow::Result<FunctionVmConfig> {
-    let file = match &args.config {
-        Some(p) => FileConfig::load(p)?,
-        None => FileConfig::default(),
-    };
-    let defaults = FunctionVmConfig::default();
-    let payload_path = args
-        .payload
-        .clone()
-        .or(file.payload)
-        .ok_or(config::ConfigError::NoPayload)?;
-    let payload = std::fs::read(&payload_path)
-        .with_context(|| format!("cannot read payload {}", payload_path.display()))?;
-    let size = |flag: Option<u64>, file: Option<String>, default: u64| -> anyhow::Result<u64> {
-        Ok(match (flag, file) {
-            (Some(v), _) => v,
-            (None, Some(s)) => parse_size(&s)?,
-            (None, None) => default,
-        })
-    };
-    let timeout = match (args.timeout, file.timeout) {
-        (Some(t), _) => Some(t),
-        (None, Some(s)) => Some(parse_duration(&s)?),
-        (None, None) => None,
-    };
-    Ok(FunctionVmConfig {
-        payload,
-        memory: size(args.memory, file.memory, defaults.memory)?,
-        vcpus: args.vcpus.or(file.vcpus).unwrap_or(defaults.vcpus),
-        arg: args.arg.clone().or(file.arg).unwrap_or_default(),
-        cpl0: args.cpl0 || file.cpl0.unwrap_or(false),
-        timeout,
-        console_limit: size(
-            args.console_limit,
-            file.console_limit,
-            defaults.console_limit,
-        )?,
-    })
-}
-
-fn run(args: &RunArgs) -> ExitCode {
-    let cfg = match vm_config(args) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("bulwark: {e:#}");
-            return ExitCode::from(EXIT_SETUP);
-        }
-    };
-    let report = match bulwark_monitor::run_function(&cfg, ConsoleIo::stdio()) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!(
-                "bulwark: {}",
-                anyhow::Error::from(e)
-                    .chain()
-                    .map(|c| c.to_string())
-                    .collect::<Vec<_>>()
-                    .join(": ")
-            );
-            return ExitCode::from(EXIT_SETUP);
-        }
-    };
-    if args.stats {
-        eprintln!(
-            "bulwark: stats: {} elapsed_us={}",
-            report.stats,
-            report.elapsed.as_micros()
-        );
-    }
-    match &report.reason {
-        StopReason::Exited(status) => ExitCode::from(*status as u8),
-        StopReason::Timeout(_) => {
-            eprintln!("bulwark: {}", report.reason);
-            ExitCode::from(EXIT_TIMEOUT)
-        }
-        other => {
-            eprintln!("bulwark: {other}");
-            let (code, n) = report.stats.postcode;
-            if n > 0 {
-                eprintln!("bulwark: last POST code {code:#x}");
-            }
-            ExitCode::from(EXIT_CRASH)
-        }
-    }
-}
-
 fn payload(cmd: &PayloadCommand) -> anyhow::Result<()> {
     match cmd {
         PayloadCommand::Build {
@@ -229,7 +155,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
     match &cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run::run(args, cli.verbose > 0),
         Command::Payload(cmd) => match payload(cmd) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -14,6 +14,34 @@ pub struct ConsoleSink {
     written: AtomicU64,
     dropped: AtomicU64,
     warned: AtomicBool,
+    watch: Option<Mutex<MarkerWatch>>,
+}
+
+/// Watches the output for lines that start with a marker and keeps the rest of the last one
+/// (how a guest image reports its job's exit status on the console).
+#[derive(Debug)]
+struct MarkerWatch {
+    prefix: Vec<u8>,
+    line: Vec<u8>,
+    found: Option<String>,
+}
+
+/// Longest line the watch looks at; longer lines cannot be markers.
+const MARKER_LINE_MAX: usize = 256;
+
+impl MarkerWatch {
+    fn feed(&mut self, data: &[u8]) {
+        for &b in data {
+            if b == b'\n' {
+                if let Some(rest) = self.line.strip_prefix(self.prefix.as_slice()) {
+                    self.found = Some(String::from_utf8_lossy(rest).trim().to_string());
+                }
+                self.line.clear();
+            } else if self.line.len() < MARKER_LINE_MAX {
+                self.line.push(b);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for ConsoleSink {
@@ -35,12 +63,36 @@ impl ConsoleSink {
             written: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             warned: AtomicBool::new(false),
+            watch: None,
         }
+    }
+
+    /// Also watch for lines starting with `prefix`; see [`ConsoleSink::marker`].
+    pub fn with_marker(mut self, prefix: &str) -> Self {
+        self.watch = Some(Mutex::new(MarkerWatch {
+            prefix: prefix.as_bytes().to_vec(),
+            line: Vec::new(),
+            found: None,
+        }));
+        self
+    }
+
+    /// The rest of the last complete line that started with the marker, if any.
+    pub fn marker(&self) -> Option<String> {
+        self.watch
+            .as_ref()?
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .found
+            .clone()
     }
 
     /// Writes guest output. Returns how many bytes the guest is told were written: all of them,
     /// even when some were dropped at the limit (the guest cannot tell, and must not stall).
     pub fn write(&self, data: &[u8]) -> io::Result<usize> {
+        if let Some(w) = &self.watch {
+            w.lock().unwrap_or_else(|e| e.into_inner()).feed(data);
+        }
         let prev = self.written.fetch_add(data.len() as u64, Ordering::Relaxed);
         let room = self.limit.saturating_sub(prev);
         let keep = data.len().min(usize::try_from(room).unwrap_or(usize::MAX));
@@ -130,6 +182,18 @@ mod tests {
         assert_eq!(sink.write(b"h").unwrap(), 1);
         assert_eq!(&*buf.0.lock().unwrap(), b"abcde");
         assert_eq!((sink.written(), sink.dropped()), (8, 3));
+    }
+
+    #[test]
+    fn console_marker_keeps_last_matching_line() {
+        let sink = ConsoleSink::new(Box::new(io::sink()), 1 << 20).with_marker("job: status ");
+        assert_eq!(sink.marker(), None);
+        sink.write(b"boot\njob: status 3\n").unwrap();
+        sink.write(b"job: st").unwrap();
+        sink.write(b"atus 42 \nnoise job: status 9\n").unwrap();
+        assert_eq!(sink.marker().as_deref(), Some("42"));
+        sink.write(b"job: status 7").unwrap(); // incomplete line: not yet
+        assert_eq!(sink.marker().as_deref(), Some("42"));
     }
 
     #[test]

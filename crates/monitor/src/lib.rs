@@ -20,5 +20,6 @@ pub mod runner;
 pub mod vcpu;
 pub mod vm;
 
+pub use linux::{LinuxVmConfig, run_linux};
 pub use outcome::{FaultReport, RunReport, StopReason, VmStats};
 pub use vm::{ConsoleIn, ConsoleIo, FunctionVmConfig, VmError, run_function};

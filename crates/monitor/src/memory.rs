@@ -35,11 +35,13 @@ pub enum MemoryError {
     Region(String),
 }
 
-/// The VM's RAM, starting at guest-physical 0.
+/// The VM's RAM: one memfd, mapped as one or more guest-physical regions (RAM is split around
+/// the MMIO gap below 4 GiB for large Linux guests).
 #[derive(Debug)]
 pub struct GuestRam {
     memory: GuestMemoryMmap,
-    host_addr: u64,
+    /// (guest-physical start, size, host address) of each region.
+    regions: Vec<(u64, u64, u64)>,
     size: u64,
 }
 
@@ -55,8 +57,15 @@ fn memfd(name: &CStr) -> io::Result<File> {
 }
 
 impl GuestRam {
-    /// Creates `size` bytes of zeroed guest RAM.
+    /// Creates `size` bytes of zeroed guest RAM at guest-physical 0.
     pub fn new(size: u64) -> Result<Self, MemoryError> {
+        Self::with_regions(&[(0, size)])
+    }
+
+    /// Creates zeroed guest RAM laid out as `(guest-physical start, size)` regions, sorted and
+    /// not overlapping, backed by one memfd.
+    pub fn with_regions(layout: &[(u64, u64)]) -> Result<Self, MemoryError> {
+        let size: u64 = layout.iter().map(|r| r.1).sum();
         let file = memfd(c"bulwark-guest-ram").map_err(MemoryError::Memfd)?;
         file.set_len(size)
             .map_err(|source| MemoryError::Resize { size, source })?;
@@ -65,28 +74,37 @@ impl GuestRam {
         if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
             return Err(MemoryError::Seal(io::Error::last_os_error()));
         }
-        let len = usize::try_from(size).map_err(|_| MemoryError::Region("size".into()))?;
-        let region = MmapRegion::from_file(FileOffset::new(file, 0), len)
-            .map_err(|source| MemoryError::Map { size, source })?;
-        let host_addr = region.as_ptr() as u64;
-        let region = GuestRegionMmap::new(region, GuestAddress(0))
-            .ok_or_else(|| MemoryError::Region("address overflow".into()))?;
-        let memory = GuestMemoryMmap::from_regions(vec![region])
+        let mut regions = Vec::new();
+        let mut mapped = Vec::new();
+        let mut offset = 0u64;
+        for &(gpa, len) in layout {
+            let ulen = usize::try_from(len).map_err(|_| MemoryError::Region("size".into()))?;
+            let file = file.try_clone().map_err(MemoryError::Memfd)?;
+            let region = MmapRegion::from_file(FileOffset::new(file, offset), ulen)
+                .map_err(|source| MemoryError::Map { size: len, source })?;
+            regions.push((gpa, len, region.as_ptr() as u64));
+            mapped.push(
+                GuestRegionMmap::new(region, GuestAddress(gpa))
+                    .ok_or_else(|| MemoryError::Region("address overflow".into()))?,
+            );
+            offset += len;
+        }
+        let memory = GuestMemoryMmap::from_regions(mapped)
             .map_err(|e| MemoryError::Region(e.to_string()))?;
         Ok(Self {
             memory,
-            host_addr,
+            regions,
             size,
         })
     }
 
-    pub fn memory(&self) -> &GuestMemoryMmap {
-        &self.memory
+    /// (guest-physical start, size, host address) of each region, for KVM memory slots.
+    pub fn regions(&self) -> &[(u64, u64, u64)] {
+        &self.regions
     }
 
-    /// Host virtual address of guest-physical 0.
-    pub fn host_addr(&self) -> u64 {
-        self.host_addr
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
     }
 
     pub fn size(&self) -> u64 {

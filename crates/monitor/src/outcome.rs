@@ -89,6 +89,12 @@ pub enum StopReason {
     Unexpected { vcpu: u32, what: &'static str },
     /// `KVM_RUN` itself failed.
     KvmRun { vcpu: u32, error: String },
+    /// The guest powered off (ACPI S5).
+    PowerOff,
+    /// The guest reset the machine (`reboot`).
+    Reboot,
+    /// The guest kernel panicked (reported through pvpanic).
+    GuestPanic,
     /// The `--timeout` ran out.
     Timeout(Duration),
     /// A monitor-side failure while the guest ran (a bug; the VM is stopped).
@@ -98,7 +104,10 @@ pub enum StopReason {
 impl StopReason {
     /// Whether the guest ended the way it meant to.
     pub fn is_clean_exit(&self) -> bool {
-        matches!(self, StopReason::Exited(_))
+        matches!(
+            self,
+            StopReason::Exited(_) | StopReason::PowerOff | StopReason::Reboot
+        )
     }
 }
 
@@ -158,6 +167,9 @@ impl fmt::Display for StopReason {
             StopReason::KvmRun { vcpu, error } => {
                 write!(f, "KVM_RUN failed on vCPU {vcpu}: {error}")
             }
+            StopReason::PowerOff => write!(f, "guest powered off"),
+            StopReason::Reboot => write!(f, "guest rebooted (bulwark ends the VM on reset)"),
+            StopReason::GuestPanic => write!(f, "guest kernel panicked (pvpanic)"),
             StopReason::Timeout(d) => write!(f, "timed out after {:.3}s", d.as_secs_f64()),
             StopReason::Monitor(m) => write!(f, "monitor error: {m}"),
         }
@@ -202,6 +214,9 @@ impl fmt::Display for VmStats {
 #[derive(Clone, Debug)]
 pub struct RunReport {
     pub reason: StopReason,
+    /// The last console line marker the caller asked to watch for (see
+    /// `ConsoleSink::with_marker`), e.g. a guest job's exit status.
+    pub console_marker: Option<String>,
     pub stats: VmStats,
     pub elapsed: Duration,
 }

@@ -251,7 +251,9 @@ pub fn spawn_vcpus(
         match h {
             Ok(h) => handles.push(h),
             Err(e) => {
-                control.stop(StopReason::Monitor(format!("cannot start vCPU thread: {e}")));
+                control.stop(StopReason::Monitor(format!(
+                    "cannot start vCPU thread: {e}"
+                )));
                 stop_vcpus(handles);
                 return Err(os("spawning a vCPU thread")(e));
             }
@@ -326,6 +328,7 @@ pub fn report(
         .unwrap_or_else(|| StopReason::Monitor("VM stopped without a reason".into()));
     RunReport {
         reason,
+        console_marker: src.stdout.marker(),
         stats,
         elapsed: started.elapsed(),
     }

@@ -25,8 +25,7 @@ use crate::outcome::RunReport;
 use crate::payload::layout::INFO_DEVICE_ADDR;
 use crate::payload::{self, Layout, PayloadError, PayloadSpec};
 use crate::runner::{
-    Console, ReportSources, install_kick_handler, make_undumpable, report, spawn_vcpus,
-    stop_vcpus,
+    Console, ReportSources, install_kick_handler, make_undumpable, report, spawn_vcpus, stop_vcpus,
 };
 use crate::vcpu::{Vcpu, VcpuContext};
 
@@ -38,6 +37,8 @@ pub enum VmError {
     Payload(#[from] PayloadError),
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Linux(#[from] crate::linux::LinuxError),
     #[error("{requested} vCPUs requested but this host's KVM allows at most {max}")]
     TooManyVcpus { requested: u32, max: usize },
     #[error("memory size {requested} bytes exceeds this host's RAM ({host} bytes); lower --memory")]
@@ -129,16 +130,19 @@ impl Default for FunctionVmConfig {
 }
 
 pub(crate) fn register_memory(vm: &VmFd, ram: &GuestRam) -> Result<(), VmError> {
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        flags: 0,
-        guest_phys_addr: 0,
-        memory_size: ram.size(),
-        userspace_addr: ram.host_addr(),
-    };
-    // SAFETY: the region describes `ram`'s live mapping, which outlives the VM: `ram` is kept
-    // until every vCPU thread has been joined (or the process exits).
-    unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("the guest memory region"))
+    for (slot, &(gpa, size, host)) in ram.regions().iter().enumerate() {
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: host,
+        };
+        // SAFETY: the region describes one of `ram`'s live mappings, which outlives the VM:
+        // `ram` is kept until every vCPU thread has been joined (or the process exits).
+        unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("the guest memory region"))?;
+    }
+    Ok(())
 }
 
 struct Devices {

@@ -25,7 +25,11 @@ const APIC_MODE_NMI: u32 = 0x4;
 
 /// Bits needed to number `n` things (ceil(log2 n)).
 fn bits_for(n: u32) -> u32 {
-    if n <= 1 { 0 } else { 32 - (n - 1).leading_zeros() }
+    if n <= 1 {
+        0
+    } else {
+        32 - (n - 1).leading_zeros()
+    }
 }
 
 /// Adjusts KVM's supported CPUID for vCPU `index` of `count`: APIC IDs, logical processor
@@ -162,7 +166,13 @@ mod tests {
 
     #[test]
     fn cpuid_topology_matches_vcpu_count() {
-        let mut e = vec![leaf(1, 0), leaf(0xb, 0), leaf(0xb, 1), leaf(0xb, 2), leaf(0x8000_0008, 0)];
+        let mut e = vec![
+            leaf(1, 0),
+            leaf(0xb, 0),
+            leaf(0xb, 1),
+            leaf(0xb, 2),
+            leaf(0x8000_0008, 0),
+        ];
         filter_cpuid(&mut e, 2, 3);
         assert_eq!(e[0].ebx >> 24, 2, "initial APIC ID");
         assert_eq!((e[0].ebx >> 16) & 0xff, 3, "logical processors");

@@ -4,3 +4,6 @@ pub mod acpi;
 pub mod boot;
 pub mod cpu;
 pub mod layout;
+pub mod vm;
+
+pub use vm::{LinuxError, LinuxVmConfig, run_linux};

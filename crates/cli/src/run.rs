@@ -1,0 +1,241 @@
+//! `bulwark run`: turn flags and the config file into a VM, run it, and map how it ended to
+//! the process exit status.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use bulwark_monitor::{ConsoleIo, FunctionVmConfig, LinuxVmConfig, RunReport, StopReason};
+
+use crate::RunArgs;
+use crate::config::{ConfigError, FileConfig, parse_duration, parse_size};
+
+/// Exit status when bulwark could not start the VM (bad config, no KVM, bad payload).
+const EXIT_SETUP: u8 = 125;
+/// Exit status when the `--timeout` ran out.
+const EXIT_TIMEOUT: u8 = 124;
+/// Exit status when the guest crashed (fault, triple fault, kernel panic, KVM error).
+const EXIT_CRASH: u8 = 123;
+
+/// File names inside a guest image directory (`bulwark image build`).
+const IMAGE_BZIMAGE: &str = "bzImage";
+const IMAGE_VMLINUX: &str = "vmlinux";
+const IMAGE_INITRAMFS: &str = "initramfs.cpio";
+
+/// Kernel arguments every Linux guest gets: the console on COM1, reboot through the keyboard
+/// controller (which ends the VM), an immediate reset on panic (pvpanic reports it first), no
+/// PCI (devices come from ACPI).
+const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off";
+/// The line the guest image's init prints with its job's exit status.
+pub const JOB_STATUS_MARKER: &str = "bulwark-guest: exit status ";
+const DEFAULT_LINUX_MEMORY: u64 = 256 << 20;
+
+/// What to run.
+enum VmSpec {
+    Function(FunctionVmConfig),
+    Linux(LinuxVmConfig),
+}
+
+fn read(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read {what} {}", path.display()))
+}
+
+/// The guest job after `--`, as init arguments on the kernel command line.
+pub fn job_cmdline(command: &[String]) -> Result<String, ConfigError> {
+    let mut out = Vec::new();
+    for a in command {
+        if a.contains('"') || a.contains('\n') {
+            return Err(ConfigError::BadCommand(format!(
+                "guest command argument {a:?} contains a quote or newline, which the kernel command line cannot carry; use a script in the image"
+            )));
+        }
+        if a.is_empty() || a.contains(' ') || a.contains('\t') {
+            out.push(format!("\"{a}\""));
+        } else {
+            out.push(a.clone());
+        }
+    }
+    Ok(out.join(" "))
+}
+
+fn linux_cmdline(
+    extra: Option<&str>,
+    command: &[String],
+    quiet: bool,
+) -> Result<String, ConfigError> {
+    let mut c = BASE_CMDLINE.to_string();
+    if quiet {
+        c.push_str(" quiet");
+    }
+    if let Some(e) = extra.filter(|e| !e.trim().is_empty()) {
+        c.push(' ');
+        c.push_str(e.trim());
+    }
+    if !command.is_empty() {
+        c.push_str(" -- ");
+        c.push_str(&job_cmdline(command)?);
+    }
+    Ok(c)
+}
+
+/// Merges flags over the config file over defaults.
+fn vm_spec(args: &RunArgs, verbose: bool) -> anyhow::Result<VmSpec> {
+    let file = match &args.config {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
+    };
+    let size = |flag: Option<u64>, file: &Option<String>, default: u64| -> anyhow::Result<u64> {
+        Ok(match (flag, file) {
+            (Some(v), _) => v,
+            (None, Some(s)) => parse_size(s)?,
+            (None, None) => default,
+        })
+    };
+    let timeout = match (args.timeout, &file.timeout) {
+        (Some(t), _) => Some(t),
+        (None, Some(s)) => Some(parse_duration(s)?),
+        (None, None) => None,
+    };
+    let defaults = FunctionVmConfig::default();
+    let console_limit = size(
+        args.console_limit,
+        &file.console_limit,
+        defaults.console_limit,
+    )?;
+    let vcpus = args.vcpus.or(file.vcpus).unwrap_or(1);
+
+    let payload = args.payload.clone().or(file.payload.clone());
+    let image = args.image.clone().or(file.image.clone());
+    let kernel = args.kernel.clone().or(file.kernel.clone());
+    match (payload, image, kernel) {
+        (Some(p), None, None) => Ok(VmSpec::Function(FunctionVmConfig {
+            payload: read(&p, "payload")?,
+            memory: size(args.memory, &file.memory, defaults.memory)?,
+            vcpus,
+            arg: args.arg.clone().or(file.arg).unwrap_or_default(),
+            cpl0: args.cpl0 || file.cpl0.unwrap_or(false),
+            timeout,
+            console_limit,
+        })),
+        (None, image, kernel) if image.is_some() != kernel.is_some() => {
+            let pvh = args.pvh || file.pvh.unwrap_or(false);
+            let (kernel, initrd): (PathBuf, Option<PathBuf>) = match (image, kernel) {
+                (Some(dir), _) => {
+                    let k = dir.join(if pvh { IMAGE_VMLINUX } else { IMAGE_BZIMAGE });
+                    if !dir.is_dir() {
+                        anyhow::bail!(
+                            "image directory {} does not exist; create it with `bulwark image build --out {}`",
+                            dir.display(),
+                            dir.display()
+                        );
+                    }
+                    (
+                        k,
+                        Some(
+                            args.initrd
+                                .clone()
+                                .or(file.initrd.clone())
+                                .unwrap_or(dir.join(IMAGE_INITRAMFS)),
+                        ),
+                    )
+                }
+                (None, Some(k)) => (k, args.initrd.clone().or(file.initrd.clone())),
+                (None, None) => unreachable!("guarded above"),
+            };
+            let extra = args.cmdline.clone().or(file.cmdline.clone());
+            Ok(VmSpec::Linux(LinuxVmConfig {
+                kernel: read(&kernel, "kernel")?,
+                initrd: initrd.map(|p| read(&p, "initrd")).transpose()?,
+                cmdline: linux_cmdline(extra.as_deref(), &args.command, !verbose)?,
+                memory: size(args.memory, &file.memory, DEFAULT_LINUX_MEMORY)?,
+                vcpus,
+                timeout,
+                console_limit,
+                console_marker: Some(JOB_STATUS_MARKER.to_string()),
+            }))
+        }
+        (None, None, None) => Err(ConfigError::NoPayload.into()),
+        _ => Err(ConfigError::Conflict.into()),
+    }
+}
+
+fn exit_code(report: &RunReport) -> ExitCode {
+    match &report.reason {
+        StopReason::Exited(status) => ExitCode::from(*status as u8),
+        StopReason::PowerOff | StopReason::Reboot => {
+            // A guest image reports its job's status on the console before powering off.
+            let job = report
+                .console_marker
+                .as_deref()
+                .and_then(|s| s.parse::<u8>().ok());
+            ExitCode::from(job.unwrap_or(0))
+        }
+        StopReason::Timeout(_) => {
+            eprintln!("bulwark: {}", report.reason);
+            ExitCode::from(EXIT_TIMEOUT)
+        }
+        other => {
+            eprintln!("bulwark: {other}");
+            let (code, n) = report.stats.postcode;
+            if n > 0 {
+                eprintln!("bulwark: last POST code {code:#x}");
+            }
+            ExitCode::from(EXIT_CRASH)
+        }
+    }
+}
+
+pub fn run(args: &RunArgs, verbose: bool) -> ExitCode {
+    let spec = match vm_spec(args, verbose) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("bulwark: {e:#}");
+            return ExitCode::from(EXIT_SETUP);
+        }
+    };
+    let result = match &spec {
+        VmSpec::Function(cfg) => bulwark_monitor::run_function(cfg, ConsoleIo::stdio()),
+        VmSpec::Linux(cfg) => bulwark_monitor::run_linux(cfg, ConsoleIo::stdio()),
+    };
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let chain: Vec<String> = anyhow::Error::from(e)
+                .chain()
+                .map(|c| c.to_string())
+                .collect();
+            eprintln!("bulwark: {}", chain.join(": "));
+            return ExitCode::from(EXIT_SETUP);
+        }
+    };
+    if args.stats {
+        eprintln!(
+            "bulwark: stats: {} elapsed_us={}",
+            report.stats,
+            report.elapsed.as_micros()
+        );
+    }
+    exit_code(&report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_arguments_are_quoted_for_the_kernel() {
+        let c = |v: &[&str]| job_cmdline(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(c(&["uname", "-a"]).unwrap(), "uname -a");
+        assert_eq!(c(&["sh", "-c", "echo hi"]).unwrap(), "sh -c \"echo hi\"");
+        assert_eq!(c(&["x", ""]).unwrap(), "x \"\"");
+        assert!(c(&["say \"hi\""]).is_err());
+    }
+
+    #[test]
+    fn linux_cmdline_puts_job_after_double_dash() {
+        let cmd = vec!["true".to_string()];
+        let l = linux_cmdline(Some("loglevel=4"), &cmd, true).unwrap();
+        assert_eq!(l, format!("{BASE_CMDLINE} quiet loglevel=4 -- true"));
+        assert_eq!(linux_cmdline(None, &[], false).unwrap(), BASE_CMDLINE);
+    }
+}

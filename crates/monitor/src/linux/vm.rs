@@ -1,0 +1,299 @@
+//! Building and running a Linux VM: in-kernel irqchip and PIT, RAM around the MMIO gap, the
+//! kernel, initrd and command line, ACPI tables, platform devices, and vCPUs set up the way
+//! firmware would leave them.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bulwark_devices::console::ConsoleSink;
+use bulwark_devices::i8042::{I8042, I8042_DATA_PORT};
+use bulwark_devices::postcode::PostCode;
+use bulwark_devices::power::{
+    ACPI_PM_BASE, ACPI_PM_PORTS, AcpiPm, PVPANIC_ADDR, PVPANIC_LEN, PowerEvent, PowerSignal,
+    PvPanic,
+};
+use bulwark_devices::rtc::{CMOS_BASE, CMOS_PORTS, Cmos};
+use bulwark_devices::serial::{COM1_BASE, Serial16550, UART_PORTS};
+use bulwark_devices::{BusDevice, BusRange};
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
+use kvm_ioctls::{Cap, SyncReg};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::acpi::{self, AcpiDevice};
+use super::boot::{self, BootError, BootProtocol};
+use super::cpu;
+use super::layout::*;
+use crate::control::VmControl;
+use crate::exit::Buses;
+use crate::input::ConsoleInput;
+use crate::kvm::{self, KvmError};
+use crate::memory::GuestRam;
+use crate::outcome::{RunReport, StopReason};
+use crate::runner::{
+    Console, ReportSources, SerialInput, install_kick_handler, make_undumpable, report,
+    spawn_vcpus, stop_vcpus,
+};
+use crate::vcpu::{Vcpu, VcpuContext};
+use crate::vm::{ConsoleIo, VmError, kvm_err, open_checked, os, register_memory};
+
+/// The serial port's interrupt line (ISA IRQ 4, IOAPIC pin 4).
+const COM1_IRQ: u32 = 4;
+/// Most vCPUs a Linux VM may have (8-bit APIC IDs in the MADT).
+pub const MAX_LINUX_VCPUS: u32 = 254;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinuxError {
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error("memory size {0} bytes is too small for a Linux guest; use at least 32M")]
+    TooLittleMemory(u64),
+    #[error("{0} vCPUs requested; a Linux VM has 1 to {MAX_LINUX_VCPUS}")]
+    BadVcpuCount(u32),
+    #[error("ACPI tables ({0} bytes) do not fit below 1 MiB; declare fewer devices")]
+    AcpiTooBig(usize),
+}
+
+/// Everything needed to boot a Linux VM.
+#[derive(Clone, Debug)]
+pub struct LinuxVmConfig {
+    /// bzImage or ELF vmlinux (with a PVH note).
+    pub kernel: Vec<u8>,
+    pub initrd: Option<Vec<u8>>,
+    pub cmdline: String,
+    pub memory: u64,
+    pub vcpus: u32,
+    pub timeout: Option<Duration>,
+    pub console_limit: u64,
+    /// A console line prefix to watch for; the rest of the last such line is reported in
+    /// `RunReport::console_marker` (the guest image's job exit status).
+    pub console_marker: Option<String>,
+}
+
+fn power_signal(control: &Arc<VmControl>) -> PowerSignal {
+    let control = control.clone();
+    Arc::new(move |e| {
+        control.stop(match e {
+            PowerEvent::PowerOff => StopReason::PowerOff,
+            PowerEvent::Reset => StopReason::Reboot,
+            PowerEvent::Panic => StopReason::GuestPanic,
+        })
+    })
+}
+
+struct Platform {
+    buses: Buses,
+    serial: Arc<Serial16550>,
+    stdout: Arc<ConsoleSink>,
+    postcode: Arc<PostCode>,
+}
+
+fn platform_devices(
+    cfg: &LinuxVmConfig,
+    out: Box<dyn std::io::Write + Send>,
+    control: &Arc<VmControl>,
+    vm: &kvm_ioctls::VmFd,
+) -> Result<Platform, VmError> {
+    let mut stdout = ConsoleSink::new(out, cfg.console_limit);
+    if let Some(m) = &cfg.console_marker {
+        stdout = stdout.with_marker(m);
+    }
+    let stdout = Arc::new(stdout);
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(os("creating the serial irq eventfd"))?;
+    vm.register_irqfd(&irq, COM1_IRQ)
+        .map_err(kvm_err("the serial port's irqfd"))?;
+    let serial = Arc::new(Serial16550::new(irq, stdout.clone()));
+    let signal = power_signal(control);
+    let postcode = Arc::new(PostCode::new());
+    let i8042 = Arc::new(I8042::new(signal.clone()));
+    let mut buses = Buses::default();
+    let pio: [(u64, u64, Arc<dyn BusDevice>); 6] = [
+        (COM1_BASE, UART_PORTS, serial.clone()),
+        (0x80, 1, postcode.clone()),
+        (I8042_DATA_PORT, 1, i8042.clone()),
+        (I8042_DATA_PORT + 4, 1, i8042),
+        (CMOS_BASE, CMOS_PORTS, Arc::new(Cmos::default())),
+        (
+            ACPI_PM_BASE,
+            ACPI_PM_PORTS,
+            Arc::new(AcpiPm::new(signal.clone())),
+        ),
+    ];
+    for (base, len, dev) in pio {
+        buses.pio.insert(BusRange::new(base, len), dev)?;
+    }
+    buses.mmio.insert(
+        BusRange::new(PVPANIC_ADDR, PVPANIC_LEN),
+        Arc::new(PvPanic::new(signal)),
+    )?;
+    Ok(Platform {
+        buses,
+        serial,
+        stdout,
+        postcode,
+    })
+}
+
+/// Boots a Linux guest and runs it until it powers off, resets, panics, crashes or times out.
+pub fn run_linux(cfg: &LinuxVmConfig, io: ConsoleIo) -> Result<RunReport, VmError> {
+    let started = Instant::now();
+    if cfg.memory < MIN_MEMORY {
+        return Err(LinuxError::TooLittleMemory(cfg.memory).into());
+    }
+    if cfg.vcpus == 0 || cfg.vcpus > MAX_LINUX_VCPUS {
+        return Err(LinuxError::BadVcpuCount(cfg.vcpus).into());
+    }
+    let kvm = open_checked(cfg.memory, cfg.vcpus)?;
+    for (cap, name) in [
+        (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+        (Cap::Irqfd, "KVM_CAP_IRQFD"),
+        (Cap::Pit2, "KVM_CAP_PIT2"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(KvmError::MissingCap(name).into());
+        }
+    }
+    make_undumpable()?;
+    install_kick_handler()?;
+
+    let vm = kvm.create_vm().map_err(KvmError::CreateVm)?;
+    vm.set_tss_address(KVM_TSS_ADDR as usize)
+        .map_err(kvm_err("the TSS address"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("the in-kernel irqchip"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(kvm_err("the in-kernel PIT"))?;
+
+    let ram = GuestRam::with_regions(&ram_regions(cfg.memory))?;
+    register_memory(&vm, &ram)?;
+    let mem = ram.memory();
+
+    let loaded = boot::load_kernel(mem, &cfg.kernel).map_err(LinuxError::from)?;
+    let initrd = match &cfg.initrd {
+        Some(rd) => {
+            let max = loaded
+                .result
+                .setup_header
+                .map(|h| u64::from(h.initrd_addr_max) + 1)
+                .filter(|&m| m > 1)
+                .unwrap_or(MMIO_GAP_START);
+            let addr = boot::load_initrd(mem, cfg.memory, loaded.result.kernel_end, rd, max)
+                .map_err(LinuxError::from)?;
+            Some((addr, rd.len() as u64))
+        }
+        None => None,
+    };
+    boot::write_cmdline(mem, &cfg.cmdline).map_err(LinuxError::from)?;
+
+    let devices = [
+        AcpiDevice::Uart {
+            uid: 0,
+            port: COM1_BASE as u16,
+            irq: COM1_IRQ,
+        },
+        AcpiDevice::PvPanic {
+            addr: PVPANIC_ADDR as u32,
+            len: PVPANIC_LEN as u32,
+        },
+    ];
+    let tables = acpi::build(ACPI_START, cfg.vcpus, &devices);
+    if tables.len() as u64 > ACPI_END - ACPI_START {
+        return Err(LinuxError::AcpiTooBig(tables.len()).into());
+    }
+    mem.write_slice(&tables, GuestAddress(ACPI_START))
+        .map_err(|_| LinuxError::Boot(BootError::GuestMemory(ACPI_START)))?;
+    match loaded.protocol {
+        BootProtocol::Linux64 { .. } => boot::write_zero_page(
+            mem,
+            &loaded,
+            cfg.memory,
+            cfg.cmdline.len(),
+            initrd,
+            ACPI_START,
+        ),
+        BootProtocol::Pvh { .. } => boot::write_pvh_start_info(mem, cfg.memory, initrd, ACPI_START),
+    }
+    .map_err(LinuxError::from)?;
+
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    let msrs = cpu::boot_msr_list()
+        .map_err(|e| os("building the MSR list")(std::io::Error::other(format!("{e:?}"))))?;
+    let sync_regs = kvm.check_extension(Cap::SyncRegs);
+    let mut fds = Vec::new();
+    for i in 0..cfg.vcpus {
+        let mut fd = vm
+            .create_vcpu(u64::from(i))
+            .map_err(kvm_err("creating a vCPU"))?;
+        if sync_regs {
+            fd.set_sync_valid_reg(SyncReg::Register);
+        }
+        fd.set_cpuid2(&cpu::cpuid(&supported, i, cfg.vcpus))
+            .map_err(kvm_err("the vCPU's CPUID"))?;
+        fd.set_msrs(&msrs).map_err(kvm_err("the boot MSRs"))?;
+        fd.set_fpu(&cpu::boot_fpu())
+            .map_err(kvm_err("the vCPU's FPU state"))?;
+        let mut lapic = fd.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
+        cpu::set_lint_pins(&mut lapic);
+        fd.set_lapic(&lapic).map_err(kvm_err("the local APIC"))?;
+        if i == 0 {
+            let mut sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+            let regs =
+                boot::boot_cpu_state(mem, loaded.protocol, &mut sregs).map_err(LinuxError::from)?;
+            fd.set_sregs(&sregs)
+                .map_err(kvm_err("the boot CPU's segment and control registers"))?;
+            fd.set_regs(&regs)
+                .map_err(kvm_err("the boot CPU's registers"))?;
+        }
+        fds.push(fd);
+    }
+
+    let control = Arc::new(VmControl::new(Arc::new(ConsoleInput::new())).map_err(os("eventfd"))?);
+    let ConsoleIo { stdout, input, .. } = io;
+    let platform = platform_devices(cfg, stdout, &control, &vm)?;
+    let (mut console, _) = Console::new(
+        &control,
+        &input,
+        Arc::new(SerialInput(platform.serial.clone())),
+    )?;
+    let buses = Arc::new(platform.buses);
+    let ctx = Arc::new(VcpuContext {
+        buses: buses.clone(),
+        hostcalls: None,
+        mem: mem.clone(),
+        control: control.clone(),
+        software_virtualization: kvm::is_software_virtualization(),
+        sync_regs,
+    });
+    let vcpus = fds
+        .into_iter()
+        .enumerate()
+        .map(|(i, fd)| Vcpu {
+            index: i as u32,
+            fd,
+            ctx: ctx.clone(),
+        })
+        .collect();
+    let handles = spawn_vcpus(vcpus, &control)?;
+    tracing::debug!(
+        setup_us = started.elapsed().as_micros() as u64,
+        "Linux VM running"
+    );
+    console.run(&control, cfg.timeout, started);
+    let counters = stop_vcpus(handles);
+    Ok(report(
+        &control,
+        counters,
+        ReportSources {
+            buses: &buses,
+            stdout: &platform.stdout,
+            stderr: None,
+            postcode: Some(&platform.postcode),
+        },
+        started,
+    ))
+}
