@@ -14,6 +14,8 @@ use crate::config::{ConfigError, FileConfig, parse_duration, parse_size};
 const EXIT_SETUP: u8 = 125;
 /// Exit status when the `--timeout` ran out.
 const EXIT_TIMEOUT: u8 = 124;
+/// Exit status when the user left the console with Ctrl-A x (as for an interrupt).
+const EXIT_QUIT: u8 = 130;
 /// Exit status when the guest crashed (fault, triple fault, kernel panic, KVM error).
 const EXIT_CRASH: u8 = 123;
 
@@ -173,6 +175,10 @@ fn exit_code(report: &RunReport) -> ExitCode {
         StopReason::Timeout(_) => {
             eprintln!("bulwark: {}", report.reason);
             ExitCode::from(EXIT_TIMEOUT)
+        }
+        StopReason::ConsoleQuit => {
+            eprintln!("\r\nbulwark: {}", report.reason);
+            ExitCode::from(EXIT_QUIT)
         }
         other => {
             eprintln!("bulwark: {other}");

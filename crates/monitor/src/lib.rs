@@ -17,6 +17,7 @@ pub mod memory;
 pub mod outcome;
 pub mod payload;
 pub mod runner;
+pub mod tty;
 pub mod vcpu;
 pub mod vm;
 

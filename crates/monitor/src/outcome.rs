@@ -95,6 +95,8 @@ pub enum StopReason {
     Reboot,
     /// The guest kernel panicked (reported through pvpanic).
     GuestPanic,
+    /// The user typed the console escape sequence to leave.
+    ConsoleQuit,
     /// The `--timeout` ran out.
     Timeout(Duration),
     /// A monitor-side failure while the guest ran (a bug; the VM is stopped).
@@ -170,6 +172,7 @@ impl fmt::Display for StopReason {
             StopReason::PowerOff => write!(f, "guest powered off"),
             StopReason::Reboot => write!(f, "guest rebooted (bulwark ends the VM on reset)"),
             StopReason::GuestPanic => write!(f, "guest kernel panicked (pvpanic)"),
+            StopReason::ConsoleQuit => write!(f, "stopped from the console (Ctrl-A x)"),
             StopReason::Timeout(d) => write!(f, "timed out after {:.3}s", d.as_secs_f64()),
             StopReason::Monitor(m) => write!(f, "monitor error: {m}"),
         }

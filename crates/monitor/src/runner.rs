@@ -93,6 +93,8 @@ pub struct Console {
     pending: VecDeque<u8>,
     /// Close the sink once `pending` drains (input had an end).
     close_when_drained: bool,
+    /// Watches for the quit sequence (interactive Linux consoles).
+    escape: Option<crate::tty::EscapeFilter>,
 }
 
 impl Console {
@@ -117,6 +119,7 @@ impl Console {
             watch_stdin: false,
             pending: VecDeque::new(),
             close_when_drained: false,
+            escape: None,
         };
         let watchable = match input {
             ConsoleIn::Bytes(b) => {
@@ -139,6 +142,12 @@ impl Console {
         };
         c.flush_pending();
         Ok((c, watchable))
+    }
+
+    /// Let `Ctrl-A x` on stdin end the VM.
+    pub fn with_escape(mut self) -> Self {
+        self.escape = Some(crate::tty::EscapeFilter::default());
+        self
     }
 
     fn flush_pending(&mut self) {
@@ -166,14 +175,23 @@ impl Console {
         let _ = self.epoll.ctl(op, libc::STDIN_FILENO, ev);
     }
 
-    fn read_stdin(&mut self, buf: &mut [u8]) {
+    fn read_stdin(&mut self, buf: &mut [u8], control: &VmControl) {
         match io::stdin().lock().read(buf) {
             Ok(0) | Err(_) => {
                 self.set_stdin_watch(false);
                 self.watch_stdin = false;
                 self.close_when_drained = true;
             }
-            Ok(k) => self.pending.extend(&buf[..k]),
+            Ok(k) => match &mut self.escape {
+                Some(f) => {
+                    let (data, quit) = f.filter(&buf[..k]);
+                    self.pending.extend(data);
+                    if quit {
+                        control.stop(StopReason::ConsoleQuit);
+                    }
+                }
+                None => self.pending.extend(&buf[..k]),
+            },
         }
         self.flush_pending();
         if !self.pending.is_empty() && self.watch_stdin {
@@ -223,7 +241,7 @@ impl Console {
             }
             let stdin_ready = events[..n].iter().any(|e| e.data() == TOKEN_STDIN);
             if stdin_ready && self.watch_stdin && self.pending.is_empty() {
-                self.read_stdin(&mut buf);
+                self.read_stdin(&mut buf, control);
             }
         }
     }

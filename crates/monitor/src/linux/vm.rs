@@ -255,11 +255,23 @@ pub fn run_linux(cfg: &LinuxVmConfig, io: ConsoleIo) -> Result<RunReport, VmErro
     let control = Arc::new(VmControl::new(Arc::new(ConsoleInput::new())).map_err(os("eventfd"))?);
     let ConsoleIo { stdout, input, .. } = io;
     let platform = platform_devices(cfg, stdout, &control, &vm)?;
-    let (mut console, _) = Console::new(
+    let (console, _) = Console::new(
         &control,
         &input,
         Arc::new(SerialInput(platform.serial.clone())),
     )?;
+    // On a terminal, keystrokes go to the guest unprocessed while it runs (restored on
+    // return), and Ctrl-A x leaves.
+    let raw = match input {
+        crate::vm::ConsoleIn::Stdin => crate::tty::RawTerminal::enable_if_tty()
+            .map_err(os("putting the terminal in raw mode"))?,
+        crate::vm::ConsoleIn::Bytes(_) => None,
+    };
+    let mut console = if raw.is_some() {
+        console.with_escape()
+    } else {
+        console
+    };
     let buses = Arc::new(platform.buses);
     let ctx = Arc::new(VcpuContext {
         buses: buses.clone(),
