@@ -90,7 +90,10 @@ mod tests {
     fn escape_quits_and_double_escape_passes_through() {
         let mut f = EscapeFilter::default();
         assert_eq!(f.filter(b"ls\r"), (b"ls\r".to_vec(), false));
-        assert_eq!(f.filter(&[ESCAPE, ESCAPE, b'a']), (vec![ESCAPE, b'a'], false));
+        assert_eq!(
+            f.filter(&[ESCAPE, ESCAPE, b'a']),
+            (vec![ESCAPE, b'a'], false)
+        );
         assert_eq!(f.filter(&[b'q', ESCAPE]), (vec![b'q'], false));
         assert_eq!(f.filter(b"x rest"), (vec![], true), "split across reads");
         assert_eq!(f.filter(&[ESCAPE, b'b']), (vec![ESCAPE, b'b'], false));

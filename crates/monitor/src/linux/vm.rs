@@ -107,11 +107,12 @@ fn platform_devices(
     let postcode = Arc::new(PostCode::new());
     let i8042 = Arc::new(I8042::new(signal.clone()));
     let mut buses = Buses::default();
-    let pio: [(u64, u64, Arc<dyn BusDevice>); 6] = [
+    // The i8042 decodes 0x60 (data) and 0x64 (command/status) as offsets 0 and 4 of one range;
+    // 0x61 (PIT speaker gate) is served by KVM's in-kernel PIT before it would reach us.
+    let pio: [(u64, u64, Arc<dyn BusDevice>); 5] = [
         (COM1_BASE, UART_PORTS, serial.clone()),
         (0x80, 1, postcode.clone()),
-        (I8042_DATA_PORT, 1, i8042.clone()),
-        (I8042_DATA_PORT + 4, 1, i8042),
+        (I8042_DATA_PORT, 5, i8042),
         (CMOS_BASE, CMOS_PORTS, Arc::new(Cmos::default())),
         (
             ACPI_PM_BASE,

@@ -1,0 +1,444 @@
+//! Building initramfs archives: a busybox userland, kernel modules, extra files, and `/init`.
+//!
+//! [`Initramfs`] is shared by guest images ([`crate::build_image`]) and the nested test rig's L1
+//! archive: both need the same skeleton (directories, `/dev/console`, busybox and its applet
+//! links, modules with a `modules.dep`) and differ in their `/init` and payload files.
+//!
+//! Archives are written **uncompressed**: the kernel then copies the archive instead of inflating
+//! it during boot (single-threaded, in the guest's ring 0, where time is the most expensive —
+//! under the rig's emulated CPU especially); the monitor can check the `070701` magic of an initrd
+//! directly; and the size cost is small (a guest image's archive is a few MiB and stays in the
+//! host's page cache).
+
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::cpio::{CpioError, CpioWriter};
+use crate::elf::Elf;
+use crate::modules::ModuleSet;
+
+/// Directories every archive has.
+const SKELETON: &[(&str, u32)] = &[
+    ("bin", 0o755),
+    ("sbin", 0o755),
+    ("usr/bin", 0o755),
+    ("usr/sbin", 0o755),
+    ("etc", 0o755),
+    ("dev", 0o755),
+    ("proc", 0o555),
+    ("sys", 0o555),
+    ("run", 0o755),
+    ("tmp", 0o1777),
+    ("root", 0o700),
+    ("mnt", 0o755),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum InitramfsError {
+    #[error("cannot write the initramfs")]
+    Cpio(#[from] CpioError),
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create {path}")]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} is not a static x86-64 executable ({problem}); the initramfs has no shared libraries: use busybox-static / a statically linked build"
+    )]
+    NotStatic { path: PathBuf, problem: String },
+    #[error("cannot run `{path} --list-full` to list busybox applets")]
+    BusyboxList {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{path} --list-full` listed no applets; is it really busybox?")]
+    NoApplets { path: PathBuf },
+    #[error("extra file {path:?}: {problem}")]
+    BadExtraFile { path: String, problem: &'static str },
+}
+
+/// Where an extra file's bytes come from.
+#[derive(Clone, Debug)]
+pub enum FileSource {
+    /// A file on the host, read when the archive is written.
+    Host(PathBuf),
+    Bytes(Vec<u8>),
+}
+
+/// A file to put into an initramfs: the hook through which later components (the guest agent,
+/// test programs) join an image.
+#[derive(Clone, Debug)]
+pub struct ExtraFile {
+    /// Absolute path in the guest, e.g. `/usr/bin/bulwark-agent`.
+    pub path: String,
+    pub source: FileSource,
+    /// Permission bits, e.g. `0o755`.
+    pub mode: u32,
+}
+
+impl ExtraFile {
+    pub fn host(path: impl Into<String>, host: impl Into<PathBuf>, mode: u32) -> Self {
+        Self {
+            path: path.into(),
+            source: FileSource::Host(host.into()),
+            mode,
+        }
+    }
+
+    pub fn bytes(path: impl Into<String>, data: impl Into<Vec<u8>>, mode: u32) -> Self {
+        Self {
+            path: path.into(),
+            source: FileSource::Bytes(data.into()),
+            mode,
+        }
+    }
+}
+
+/// An initramfs being written.
+pub struct Initramfs<W: Write> {
+    cpio: CpioWriter<W>,
+}
+
+impl Initramfs<BufWriter<std::fs::File>> {
+    /// Creates `path` with the skeleton already in it.
+    pub fn create(path: &Path) -> Result<Self, InitramfsError> {
+        let file = std::fs::File::create(path).map_err(|source| InitramfsError::Create {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::new(BufWriter::with_capacity(1 << 20, file))
+    }
+}
+
+impl<W: Write> Initramfs<W> {
+    /// Starts an archive with the directory skeleton and `/dev/console` (the kernel opens it for
+    /// init's stdio before devtmpfs is mounted).
+    pub fn new(out: W) -> Result<Self, InitramfsError> {
+        let mut cpio = CpioWriter::new(out);
+        for (dir, mode) in SKELETON {
+            cpio.dir(dir, *mode)?;
+        }
+        cpio.char_device("dev/console", 0o600, 5, 1)?;
+        Ok(Self { cpio })
+    }
+
+    /// The underlying writer, for entries this type has no helper for.
+    pub fn cpio(&mut self) -> &mut CpioWriter<W> {
+        &mut self.cpio
+    }
+
+    /// `/bin/busybox` and a symlink for each applet it lists (`busybox --list-full`). Returns the
+    /// number of applets.
+    pub fn busybox(&mut self, busybox: &Path) -> Result<usize, InitramfsError> {
+        let data = std::fs::read(busybox).map_err(|source| InitramfsError::Read {
+            path: busybox.to_owned(),
+            source,
+        })?;
+        check_static(busybox, &data)?;
+        let out = Command::new(busybox)
+            .arg("--list-full")
+            .output()
+            .map_err(|source| InitramfsError::BusyboxList {
+                path: busybox.to_owned(),
+                source,
+            })?;
+        let list = String::from_utf8_lossy(&out.stdout);
+        let applets = applet_paths(&list);
+        if applets.is_empty() {
+            return Err(InitramfsError::NoApplets {
+                path: busybox.to_owned(),
+            });
+        }
+        self.cpio.file("bin/busybox", 0o755, &data)?;
+        for a in &applets {
+            if !self.cpio.contains(a) {
+                self.cpio.symlink(a, "/bin/busybox")?;
+            }
+        }
+        Ok(applets.len())
+    }
+
+    /// The modules under `lib/modules/<release>/` and a `modules.dep` for them.
+    pub fn modules(&mut self, set: &ModuleSet) -> Result<(), InitramfsError> {
+        let base = format!("lib/modules/{}", set.release);
+        for m in &set.modules {
+            self.cpio
+                .file(&format!("{base}/{}", m.path), 0o644, &m.data)?;
+        }
+        self.cpio.file(
+            &format!("{base}/modules.dep"),
+            0o644,
+            set.modules_dep().render().as_bytes(),
+        )?;
+        Ok(())
+    }
+
+    /// One extra file.
+    pub fn extra(&mut self, f: &ExtraFile) -> Result<(), InitramfsError> {
+        if !f.path.starts_with('/') {
+            return Err(InitramfsError::BadExtraFile {
+                path: f.path.clone(),
+                problem: "give an absolute guest path",
+            });
+        }
+        match &f.source {
+            FileSource::Bytes(b) => self.cpio.file(&f.path, f.mode, b)?,
+            FileSource::Host(p) => self.host_file(p, &f.path, f.mode)?,
+        }
+        Ok(())
+    }
+
+    /// A host file, streamed (it may be large: a vmlinux is ~55 MiB).
+    pub fn host_file(&mut self, host: &Path, guest: &str, mode: u32) -> Result<(), InitramfsError> {
+        let read_err = |source| InitramfsError::Read {
+            path: host.to_owned(),
+            source,
+        };
+        let mut file = std::fs::File::open(host).map_err(read_err)?;
+        let len = file.metadata().map_err(read_err)?.len();
+        self.cpio.file_from_reader(guest, mode, len, &mut file)?;
+        Ok(())
+    }
+
+    /// The regular files directly in `host` (not recursive), under `guest`.
+    pub fn host_dir(&mut self, host: &Path, guest: &str) -> Result<(), InitramfsError> {
+        let read_err = |source| InitramfsError::Read {
+            path: host.to_owned(),
+            source,
+        };
+        let mut files: Vec<PathBuf> = std::fs::read_dir(host)
+            .map_err(read_err)?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.is_file())
+            .collect();
+        files.sort();
+        self.cpio.dir(guest, 0o755)?;
+        for f in files {
+            let name = f
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            self.host_file(
+                &f,
+                &format!("{}/{name}", guest.trim_end_matches('/')),
+                0o644,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// `/init` with the given shell script.
+    pub fn init(&mut self, script: &str) -> Result<(), InitramfsError> {
+        self.cpio.file("init", 0o755, script.as_bytes())?;
+        Ok(())
+    }
+
+    /// Ends the archive; returns the writer and the archive's size.
+    pub fn finish(self) -> Result<(W, u64), InitramfsError> {
+        Ok(self.cpio.finish_with_len()?)
+    }
+}
+
+/// Refuses dynamically linked or non-x86-64 executables: the archive has no loader or libraries.
+pub fn check_static(path: &Path, data: &[u8]) -> Result<(), InitramfsError> {
+    let not_static = |problem: String| InitramfsError::NotStatic {
+        path: path.to_owned(),
+        problem,
+    };
+    let elf = Elf::parse(data).map_err(|e| not_static(e.to_string()))?;
+    if elf.is_dynamic() {
+        return Err(not_static(
+            "it asks for a dynamic loader (PT_INTERP)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Applet paths from `busybox --list-full` (`usr/bin/awk`, ...), keeping only the usual
+/// directories.
+fn applet_paths(list: &str) -> Vec<String> {
+    list.lines()
+        .map(|l| l.trim().trim_start_matches('/'))
+        .filter(|l| {
+            ["bin/", "sbin/", "usr/bin/", "usr/sbin/"]
+                .iter()
+                .any(|d| l.starts_with(d) && l.len() > d.len() && !l[d.len()..].contains('/'))
+        })
+        .filter(|l| *l != "bin/busybox")
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The ready line's prefix; the line is `bulwark-guest: ready uptime=<seconds>`.
+pub const READY_PREFIX: &str = "bulwark-guest: ready uptime=";
+/// Prefix of the line giving the job's exit status: `bulwark-guest: exit status <N>`.
+pub const EXIT_PREFIX: &str = "bulwark-guest: exit status ";
+
+/// The guest's `/init`: a busybox shell script that mounts proc, sys and devtmpfs, loads
+/// `set`'s modules in order (a module whose device is absent loads fine; one that does not match
+/// the running kernel is reported, not fatal), prints the ready line, then runs its arguments
+/// (everything after `--` on the kernel command line) as the job, prints the job's status and
+/// powers off; without arguments it runs a shell on the console and powers off when it exits.
+pub fn guest_init_script(set: &ModuleSet) -> String {
+    let mut loads = String::new();
+    for m in &set.modules {
+        loads.push_str(&format!(
+            "    load {} /lib/modules/{}/{}\n",
+            m.name, set.release, m.path
+        ));
+    }
+    if loads.is_empty() {
+        loads.push_str("    :\n");
+    }
+    format!(
+        r#"#!/bin/sh
+# /init of a bulwark guest image (generated by bulwark-image; see crates/image/src/initramfs.rs).
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root TERM=${{TERM:-linux}}
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /dev/shm
+mount -t devpts devpts /dev/pts 2>/dev/null
+mount -t tmpfs tmpfs /run
+ln -sf /proc/self/fd /dev/fd 2>/dev/null
+
+release={release}
+load() {{
+    err=$(insmod "$2" 2>&1) && return 0
+    case "$err" in
+    *"File exists"*) return 0 ;;
+    *"Invalid module format"*|*"Exec format error"*)
+        echo "bulwark-guest: module $1 does not match kernel $(uname -r): rebuild the image from the kernel package that is booted" ;;
+    *) echo "bulwark-guest: cannot load module $1: $err" ;;
+    esac
+}}
+if [ "$(uname -r)" = "$release" ]; then
+{loads}else
+    echo "bulwark-guest: modules are for kernel $release but the running kernel is $(uname -r); not loading them: boot the kernel of the same image"
+fi
+
+read -r uptime _ </proc/uptime
+echo "{ready}$uptime"
+if [ "$#" -gt 0 ]; then
+    setsid cttyhack "$@"
+    status=$?
+    echo "{exit}$status"
+else
+    setsid cttyhack sh
+fi
+sync
+poweroff -f
+"#,
+        release = set.release,
+        ready = READY_PREFIX,
+        exit = EXIT_PREFIX,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpio;
+    use crate::modules::Module;
+
+    #[test]
+    fn initramfs_skeleton_console_and_extra_files() {
+        let mut ir = Initramfs::new(Vec::new()).unwrap();
+        ir.extra(&ExtraFile::bytes(
+            "/usr/bin/agent",
+            b"\x7fELF".to_vec(),
+            0o755,
+        ))
+        .unwrap();
+        ir.init("#!/bin/sh\n").unwrap();
+        assert!(matches!(
+            ir.extra(&ExtraFile::bytes("/init", b"x".to_vec(), 0o755)),
+            Err(InitramfsError::Cpio(CpioError::DuplicatePath(_)))
+        ));
+        assert!(matches!(
+            ir.extra(&ExtraFile::bytes("relative", b"x".to_vec(), 0o644)),
+            Err(InitramfsError::BadExtraFile { .. })
+        ));
+        let (bytes, _) = ir.finish().unwrap();
+        let entries = cpio::parse(&bytes).unwrap();
+        let get = |n: &str| entries.iter().find(|e| e.name == n).unwrap();
+        assert_eq!(get("dev/console").mode, cpio::S_IFCHR | 0o600);
+        assert_eq!(get("tmp").perm(), 0o1777);
+        assert_eq!(get("usr/bin/agent").perm(), 0o755);
+        assert_eq!(get("init").data, b"#!/bin/sh\n");
+    }
+
+    #[test]
+    fn initramfs_modules_land_under_release_with_modules_dep() {
+        let set = ModuleSet {
+            release: "6.1.0-99-cloud-amd64".into(),
+            modules: vec![
+                Module {
+                    name: "virtio".into(),
+                    path: "kernel/drivers/virtio/virtio.ko".into(),
+                    data: b"a".to_vec(),
+                    depends: vec![],
+                },
+                Module {
+                    name: "virtio_mmio".into(),
+                    path: "kernel/drivers/virtio/virtio_mmio.ko".into(),
+                    data: b"b".to_vec(),
+                    depends: vec!["virtio".into()],
+                },
+            ],
+            builtin: vec![],
+        };
+        let mut ir = Initramfs::new(Vec::new()).unwrap();
+        ir.modules(&set).unwrap();
+        let (bytes, _) = ir.finish().unwrap();
+        let entries = cpio::parse(&bytes).unwrap();
+        let dep = entries
+            .iter()
+            .find(|e| e.name == "lib/modules/6.1.0-99-cloud-amd64/modules.dep")
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&dep.data),
+            "kernel/drivers/virtio/virtio.ko:\nkernel/drivers/virtio/virtio_mmio.ko: kernel/drivers/virtio/virtio.ko\n"
+        );
+        assert!(
+            entries.iter().any(|e| e.name
+                == "lib/modules/6.1.0-99-cloud-amd64/kernel/drivers/virtio/virtio_mmio.ko")
+        );
+
+        let script = guest_init_script(&set);
+        let virtio = script.find("load virtio /lib").unwrap();
+        let mmio = script.find("load virtio_mmio /lib").unwrap();
+        assert!(virtio < mmio);
+        assert!(script.contains("release=6.1.0-99-cloud-amd64\n"));
+        assert_eq!(script.matches(READY_PREFIX).count(), 1);
+        assert!(script.contains("poweroff -f"));
+    }
+
+    #[test]
+    fn initramfs_applet_list_keeps_bin_dirs_only() {
+        let list = "bin/busybox\nbin/sh\nusr/bin/awk\nsbin/poweroff\nlinuxrc\nusr/sbin/x/y\n";
+        assert_eq!(
+            applet_paths(list),
+            ["bin/sh", "usr/bin/awk", "sbin/poweroff"]
+        );
+    }
+
+    #[test]
+    fn initramfs_dynamic_executables_are_refused() {
+        let data = crate::elf::synthetic_elf(2, &[(".text", 1, vec![0xc3])], false);
+        check_static(Path::new("x"), &data).unwrap();
+        let e = check_static(Path::new("y"), b"#!/bin/sh").unwrap_err();
+        assert!(matches!(e, InitramfsError::NotStatic { .. }));
+    }
+}

@@ -1,0 +1,393 @@
+//! Running QEMU (TCG with emulated SVM) on the L1 kernel and archive, with the serial console
+//! captured (or attached to the caller's terminal), bounded in time.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::l1::MARK;
+
+/// The Debian package that provides `qemu-system-x86_64`.
+pub const QEMU_PACKAGE: &str = "qemu-system-x86";
+/// The default QEMU binary, looked up on `PATH`.
+pub const QEMU_BINARY: &str = "qemu-system-x86_64";
+
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    #[error(
+        "{qemu} not found: install the Debian package {QEMU_PACKAGE} (`apt-get install {QEMU_PACKAGE}`)"
+    )]
+    Missing {
+        qemu: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start {qemu}")]
+    Spawn {
+        qemu: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the rig ran longer than {after:?}: QEMU was killed. Raise the timeout if the script needs longer; last console lines:\n{tail}"
+    )]
+    Timeout { after: Duration, tail: String },
+    #[error("QEMU failed ({status}):\n{stderr}")]
+    Failed { status: ExitStatus, stderr: String },
+    #[error("cannot wait for QEMU")]
+    Wait(#[source] std::io::Error),
+}
+
+/// How QEMU is started.
+#[derive(Clone, Debug)]
+pub struct QemuConfig {
+    pub qemu: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub append: String,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    /// Appended to the command line as is.
+    pub extra_args: Vec<String>,
+}
+
+impl QemuConfig {
+    /// The QEMU arguments: TCG with an EPYC CPU that has SVM and nested paging, so that L1's
+    /// kvm_amd works; no default devices (no NIC or VGA to probe); the serial port on stdio
+    /// (multiplexed with the QEMU monitor: Ctrl-A X quits); no reboot, so that a panic or
+    /// `reboot` in L1 ends QEMU.
+    pub fn args(&self) -> Vec<String> {
+        let mut a: Vec<String> = [
+            "-accel",
+            "tcg",
+            "-cpu",
+            "EPYC,+svm,+npt",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-serial",
+            "mon:stdio",
+            "-no-reboot",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        a.extend([
+            "-m".into(),
+            self.memory_mib.to_string(),
+            "-smp".into(),
+            self.cpus.to_string(),
+            "-kernel".into(),
+            self.kernel.display().to_string(),
+            "-initrd".into(),
+            self.initrd.display().to_string(),
+            "-append".into(),
+            self.append.clone(),
+        ]);
+        a.extend(self.extra_args.iter().cloned());
+        a
+    }
+}
+
+/// Where the console goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConsoleMode {
+    /// Captured; also copied to stderr as it arrives when `echo` is set. QEMU's stdin is empty.
+    Capture { echo: bool },
+    /// The caller's terminal: stdin goes to L1's console, the console goes to stdout with the
+    /// rig's marker lines left out.
+    Attached,
+}
+
+/// What a QEMU run gave.
+#[derive(Clone, Debug)]
+pub struct QemuRun {
+    /// Everything L1 printed on its console, `\r` removed.
+    pub console: String,
+    pub status: ExitStatus,
+    /// From spawning QEMU to its exit.
+    pub wall: Duration,
+    /// From spawning QEMU to the `kvm ready` marker.
+    pub kvm_ready_wall: Option<Duration>,
+}
+
+/// Runs QEMU until it exits or `timeout` passes (then it is killed).
+pub fn run(cfg: &QemuConfig, mode: ConsoleMode, timeout: Duration) -> Result<QemuRun, QemuError> {
+    let qemu = cfg.qemu.display().to_string();
+    let mut cmd = Command::new(&cfg.qemu);
+    cmd.args(cfg.args())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(match mode {
+            ConsoleMode::Capture { .. } => Stdio::null(),
+            ConsoleMode::Attached => Stdio::inherit(),
+        });
+    tracing::debug!(?cmd, "starting QEMU");
+    let start = Instant::now();
+    let mut child = cmd.spawn().map_err(|source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            QemuError::Missing {
+                qemu: qemu.clone(),
+                source,
+            }
+        } else {
+            QemuError::Spawn {
+                qemu: qemu.clone(),
+                source,
+            }
+        }
+    })?;
+    let console = Arc::new(Mutex::new(Console::default()));
+    let stdout = child.stdout.take();
+    let reader = {
+        let console = Arc::clone(&console);
+        std::thread::spawn(move || {
+            let Some(mut stdout) = stdout else { return };
+            let mut filter = MarkerFilter::default();
+            let mut buf = [0u8; 8192];
+            let mut forwarded = Vec::new();
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let chunk = &buf[..n];
+                match mode {
+                    ConsoleMode::Capture { echo: true } => {
+                        let _ = std::io::stderr().write_all(chunk);
+                    }
+                    ConsoleMode::Capture { echo: false } => {}
+                    ConsoleMode::Attached => {
+                        forwarded.clear();
+                        filter.feed(chunk, &mut forwarded);
+                        let mut out = std::io::stdout().lock();
+                        let _ = out.write_all(&forwarded);
+                        let _ = out.flush();
+                    }
+                }
+                if let Ok(mut c) = console.lock() {
+                    c.push(chunk, start);
+                }
+            }
+        })
+    };
+    let stderr = child.stderr.take();
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(mut e) = stderr {
+            let _ = e.read_to_string(&mut s);
+        }
+        s
+    });
+
+    let deadline = start + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(QemuError::Wait)? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            // Our own child, by its handle.
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = reader.join();
+            let tail = console.lock().map(|c| c.tail(20)).unwrap_or_default();
+            return Err(QemuError::Timeout {
+                after: timeout,
+                tail,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let wall = start.elapsed();
+    let _ = reader.join();
+    let stderr = err_reader.join().unwrap_or_default();
+    let console = std::mem::take(
+        &mut *console
+            .lock()
+            .map_err(|_| QemuError::Wait(std::io::Error::other("console reader panicked")))?,
+    );
+    if !status.success() {
+        return Err(QemuError::Failed { status, stderr });
+    }
+    Ok(QemuRun {
+        console: console.text(),
+        status,
+        wall,
+        kvm_ready_wall: console.kvm_ready,
+    })
+}
+
+/// The console as it arrives: bytes, and when the `kvm ready` marker line was complete.
+#[derive(Default)]
+struct Console {
+    bytes: Vec<u8>,
+    /// Start of the line being received.
+    line_start: usize,
+    kvm_ready: Option<Duration>,
+}
+
+impl Console {
+    fn push(&mut self, chunk: &[u8], start: Instant) {
+        self.bytes.extend_from_slice(chunk);
+        while let Some(i) = self.bytes[self.line_start..]
+            .iter()
+            .position(|&b| b == b'\n')
+        {
+            let line = &self.bytes[self.line_start..self.line_start + i];
+            if self.kvm_ready.is_none() && line.starts_with(format!("{MARK}kvm ready").as_bytes()) {
+                self.kvm_ready = Some(start.elapsed());
+            }
+            self.line_start += i + 1;
+        }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.bytes).replace('\r', "")
+    }
+
+    fn tail(&self, lines: usize) -> String {
+        let text = self.text();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+/// Passes console bytes through except lines that start with the rig's marker prefix, and
+/// everything after the `end` marker (L1's shutdown messages).
+#[derive(Default)]
+pub(crate) struct MarkerFilter {
+    /// Bytes of the current line held back while they could still be a marker.
+    pending: Vec<u8>,
+    /// Inside a marker line: drop up to the newline; holds the marker's text.
+    swallow: Option<Vec<u8>>,
+    /// Not at the start of a line.
+    mid_line: bool,
+    /// The `end` marker has passed.
+    closed: bool,
+}
+
+impl MarkerFilter {
+    pub(crate) fn feed(&mut self, data: &[u8], out: &mut Vec<u8>) {
+        let mark = MARK.as_bytes();
+        for &b in data {
+            if self.closed {
+                return;
+            }
+            if let Some(text) = &mut self.swallow {
+                if b == b'\n' {
+                    self.closed = text.starts_with(b"end ");
+                    self.swallow = None;
+                    self.mid_line = false;
+                } else {
+                    text.push(b);
+                }
+                continue;
+            }
+            if !self.mid_line || !self.pending.is_empty() {
+                self.pending.push(b);
+                if mark.starts_with(&self.pending) {
+                    self.mid_line = true;
+                    if self.pending.len() == mark.len() {
+                        self.pending.clear();
+                        self.swallow = Some(Vec::new());
+                    }
+                    continue;
+                }
+                out.append(&mut self.pending);
+                self.mid_line = b != b'\n';
+                continue;
+            }
+            out.push(b);
+            self.mid_line = b != b'\n';
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filter_in_pieces(input: &str, piece: usize) -> String {
+        let mut f = MarkerFilter::default();
+        let mut out = Vec::new();
+        for chunk in input.as_bytes().chunks(piece) {
+            f.feed(chunk, &mut out);
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn qemu_marker_lines_are_hidden_from_attached_console() {
+        let input = "bulwark-rig: kvm ready uptime=1.2\r\nbulwark-rig: begin x\r\nhello\r\nbulwark is here\r\n  bulwark-rig: not at start\r\nbulwark-rig: end x status=0\r\n[    2.8] reboot: Power down\r\n";
+        for piece in [1, 2, 3, 7, 1000] {
+            assert_eq!(
+                filter_in_pieces(input, piece),
+                "hello\r\nbulwark is here\r\n  bulwark-rig: not at start\r\n",
+                "piece {piece}"
+            );
+        }
+    }
+
+    #[test]
+    fn qemu_console_records_kvm_ready_once_lines_complete() {
+        let mut c = Console::default();
+        let t = Instant::now();
+        c.push(b"noise\r\nbulwark-rig: kvm rea", t);
+        assert!(c.kvm_ready.is_none());
+        c.push(b"dy uptime=2.01\r\nmore", t);
+        assert!(c.kvm_ready.is_some());
+        assert_eq!(c.text(), "noise\nbulwark-rig: kvm ready uptime=2.01\nmore");
+        assert_eq!(c.tail(1), "more");
+    }
+
+    #[test]
+    fn qemu_args_have_svm_cpu_no_reboot_and_serial_on_stdio() {
+        let cfg = QemuConfig {
+            qemu: QEMU_BINARY.into(),
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            append: "console=ttyS0".into(),
+            memory_mib: 2048,
+            cpus: 1,
+            extra_args: vec!["-s".into()],
+        };
+        let a = cfg.args().join(" ");
+        for want in [
+            "-accel tcg",
+            "-cpu EPYC,+svm,+npt",
+            "-no-reboot",
+            "-serial mon:stdio",
+            "-m 2048",
+            "-smp 1",
+            "-kernel /k",
+            "-initrd /i",
+            "-append console=ttyS0",
+        ] {
+            assert!(a.contains(want), "{want} missing from {a}");
+        }
+        assert!(a.ends_with(" -s"));
+    }
+
+    #[test]
+    fn qemu_missing_binary_names_the_debian_package() {
+        let cfg = QemuConfig {
+            qemu: "/nonexistent/qemu-system-x86_64".into(),
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            append: String::new(),
+            memory_mib: 64,
+            cpus: 1,
+            extra_args: vec![],
+        };
+        let e = run(
+            &cfg,
+            ConsoleMode::Capture { echo: false },
+            Duration::from_secs(5),
+        )
+        .unwrap_err();
+        assert!(matches!(e, QemuError::Missing { .. }));
+        assert!(e.to_string().contains("qemu-system-x86"), "{e}");
+    }
+}
