@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod config;
+mod image;
 mod run;
 
 use std::path::PathBuf;
@@ -37,6 +38,13 @@ enum Command {
     /// Build payloads from C or assembly with the bulwark SDK.
     #[command(subcommand)]
     Payload(PayloadCommand),
+    /// Build guest images from Debian packages.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
+    /// Run a bulwark command inside the nested test rig (QEMU with emulated AMD SVM), for hosts
+    /// without hardware virtualization: `bulwark rig --image default=DIR -- run --image
+    /// /images/default -- uname -a`.
+    Rig(image::RigArgs),
 }
 
 #[derive(Args, Debug)]
@@ -59,6 +67,9 @@ pub(crate) struct RunArgs {
     /// With --image: boot the ELF vmlinux through PVH instead of the bzImage.
     #[arg(long)]
     pub(crate) pvh: bool,
+    /// Never move a Linux guest into the nested rig, even on a software-virtualization host.
+    #[arg(long)]
+    pub(crate) no_rig: bool,
     /// Guest memory: 16M, 256M, 1G [default: 16M for payloads (a multiple of 2 MiB), 256M for
     /// Linux].
     #[arg(long, value_parser = parse_size)]
@@ -156,6 +167,8 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     match &cli.command {
         Command::Run(args) => run::run(args, cli.verbose > 0),
+        Command::Image(cmd) => image::image(cmd),
+        Command::Rig(args) => image::rig(args),
         Command::Payload(cmd) => match payload(cmd) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

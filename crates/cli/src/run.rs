@@ -19,10 +19,9 @@ const EXIT_QUIT: u8 = 130;
 /// Exit status when the guest crashed (fault, triple fault, kernel panic, KVM error).
 const EXIT_CRASH: u8 = 123;
 
-/// File names inside a guest image directory (`bulwark image build`).
-const IMAGE_BZIMAGE: &str = "bzImage";
-const IMAGE_VMLINUX: &str = "vmlinux";
-const IMAGE_INITRAMFS: &str = "initramfs.cpio";
+use bulwark_image::{
+    BZIMAGE_FILE as IMAGE_BZIMAGE, INITRAMFS_FILE as IMAGE_INITRAMFS, VMLINUX_FILE as IMAGE_VMLINUX,
+};
 
 /// Kernel arguments every Linux guest gets: the console on COM1, reboot through the keyboard
 /// controller (which ends the VM), an immediate reset on panic (pvpanic reports it first), no
@@ -199,6 +198,15 @@ pub fn run(args: &RunArgs, verbose: bool) -> ExitCode {
             return ExitCode::from(EXIT_SETUP);
         }
     };
+    // Linux guests need hardware virtualization; on a kvm_pvm host, go through the rig.
+    if matches!(spec, VmSpec::Linux(_))
+        && !args.no_rig
+        && args.image.is_some()
+        && bulwark_monitor::kvm::is_software_virtualization()
+    {
+        let argv: Vec<String> = std::env::args().skip(1).collect();
+        return crate::image::rerun_in_rig(&argv, args.image.as_deref());
+    }
     let result = match &spec {
         VmSpec::Function(cfg) => bulwark_monitor::run_function(cfg, ConsoleIo::stdio()),
         VmSpec::Linux(cfg) => bulwark_monitor::run_linux(cfg, ConsoleIo::stdio()),

@@ -1,0 +1,149 @@
+//! `bulwark image build` and `bulwark rig`, and moving a Linux guest into the rig when this
+//! host's KVM cannot run one.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use bulwark_image::{ImageSpec, KernelSource, build_image};
+use bulwark_testrig::{GuestImage, RigSpec, run_command};
+use clap::{Args, Subcommand};
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCommand {
+    /// Download a Debian cloud kernel and busybox, and write bzImage, vmlinux, an initramfs,
+    /// System.map and a manifest into DIR.
+    Build {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Kernel package [default: newest linux-image-6.1.0-*-cloud-amd64-unsigned].
+        #[arg(long)]
+        kernel_package: Option<String>,
+        /// A kernel .deb file instead of a package name.
+        #[arg(long, conflicts_with = "kernel_package")]
+        kernel_deb: Option<PathBuf>,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct RigArgs {
+    /// Guest image to make available in the rig as /images/NAME: NAME=DIR.
+    #[arg(long = "image", value_name = "NAME=DIR")]
+    images: Vec<String>,
+    /// Bound on the whole rig run.
+    #[arg(long, default_value = "600s", value_parser = crate::config::parse_duration)]
+    timeout: Duration,
+    /// The bulwark command to run inside the rig.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+pub fn image(cmd: &ImageCommand) -> ExitCode {
+    let ImageCommand::Build {
+        out,
+        kernel_package,
+        kernel_deb,
+    } = cmd;
+    let mut spec = ImageSpec::new(out);
+    if let Some(p) = kernel_package {
+        spec.kernel = KernelSource::Package(p.clone());
+    }
+    if let Some(d) = kernel_deb {
+        spec.kernel = KernelSource::Deb(d.clone());
+    }
+    match build_image(&spec) {
+        Ok(m) => {
+            eprintln!(
+                "bulwark: wrote image {} (kernel {}, {} modules)",
+                out.display(),
+                m.kernel.release,
+                m.initramfs.modules.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("bulwark: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn rig_spec(images: Vec<GuestImage>, timeout: Duration) -> Result<RigSpec, String> {
+    let me = std::env::current_exe().map_err(|e| format!("cannot find the bulwark binary: {e}"))?;
+    let mut spec = RigSpec::new(me);
+    spec.images = images;
+    spec.timeout = timeout;
+    Ok(spec)
+}
+
+fn finish(result: Result<bulwark_testrig::RigRun, bulwark_testrig::RigError>) -> ExitCode {
+    match result {
+        Ok(run) => ExitCode::from(u8::try_from(run.status).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("bulwark: rig: {e}");
+            ExitCode::from(125)
+        }
+    }
+}
+
+pub fn rig(args: &RigArgs) -> ExitCode {
+    let mut images = Vec::new();
+    for i in &args.images {
+        let Some((name, dir)) = i.split_once('=') else {
+            eprintln!("bulwark: --image takes NAME=DIR, got `{i}`");
+            return ExitCode::from(2);
+        };
+        images.push(GuestImage::new(name, dir));
+    }
+    match rig_spec(images, args.timeout) {
+        Ok(spec) => finish(run_command(&spec, &args.command)),
+        Err(e) => {
+            eprintln!("bulwark: {e}");
+            ExitCode::from(125)
+        }
+    }
+}
+
+/// Runs this `bulwark run` invocation again inside the rig, with the image directory (or
+/// kernel and initrd files) made available there. `argv` is the original argument list after
+/// the program name.
+pub fn rerun_in_rig(argv: &[String], image: Option<&Path>) -> ExitCode {
+    eprintln!(
+        "bulwark: this host's KVM is software virtualization (kvm_pvm), which cannot run a Linux \
+         guest in useful time; running it inside the nested rig (QEMU with emulated AMD SVM) \
+         instead. Pass --no-rig to try directly."
+    );
+    let mut args = Vec::with_capacity(argv.len());
+    let mut images = Vec::new();
+    let mut it = argv.iter().peekable();
+    while let Some(a) = it.next() {
+        if a == "--image" {
+            if let (Some(_), Some(dir)) = (it.next(), image) {
+                images.push(GuestImage::new("guest", dir));
+                args.push("--image".to_string());
+                args.push("/images/guest".to_string());
+            }
+        } else if let Some(_dir) = a.strip_prefix("--image=") {
+            if let Some(dir) = image {
+                images.push(GuestImage::new("guest", dir));
+                args.push("--image=/images/guest".to_string());
+            }
+        } else {
+            args.push(a.clone());
+        }
+    }
+    // Inside the rig the guest runs directly.
+    if let Some(pos) = args.iter().position(|a| a == "--") {
+        args.insert(pos, "--no-rig".into());
+    } else {
+        args.push("--no-rig".into());
+    }
+    match rig_spec(images, Duration::from_secs(600)) {
+        Ok(spec) => finish(run_command(&spec, &args)),
+        Err(e) => {
+            eprintln!("bulwark: {e}");
+            ExitCode::from(125)
+        }
+    }
+}
