@@ -42,6 +42,11 @@ impl io::Write for SinkWriter {
 
 pub struct Serial16550 {
     inner: Mutex<Serial<IrqLine, vm_superio::serial::NoEvents, SinkWriter>>,
+    /// Receive interrupts enabled by the guest: a driver is listening. Input offered before
+    /// that would be lost when the driver resets the FIFO, so it waits.
+    rx_enabled: std::sync::atomic::AtomicBool,
+    /// Divisor-latch access bit of the line control register.
+    dlab: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Serial16550 {
@@ -54,12 +59,21 @@ impl Serial16550 {
     pub fn new(irq: EventFd, sink: Arc<ConsoleSink>) -> Self {
         Self {
             inner: Mutex::new(Serial::new(IrqLine(irq), SinkWriter(sink))),
+            rx_enabled: std::sync::atomic::AtomicBool::new(false),
+            dlab: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
-    /// Queues host input for the guest. Returns how many bytes fit in the receive FIFO; the
-    /// caller keeps the rest and retries when the guest has drained it.
+    /// Queues host input for the guest. Returns how many bytes fit in the receive FIFO (none
+    /// until the guest enables receive interrupts); the caller keeps the rest and retries.
     pub fn enqueue_input(&self, input: &[u8]) -> usize {
+        if !self.rx_enabled.load(std::sync::atomic::Ordering::Acquire) {
+            return 0;
+        }
+        self.enqueue_now(input)
+    }
+
+    fn enqueue_now(&self, input: &[u8]) -> usize {
         let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let room = s.fifo_capacity();
         let n = input.len().min(room);
@@ -81,9 +95,17 @@ impl crate::BusDevice for Serial16550 {
     }
 
     fn write(&self, offset: u64, data: &[u8]) {
+        use std::sync::atomic::Ordering;
         let (Some(&b), Ok(off)) = (data.first(), u8::try_from(offset)) else {
             return;
         };
+        match off {
+            3 => self.dlab.store(b & 0x80 != 0, Ordering::Release),
+            1 if !self.dlab.load(Ordering::Acquire) => {
+                self.rx_enabled.store(b & 1 != 0, Ordering::Release)
+            }
+            _ => {}
+        }
         let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if let Err(e) = s.write(off, b) {
             tracing::debug!(error = ?e, "serial write failed");
@@ -117,6 +139,12 @@ mod tests {
             uart.write(0, &[*b]);
         }
         assert_eq!(&*buf.0.lock().unwrap(), b"ok");
+        assert_eq!(uart.enqueue_input(b"xy"), 0, "no driver listening yet");
+        uart.write(3, &[0x80]); // DLAB on: offset 1 is the divisor, not IER
+        uart.write(1, &[0x01]);
+        assert_eq!(uart.enqueue_input(b"xy"), 0);
+        uart.write(3, &[0x03]); // 8N1, DLAB off
+        uart.write(1, &[0x01]); // receive interrupts on
         assert_eq!(uart.enqueue_input(b"xy"), 2);
         let mut lsr = [0u8];
         uart.read(5, &mut lsr);

@@ -331,7 +331,9 @@ fi
 read -r uptime _ </proc/uptime
 echo "{ready}$uptime"
 if [ "$#" -gt 0 ]; then
-    setsid cttyhack "$@"
+    # The job runs in its own session on the console. Before it ends, wait for its output to
+    # drain (stty sets with TCSADRAIN): the session's hangup would discard what is still queued.
+    setsid cttyhack sh -c '"$@"; rc=$?; stty icrnl 2>/dev/null; exit $rc' job "$@"
     status=$?
     echo "{exit}$status"
 else

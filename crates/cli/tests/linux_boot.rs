@@ -1,0 +1,197 @@
+//! End-to-end tests of Linux guests: the default Debian image booted by bulwark inside the
+//! nested rig (real kvm_amd on QEMU's emulated SVM). One rig boot runs every check; each
+//! check is a section of the script, asserted separately.
+
+mod common;
+
+use std::sync::OnceLock;
+
+use bulwark_testrig::{GuestImage, RigRun, RigSpec, run_script};
+use common::*;
+
+/// Builds the default image once (packages are cached under the user's cache directory).
+fn image_dir() -> std::path::PathBuf {
+    static DIR: OnceLock<std::path::PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = repo_root().join("target/test-image");
+        let o = std::process::Command::new(bulwark())
+            .args(["image", "build", "--out", dir.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "image build: {}", stderr(&o));
+        dir
+    })
+    .clone()
+}
+
+const B: &str = "bulwark run --image /images/default --no-rig --timeout 120s";
+
+/// The checks, one section each: `section NAME`, a command, and its status.
+fn script() -> String {
+    let checks: &[(&str, &str)] = &[
+        ("bzimage", &format!("{B} -- uname -r")),
+        ("pvh", &format!("{B} --pvh -- uname -r")),
+        (
+            "two_vcpus",
+            &format!("{B} --vcpus 2 -- grep -c ^processor /proc/cpuinfo"),
+        ),
+        (
+            "memory",
+            &format!("{B} --memory 256M -- grep MemTotal /proc/meminfo"),
+        ),
+        (
+            "job_status",
+            &format!("{B} -- sh -c 'echo job ran; exit 7'"),
+        ),
+        ("poweroff", &format!("{B} -- poweroff -f")),
+        ("reboot", &format!("{B} -- reboot -f")),
+        (
+            "panic",
+            &format!("{B} -- sh -c 'echo c > /proc/sysrq-trigger'"),
+        ),
+        (
+            "console_input",
+            &format!("printf 'echo hi-$((6*7))\\nexit\\n' | {B}"),
+        ),
+        (
+            "not_a_kernel",
+            "bulwark run --no-rig --kernel /images/default/initramfs.cpio",
+        ),
+        (
+            "initrd_not_cpio",
+            "bulwark run --no-rig --kernel /images/default/bzImage --initrd /images/default/bzImage",
+        ),
+        (
+            "elf_without_pvh",
+            "bulwark run --no-rig --kernel /bin/bulwark",
+        ),
+        ("too_little_memory", &format!("{B} --memory 16M")),
+        (
+            "initrd_too_big",
+            "printf 070701 > /tmp/big && dd if=/dev/zero bs=1M count=48 >> /tmp/big 2>/dev/null && \
+             bulwark run --no-rig --kernel /images/default/bzImage --initrd /tmp/big --memory 48M",
+        ),
+    ];
+    let mut s = String::new();
+    for (name, cmd) in checks {
+        s.push_str(&format!("section {name}\n{cmd} 2>&1\necho \"status=$?\"\n"));
+    }
+    s
+}
+
+fn rig_run() -> &'static RigRun {
+    static RUN: OnceLock<RigRun> = OnceLock::new();
+    RUN.get_or_init(|| {
+        require_kvm();
+        let mut spec = RigSpec::new(bulwark());
+        spec.images = vec![GuestImage::new("default", image_dir())];
+        spec.cmdline_extra = "loglevel=1".into();
+        let run = run_script(&spec, &script()).unwrap_or_else(|e| panic!("rig: {e}"));
+        assert_eq!(run.status, 0, "rig script failed:\n{}", run.output);
+        run
+    })
+}
+
+/// Output and exit status of one check.
+fn check(name: &str) -> (String, i32) {
+    let sections = rig_run().sections();
+    let out = sections
+        .get(name)
+        .unwrap_or_else(|e| panic!("{e}\n{}", rig_run().output))
+        .to_string();
+    let status = out
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("status="))
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no status in section {name}:\n{out}"));
+    (out, status)
+}
+
+#[test]
+fn bzimage_boots_to_ready_line_and_runs_the_job() {
+    let (out, status) = check("bzimage");
+    assert_eq!(status, 0, "{out}");
+    assert!(out.contains("bulwark-guest: ready uptime="), "{out}");
+    assert!(out.contains("-cloud-amd64"), "{out}");
+}
+
+#[test]
+fn elf_vmlinux_boots_through_pvh() {
+    let (out, status) = check("pvh");
+    assert_eq!(status, 0, "{out}");
+    assert!(
+        out.contains("bulwark-guest: ready uptime=") && out.contains("-cloud-amd64"),
+        "{out}"
+    );
+}
+
+#[test]
+fn guest_sees_two_vcpus() {
+    let (out, status) = check("two_vcpus");
+    assert_eq!(status, 0, "{out}");
+    assert!(out.lines().any(|l| l.trim() == "2"), "{out}");
+}
+
+#[test]
+fn memtotal_matches_configured_size() {
+    let (out, status) = check("memory");
+    assert_eq!(status, 0, "{out}");
+    let kib: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    // 256 MiB less what the kernel reserves for itself (its image, page tables, crash areas).
+    assert!(
+        (200 * 1024..=256 * 1024).contains(&kib),
+        "MemTotal {kib} KiB"
+    );
+}
+
+#[test]
+fn job_exit_status_becomes_bulwark_status() {
+    let (out, status) = check("job_status");
+    assert_eq!(status, 7, "{out}");
+    assert!(out.contains("job ran"), "{out}");
+}
+
+#[test]
+fn poweroff_and_reboot_end_with_status_zero() {
+    for name in ["poweroff", "reboot"] {
+        let (out, status) = check(name);
+        assert_eq!(status, 0, "{name}: {out}");
+        assert!(!out.contains("timed out"), "{name}: {out}");
+    }
+}
+
+#[test]
+fn kernel_panic_ends_non_zero() {
+    let (out, status) = check("panic");
+    assert_eq!(status, 123, "{out}");
+    assert!(out.contains("guest kernel panicked"), "{out}");
+}
+
+#[test]
+fn console_input_reaches_guest_shell() {
+    let (out, status) = check("console_input");
+    assert!(out.contains("hi-42"), "{out}");
+    assert_eq!(status, 0, "{out}");
+}
+
+#[test]
+fn bad_kernels_and_initrds_are_refused_with_a_reason() {
+    for (name, needle) in [
+        ("not_a_kernel", "neither a bzImage"),
+        ("initrd_not_cpio", "not a cpio archive"),
+        ("elf_without_pvh", "no PVH entry note"),
+        ("too_little_memory", "at least 32M"),
+        ("initrd_too_big", "raise --memory"),
+    ] {
+        let (out, status) = check(name);
+        assert_eq!(status, 125, "{name}: {out}");
+        assert!(out.contains(needle), "{name}: expected `{needle}` in {out}");
+        assert!(!out.contains("panicked"), "{name}: {out}");
+    }
+}
