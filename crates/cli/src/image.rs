@@ -74,6 +74,8 @@ fn rig_spec(images: Vec<GuestImage>, timeout: Duration) -> Result<RigSpec, Strin
     let mut spec = RigSpec::new(me);
     spec.images = images;
     spec.timeout = timeout;
+    // The rig's own kernel stays silent; the guest's console is what the user asked for.
+    spec.cmdline_extra = "loglevel=1".into();
     Ok(spec)
 }
 
