@@ -34,8 +34,12 @@ pub struct RigArgs {
     /// Bound on the whole rig run.
     #[arg(long, default_value = "600s", value_parser = crate::config::parse_duration)]
     timeout: Duration,
+    /// Run this shell script in the rig instead of one command (bulwark is on its PATH; it
+    /// prints the script's output and exits with its status).
+    #[arg(long, conflicts_with = "command")]
+    script: Option<PathBuf>,
     /// The bulwark command to run inside the rig.
-    #[arg(last = true, required = true)]
+    #[arg(last = true, required_unless_present = "script")]
     command: Vec<String>,
 }
 
@@ -98,12 +102,28 @@ pub fn rig(args: &RigArgs) -> ExitCode {
         };
         images.push(GuestImage::new(name, dir));
     }
-    match rig_spec(images, args.timeout) {
-        Ok(spec) => finish(run_command(&spec, &args.command)),
+    let spec = match rig_spec(images, args.timeout) {
+        Ok(s) => s,
         Err(e) => {
             eprintln!("bulwark: {e}");
-            ExitCode::from(125)
+            return ExitCode::from(125);
         }
+    };
+    match &args.script {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(script) => {
+                let run = bulwark_testrig::run_script(&spec, &script);
+                if let Ok(r) = &run {
+                    print!("{}", r.output);
+                }
+                finish(run)
+            }
+            Err(e) => {
+                eprintln!("bulwark: cannot read script {}: {e}", path.display());
+                ExitCode::from(125)
+            }
+        },
+        None => finish(run_command(&spec, &args.command)),
     }
 }
 

@@ -219,7 +219,7 @@ fn bad_input_is_refused_with_a_reason() {
         &["run", "--payload", "/nonexistent/p.elf"],
         "cannot read payload /nonexistent/p.elf",
     );
-    refuses(&["run"], "no payload given");
+    refuses(&["run"], "nothing to run");
     refuses(
         &["run", "--payload", good, "--memory", "1M"],
         "use at least 4M",
