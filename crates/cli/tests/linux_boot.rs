@@ -49,9 +49,18 @@ fn script() -> String {
             "panic",
             &format!("{B} -- sh -c 'echo c > /proc/sysrq-trigger'"),
         ),
+        // Type at the shell once it is there, as a user would: bytes sent before the guest's
+        // console driver opens the port can be discarded by the driver's start-up.
         (
             "console_input",
-            &format!("printf 'echo hi-$((6*7))\\nexit\\n' | {B}"),
+            &format!(
+                "rm -f /tmp/in /tmp/out; mkfifo /tmp/in; \
+                 ({B} < /tmp/in > /tmp/out 2>&1; echo \"rc=$?\" >> /tmp/out) & \
+                 exec 3>/tmp/in; i=0; \
+                 while ! grep -q 'built-in shell' /tmp/out && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); done; \
+                 printf 'echo hi-$((6*7))\\nexit\\n' >&3; exec 3>&-; wait; cat /tmp/out; \
+                 grep -q '^rc=0' /tmp/out"
+            ),
         ),
         (
             "not_a_kernel",

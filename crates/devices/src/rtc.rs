@@ -1,5 +1,6 @@
 //! The CMOS real-time clock at ports 0x70/0x71: enough for Linux to read the time of day at
-//! boot (binary mode, 24-hour clock, UTC from the host's clock). Writes to the clock are
+//! boot and for its `rtc_cmos` driver (BCD, as PC firmware leaves it and as some Linux paths
+//! assume regardless of the mode bit; 24-hour clock; UTC from the host's clock). Writes to the clock are
 //! ignored: the guest cannot set the host's time, and the next read shows the real time again.
 
 use std::sync::Mutex;
@@ -13,8 +14,12 @@ const REG_B: u8 = 0x0b;
 const REG_C: u8 = 0x0c;
 const REG_D: u8 = 0x0d;
 const CENTURY: u8 = 0x32;
-/// Status B: 24-hour mode, binary (not BCD) values.
-const REG_B_VALUE: u8 = (1 << 1) | (1 << 2);
+/// Status B: 24-hour mode, BCD values.
+const REG_B_VALUE: u8 = 1 << 1;
+
+fn bcd(v: u8) -> u8 {
+    ((v / 10) << 4) | (v % 10)
+}
 
 #[derive(Debug, Default)]
 pub struct Cmos {
@@ -41,14 +46,14 @@ pub fn register_at(reg: u8, secs: u64) -> u8 {
     let rem = secs % 86_400;
     let (year, month, day) = civil_from_days(days);
     match reg {
-        0x00 => (rem % 60) as u8,
-        0x02 => ((rem / 60) % 60) as u8,
-        0x04 => (rem / 3600) as u8,
-        0x06 => ((days + 4).rem_euclid(7) + 1) as u8, // 1970-01-01 was a Thursday; Sunday = 1
-        0x07 => day as u8,
-        0x08 => month as u8,
-        0x09 => year.rem_euclid(100) as u8,
-        CENTURY => (year / 100) as u8,
+        0x00 => bcd((rem % 60) as u8),
+        0x02 => bcd(((rem / 60) % 60) as u8),
+        0x04 => bcd((rem / 3600) as u8),
+        0x06 => bcd(((days + 4).rem_euclid(7) + 1) as u8), // 1970-01-01 was a Thursday; Sunday = 1
+        0x07 => bcd(day as u8),
+        0x08 => bcd(month as u8),
+        0x09 => bcd(year.rem_euclid(100) as u8),
+        CENTURY => bcd((year / 100).clamp(0, 99) as u8),
         REG_A => 0x26, // 32.768 kHz time base, 1024 Hz rate; update never in progress
         REG_B => REG_B_VALUE,
         REG_C => 0,
@@ -100,8 +105,8 @@ mod tests {
         // 2026-11-26 19:45:30 UTC, a Thursday.
         let t = 20_783 * 86_400 + 19 * 3600 + 45 * 60 + 30;
         let r = |reg| register_at(reg, t);
-        assert_eq!((r(0), r(2), r(4)), (30, 45, 19));
-        assert_eq!((r(7), r(8), r(9), r(CENTURY)), (26, 11, 26, 20));
+        assert_eq!((r(0), r(2), r(4)), (0x30, 0x45, 0x19));
+        assert_eq!((r(7), r(8), r(9), r(CENTURY)), (0x26, 0x11, 0x26, 0x20));
         assert_eq!(r(6), 5);
         assert_eq!(r(REG_B), REG_B_VALUE);
     }
@@ -114,7 +119,11 @@ mod tests {
         c.read(0, &mut d);
         assert_eq!(d[0], 0x09);
         c.read(1, &mut d);
-        assert!(d[0] >= 26 && d[0] < 100, "year {}", d[0]);
+        assert!(
+            d[0] >= 0x26 && d[0] < 0xa0 && d[0] & 0xf < 10,
+            "BCD year {:#x}",
+            d[0]
+        );
         c.write(1, &[0x55]); // ignored
     }
 }

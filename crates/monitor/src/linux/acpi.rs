@@ -28,6 +28,8 @@ const OEM_TABLE: [u8; 8] = *b"BULWARK ";
 pub enum AcpiDevice {
     /// A 16550 UART (`PNP0501`) at an I/O port range with an ISA IRQ.
     Uart { uid: u8, port: u16, irq: u32 },
+    /// The CMOS real-time clock (`PNP0B00`) at ports 0x70-0x71, IRQ 8.
+    Rtc,
     /// The pvpanic device (`QEMU0001`) at an MMIO address.
     PvPanic { addr: u32, len: u32 },
     /// A virtio-mmio device (`LNRO0005`) with its register window and interrupt.
@@ -74,6 +76,22 @@ fn device_aml(dev: &AcpiDevice) -> Vec<u8> {
                         &aml::ResourceTemplate::new(vec![
                             &aml::IO::new(*port, *port, 1, 8),
                             &aml::Interrupt::new(true, true, false, false, *irq),
+                        ]),
+                    ),
+                ],
+            )
+            .to_aml_bytes(&mut out);
+        }
+        AcpiDevice::Rtc => {
+            aml::Device::new(
+                "RTC_".into(),
+                vec![
+                    &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0B00")),
+                    &aml::Name::new(
+                        "_CRS".into(),
+                        &aml::ResourceTemplate::new(vec![
+                            &aml::IO::new(0x70, 0x70, 1, 2),
+                            &aml::Interrupt::new(true, true, false, false, 8),
                         ]),
                     ),
                 ],

@@ -416,6 +416,42 @@ mod tests {
     }
 
     #[test]
+    fn boot_zero_page_carries_cmdline_initrd_e820_and_rsdp() {
+        let m = mem();
+        let loaded = LoadedKernel {
+            protocol: BootProtocol::Linux64 { entry: 0x100200 },
+            result: KernelLoaderResult::default(),
+        };
+        write_zero_page(
+            &m,
+            &loaded,
+            64 << 20,
+            13,
+            Some((0x300_0000, 0x1234)),
+            ACPI_START,
+        )
+        .unwrap();
+        let p: boot_params = m.read_obj(GuestAddress(ZERO_PAGE)).unwrap();
+        let hdr = p.hdr;
+        assert_eq!({ hdr.boot_flag }, KERNEL_BOOT_FLAG_MAGIC);
+        assert_eq!({ hdr.header }, KERNEL_HDR_MAGIC);
+        assert_eq!({ hdr.type_of_loader }, KERNEL_LOADER_OTHER);
+        assert_eq!({ hdr.cmd_line_ptr }, CMDLINE as u32);
+        assert_eq!({ hdr.cmdline_size }, 14);
+        assert_eq!(
+            ({ hdr.ramdisk_image }, { hdr.ramdisk_size }),
+            (0x300_0000, 0x1234)
+        );
+        assert_eq!({ p.acpi_rsdp_addr }, ACPI_START);
+        assert_eq!(p.e820_entries, 3);
+        let e = p.e820_table[2];
+        assert_eq!(
+            ({ e.addr }, { e.size }, { e.r#type }),
+            (HIMEM_START, (64 << 20) - HIMEM_START, E820_RAM)
+        );
+    }
+
+    #[test]
     fn boot_pvh_start_info_describes_memory_and_initrd() {
         let m = mem();
         write_pvh_start_info(&m, 64 << 20, Some((0x300_0000, 0x1234)), ACPI_START).unwrap();

@@ -168,7 +168,9 @@ pub fn run_linux(cfg: &LinuxVmConfig, io: ConsoleIo) -> Result<RunReport, VmErro
     };
     vm.create_pit2(pit).map_err(kvm_err("the in-kernel PIT"))?;
 
-    let ram = GuestRam::with_regions(&ram_regions(cfg.memory))?;
+    let backing = GuestRam::huge_backing();
+    tracing::debug!(?backing, "guest RAM backing");
+    let ram = GuestRam::with_regions(&ram_regions(cfg.memory), backing)?;
     register_memory(&vm, &ram)?;
     let mem = ram.memory();
 
@@ -195,6 +197,7 @@ pub fn run_linux(cfg: &LinuxVmConfig, io: ConsoleIo) -> Result<RunReport, VmErro
             port: COM1_BASE as u16,
             irq: COM1_IRQ,
         },
+        AcpiDevice::Rtc,
         AcpiDevice::PvPanic {
             addr: PVPANIC_ADDR as u32,
             len: PVPANIC_LEN as u32,
