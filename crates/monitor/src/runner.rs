@@ -247,6 +247,33 @@ impl Console {
     }
 }
 
+/// Runs a built VM to its end: one thread per vCPU fd, the event loop on this thread until the
+/// VM stops, then the vCPUs are stopped and their counters summed.
+pub fn run_to_end(
+    fds: Vec<kvm_ioctls::VcpuFd>,
+    ctx: &Arc<crate::vcpu::VcpuContext>,
+    console: &mut Console,
+    timeout: Option<Duration>,
+    started: Instant,
+) -> Result<VcpuCounters, VmError> {
+    let vcpus = fds
+        .into_iter()
+        .enumerate()
+        .map(|(i, fd)| Vcpu {
+            index: i as u32,
+            fd,
+            ctx: ctx.clone(),
+        })
+        .collect();
+    let handles = spawn_vcpus(vcpus, &ctx.control)?;
+    tracing::debug!(
+        setup_us = started.elapsed().as_micros() as u64,
+        "VM running"
+    );
+    console.run(&ctx.control, timeout, started);
+    Ok(stop_vcpus(handles))
+}
+
 /// Starts one thread per vCPU. A panic on a vCPU thread stops the VM with a message.
 pub fn spawn_vcpus(
     vcpus: Vec<Vcpu>,

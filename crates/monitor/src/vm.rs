@@ -25,9 +25,9 @@ use crate::outcome::RunReport;
 use crate::payload::layout::INFO_DEVICE_ADDR;
 use crate::payload::{self, Layout, PayloadError, PayloadSpec};
 use crate::runner::{
-    Console, ReportSources, install_kick_handler, make_undumpable, report, spawn_vcpus, stop_vcpus,
+    Console, ReportSources, install_kick_handler, make_undumpable, report, run_to_end,
 };
-use crate::vcpu::{Vcpu, VcpuContext};
+use crate::vcpu::VcpuContext;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -269,23 +269,7 @@ pub fn run_function(cfg: &FunctionVmConfig, io: ConsoleIo) -> Result<RunReport, 
         software_virtualization: kvm::is_software_virtualization(),
         sync_regs,
     });
-    let vcpus = vcpu_fds
-        .into_iter()
-        .enumerate()
-        .map(|(i, fd)| Vcpu {
-            index: i as u32,
-            fd,
-            ctx: ctx.clone(),
-        })
-        .collect();
-    let handles = spawn_vcpus(vcpus, &control)?;
-    tracing::debug!(
-        setup_us = started.elapsed().as_micros() as u64,
-        "VM running"
-    );
-
-    console.run(&control, cfg.timeout, started);
-    let counters = stop_vcpus(handles);
+    let counters = run_to_end(vcpu_fds, &ctx, &mut console, cfg.timeout, started)?;
     Ok(report(
         &control,
         counters,

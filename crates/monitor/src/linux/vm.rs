@@ -31,10 +31,9 @@ use crate::kvm::{self, KvmError};
 use crate::memory::GuestRam;
 use crate::outcome::{RunReport, StopReason};
 use crate::runner::{
-    Console, ReportSources, SerialInput, install_kick_handler, make_undumpable, report,
-    spawn_vcpus, stop_vcpus,
+    Console, ReportSources, SerialInput, install_kick_handler, make_undumpable, report, run_to_end,
 };
-use crate::vcpu::{Vcpu, VcpuContext};
+use crate::vcpu::VcpuContext;
 use crate::vm::{ConsoleIo, VmError, kvm_err, open_checked, os, register_memory};
 
 /// The serial port's interrupt line (ISA IRQ 4, IOAPIC pin 4).
@@ -285,22 +284,7 @@ pub fn run_linux(cfg: &LinuxVmConfig, io: ConsoleIo) -> Result<RunReport, VmErro
         software_virtualization: kvm::is_software_virtualization(),
         sync_regs,
     });
-    let vcpus = fds
-        .into_iter()
-        .enumerate()
-        .map(|(i, fd)| Vcpu {
-            index: i as u32,
-            fd,
-            ctx: ctx.clone(),
-        })
-        .collect();
-    let handles = spawn_vcpus(vcpus, &control)?;
-    tracing::debug!(
-        setup_us = started.elapsed().as_micros() as u64,
-        "Linux VM running"
-    );
-    console.run(&control, cfg.timeout, started);
-    let counters = stop_vcpus(handles);
+    let counters = run_to_end(fds, &ctx, &mut console, cfg.timeout, started)?;
     Ok(report(
         &control,
         counters,
