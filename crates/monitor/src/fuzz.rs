@@ -845,3 +845,110 @@ mod tests {
         payload_image(&[0x03, 0x90, 0xf4]);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// linux_platform
+
+/// Port and MMIO exits of a Linux guest to the Linux platform's devices (16550, i8042, CMOS,
+/// ACPI power registers, POST code, pvpanic), with host input offered to the UART between them.
+///
+/// Each op: a byte (bit 0: port or MMIO; bit 1: read or write; bits 2-4: width 1..=8, ports
+/// capped at 4), an address (a port from a list of the platform's ports plus a raw u16, or an
+/// MMIO offset around the pvpanic register), and data. Invariants: every access resumes the
+/// vCPU; a power event happens exactly when the model says the guest asked for one; nothing
+/// panics.
+pub fn linux_platform(data: &[u8]) {
+    use crate::linux::vm::platform_buses;
+    use bulwark_devices::console::ConsoleSink;
+    use bulwark_devices::power::{PVPANIC_ADDR, PowerEvent};
+    use std::sync::{Arc, Mutex};
+
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    let stdout = Arc::new(ConsoleSink::new(Box::new(std::io::sink()), 1 << 16));
+    let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+    let platform = platform_buses(
+        stdout,
+        Arc::new(move |e| s2.lock().unwrap_or_else(|p| p.into_inner()).push(e)),
+        irq,
+    )
+    .expect("platform buses");
+    let mut expected: Vec<PowerEvent> = Vec::new();
+    let mut input = Cursor(data);
+    const PORTS: [u16; 12] = [
+        0x3f8, 0x3f9, 0x3fb, 0x3fd, 0x60, 0x64, 0x70, 0x71, 0x600, 0x601, 0x602, 0x80,
+    ];
+    while let Some(op) = input.u8() {
+        let is_port = op & 1 == 0;
+        let is_read = op & 2 == 0;
+        let width = usize::from((op >> 2) & 7) + 1;
+        if op & 0xe0 == 0xe0 {
+            let n = usize::from(input.u8().unwrap_or(0));
+            platform.serial.enqueue_input(input.take_up_to(n));
+            continue;
+        }
+        let Some(sel) = input.u16() else { break };
+        let mut buf = vec![0u8; if is_port { width.min(4) } else { width }];
+        if !is_read {
+            let given = input.take_up_to(buf.len());
+            buf[..given.len()].copy_from_slice(given);
+        }
+        let action = if is_port {
+            let port = if sel & 0x8000 == 0 {
+                PORTS[usize::from(sel) % PORTS.len()]
+            } else {
+                sel
+            };
+            let size = buf.len();
+            if !is_read {
+                match (port, buf[0]) {
+                    (0x600, v) if v & 0x20 != 0 && (v >> 2) & 7 == 5 => {
+                        expected.push(PowerEvent::PowerOff)
+                    }
+                    (0x602, 1) | (0x64, 0xfe) => expected.push(PowerEvent::Reset),
+                    _ => {}
+                }
+            }
+            if is_read {
+                dispatch(
+                    Exit::IoIn {
+                        port,
+                        size,
+                        data: &mut buf,
+                    },
+                    &platform.buses,
+                )
+            } else {
+                dispatch(
+                    Exit::IoOut {
+                        port,
+                        size,
+                        data: &buf,
+                    },
+                    &platform.buses,
+                )
+            }
+        } else {
+            let addr = PVPANIC_ADDR
+                .wrapping_add(u64::from(sel & 0xf))
+                .wrapping_sub(4);
+            if !is_read && (PVPANIC_ADDR..PVPANIC_ADDR + 2).contains(&addr) && buf[0] & 1 != 0 {
+                expected.push(PowerEvent::Panic);
+            }
+            if is_read {
+                dispatch(
+                    Exit::MmioRead {
+                        addr,
+                        data: &mut buf,
+                    },
+                    &platform.buses,
+                )
+            } else {
+                dispatch(Exit::MmioWrite { addr, data: &buf }, &platform.buses)
+            }
+        };
+        assert_eq!(action, ExitAction::Resume, "op {op:#x} sel {sel:#x}");
+    }
+    let got = seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    assert_eq!(got, expected, "power events");
+}

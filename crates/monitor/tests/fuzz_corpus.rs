@@ -65,3 +65,8 @@ fn hostcall_corpus_replays_without_failure() {
 fn payload_image_corpus_replays_without_failure() {
     replay("payload_image", bulwark_monitor::fuzz::payload_image);
 }
+
+#[test]
+fn linux_platform_corpus_replays_without_failure() {
+    replay("linux_platform", bulwark_monitor::fuzz::linux_platform);
+}

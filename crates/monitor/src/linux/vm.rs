@@ -80,11 +80,12 @@ fn power_signal(control: &Arc<VmControl>) -> PowerSignal {
     })
 }
 
-struct Platform {
-    buses: Buses,
-    serial: Arc<Serial16550>,
-    stdout: Arc<ConsoleSink>,
-    postcode: Arc<PostCode>,
+/// The platform devices of a Linux VM and the buses they sit on.
+pub struct Platform {
+    pub buses: Buses,
+    pub serial: Arc<Serial16550>,
+    pub stdout: Arc<ConsoleSink>,
+    pub postcode: Arc<PostCode>,
 }
 
 fn platform_devices(
@@ -97,12 +98,19 @@ fn platform_devices(
     if let Some(m) = &cfg.console_marker {
         stdout = stdout.with_marker(m);
     }
-    let stdout = Arc::new(stdout);
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(os("creating the serial irq eventfd"))?;
     vm.register_irqfd(&irq, COM1_IRQ)
         .map_err(kvm_err("the serial port's irqfd"))?;
-    let serial = Arc::new(Serial16550::new(irq, stdout.clone()));
-    let signal = power_signal(control);
+    platform_buses(Arc::new(stdout), power_signal(control), irq)
+}
+
+/// Builds the platform's buses (no KVM needed: the fuzz harness uses this too).
+pub fn platform_buses(
+    stdout: Arc<ConsoleSink>,
+    signal: PowerSignal,
+    serial_irq: EventFd,
+) -> Result<Platform, VmError> {
+    let serial = Arc::new(Serial16550::new(serial_irq, stdout.clone()));
     let postcode = Arc::new(PostCode::new());
     let i8042 = Arc::new(I8042::new(signal.clone()));
     let mut buses = Buses::default();
