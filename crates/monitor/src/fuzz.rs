@@ -805,47 +805,6 @@ fn check_image(file: &[u8], limit: u64, img: &PayloadImage) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fuzz_harnesses_empty_and_short_inputs_pass() {
-        for data in [&[][..], &[0], &[0xff; 3], &[7, 3]] {
-            exit_dispatch(data);
-            hostcall(data);
-            payload_image(data);
-        }
-    }
-
-    #[test]
-    fn fuzz_exit_ops_known_sequence_dispatches_each_op() {
-        // out 0x80 <- 0x42; in 0x80; MMIO write of the scratch register at a raw address;
-        // rep outsb of 3 bytes to 0xe9; hlt.
-        let mut d = vec![0x01, 0, 0, 0x42, 0x00, 0, 0];
-        d.push(0x80 | (7 << 3) | 3);
-        d.extend_from_slice(&(INFO_DEVICE_ADDR + 0x18).to_le_bytes());
-        d.extend_from_slice(&0x1122_3344_5566_7788u64.to_le_bytes());
-        d.extend_from_slice(&[0x05, 2, 0, 1, 0, b'a', b'b', b'c']);
-        d.extend_from_slice(&[0x07, 0]);
-        assert_eq!(exit_ops(&d), 5);
-    }
-
-    #[test]
-    fn fuzz_hostcall_calls_read_then_write_both_checked() {
-        // Input "abc"; read(PAYLOAD_ADDR, 2); write(1, PAYLOAD_ADDR, 2).
-        let mut d = vec![1, 3, b'a', b'b', b'c'];
-        d.extend_from_slice(&[2, 1, 0, 0, 2 << 3, 0]);
-        d.extend_from_slice(&[1, 1 << 3, 1, 0, 0, 2 << 3]);
-        assert_eq!(hostcall_calls(&d), 2);
-    }
-
-    #[test]
-    fn fuzz_payload_image_flat_payload_passes() {
-        payload_image(&[0x03, 0x90, 0xf4]);
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // linux_platform
 
@@ -951,4 +910,45 @@ pub fn linux_platform(data: &[u8]) {
     }
     let got = seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
     assert_eq!(got, expected, "power events");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fuzz_harnesses_empty_and_short_inputs_pass() {
+        for data in [&[][..], &[0], &[0xff; 3], &[7, 3]] {
+            exit_dispatch(data);
+            hostcall(data);
+            payload_image(data);
+        }
+    }
+
+    #[test]
+    fn fuzz_exit_ops_known_sequence_dispatches_each_op() {
+        // out 0x80 <- 0x42; in 0x80; MMIO write of the scratch register at a raw address;
+        // rep outsb of 3 bytes to 0xe9; hlt.
+        let mut d = vec![0x01, 0, 0, 0x42, 0x00, 0, 0];
+        d.push(0x80 | (7 << 3) | 3);
+        d.extend_from_slice(&(INFO_DEVICE_ADDR + 0x18).to_le_bytes());
+        d.extend_from_slice(&0x1122_3344_5566_7788u64.to_le_bytes());
+        d.extend_from_slice(&[0x05, 2, 0, 1, 0, b'a', b'b', b'c']);
+        d.extend_from_slice(&[0x07, 0]);
+        assert_eq!(exit_ops(&d), 5);
+    }
+
+    #[test]
+    fn fuzz_hostcall_calls_read_then_write_both_checked() {
+        // Input "abc"; read(PAYLOAD_ADDR, 2); write(1, PAYLOAD_ADDR, 2).
+        let mut d = vec![1, 3, b'a', b'b', b'c'];
+        d.extend_from_slice(&[2, 1, 0, 0, 2 << 3, 0]);
+        d.extend_from_slice(&[1, 1 << 3, 1, 0, 0, 2 << 3]);
+        assert_eq!(hostcall_calls(&d), 2);
+    }
+
+    #[test]
+    fn fuzz_payload_image_flat_payload_passes() {
+        payload_image(&[0x03, 0x90, 0xf4]);
+    }
 }
