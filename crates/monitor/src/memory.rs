@@ -31,6 +31,12 @@ pub enum MemoryError {
         #[source]
         source: vm_memory::mmap::MmapRegionError,
     },
+    #[error("cannot map {size} bytes of guest memory; lower --memory")]
+    AlignedMap {
+        size: u64,
+        #[source]
+        source: io::Error,
+    },
     #[error("guest memory region rejected: {0}")]
     Region(String),
 }
@@ -44,6 +50,55 @@ pub enum Backing {
     MemfdHuge,
     /// Private anonymous memory asking for transparent huge pages.
     AnonymousHuge,
+}
+
+/// Maps `len` bytes of private anonymous memory at a 2 MiB-aligned address.
+///
+/// KVM can map guest memory with large pages only where the host address and the guest-physical
+/// address agree modulo 2 MiB; plain `mmap` gives only 4 KiB alignment, which would waste the
+/// huge pages.
+fn map_aligned_anonymous(len: usize) -> io::Result<*mut u8> {
+    const ALIGN: usize = 2 << 20;
+    let span = len
+        .checked_add(ALIGN)
+        .ok_or_else(|| io::Error::other("size overflow"))?;
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+    // SAFETY: a fresh anonymous reservation; no existing memory is affected.
+    let base = unsafe { libc::mmap(std::ptr::null_mut(), span, libc::PROT_NONE, flags, -1, 0) };
+    if base == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    let start = (base as usize).next_multiple_of(ALIGN);
+    // SAFETY: `start..start + len` lies inside the reservation made above (at most ALIGN - 1
+    // bytes past its start), which MAP_FIXED replaces with usable memory.
+    let addr = unsafe {
+        libc::mmap(
+            start as *mut libc::c_void,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    if addr == libc::MAP_FAILED {
+        let err = io::Error::last_os_error();
+        // SAFETY: unmapping the reservation we own.
+        unsafe { libc::munmap(base, span) };
+        return Err(err);
+    }
+    // Give back the unused head and tail of the reservation.
+    let head = start - base as usize;
+    let tail = span - head - len;
+    if head > 0 {
+        // SAFETY: the head lies inside our reservation, before the memory we keep.
+        unsafe { libc::munmap(base, head) };
+    }
+    if tail > 0 {
+        // SAFETY: the tail lies inside our reservation, after the memory we keep.
+        unsafe { libc::munmap((start + len) as *mut libc::c_void, tail) };
+    }
+    Ok(addr.cast())
 }
 
 /// Asks for transparent huge pages; a refusal only costs speed.
@@ -120,9 +175,17 @@ impl GuestRam {
         let mut mapped = Vec::new();
         for &(gpa, len) in layout {
             let ulen = usize::try_from(len).map_err(|_| MemoryError::Region("size".into()))?;
-            let region =
-                MmapRegion::new(ulen).map_err(|source| MemoryError::Map { size: len, source })?;
-            advise_huge(region.as_ptr(), ulen);
+            let addr = map_aligned_anonymous(ulen)
+                .map_err(|source| MemoryError::AlignedMap { size: len, source })?;
+            advise_huge(addr, ulen);
+            let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+            // SAFETY: `addr..addr + ulen` is the mapping made just above, readable and
+            // writable with these flags; it is never unmapped (it lives as long as the VM's
+            // process needs it, like every guest RAM mapping).
+            let region = unsafe {
+                MmapRegion::build_raw(addr, ulen, libc::PROT_READ | libc::PROT_WRITE, flags)
+            }
+            .map_err(|source| MemoryError::Map { size: len, source })?;
             regions.push((gpa, len, region.as_ptr() as u64));
             mapped.push(
                 GuestRegionMmap::new(region, GuestAddress(gpa))
