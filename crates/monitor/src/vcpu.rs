@@ -48,10 +48,8 @@ impl Vcpu {
         let mut n = VcpuCounters::default();
         let run_page: *const kvm_bindings::kvm_run = self.fd.get_kvm_run();
         let io_size = || {
-            // SAFETY: `run_page` points at this vCPU's kvm_run mapping, which lives as long as
-            // `self.fd`. The struct occupies the mapping's first page; the port data the exit
-            // borrows lives at `data_offset` (the next page), so this shared reference does not
-            // overlap it.
+            // SAFETY: `run_page` is this vCPU's kvm_run mapping, live as long as `self.fd`; the
+            // struct is its first page, apart from the port data the exit borrows (next page).
             let run = unsafe { &*run_page };
             // SAFETY: read only after KVM_RUN returned a port exit, when KVM has filled the `io`
             // member of the exit union; its fields are plain integers.
