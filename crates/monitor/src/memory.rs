@@ -170,8 +170,6 @@ impl GuestRam {
     }
 
     fn anonymous_regions(layout: &[(u64, u64)]) -> Result<Self, MemoryError> {
-        let size: u64 = layout.iter().map(|r| r.1).sum();
-        let mut regions = Vec::new();
         let mut mapped = Vec::new();
         for &(gpa, len) in layout {
             let ulen = usize::try_from(len).map_err(|_| MemoryError::Region("size".into()))?;
@@ -186,18 +184,28 @@ impl GuestRam {
                 MmapRegion::build_raw(addr, ulen, libc::PROT_READ | libc::PROT_WRITE, flags)
             }
             .map_err(|source| MemoryError::Map { size: len, source })?;
-            regions.push((gpa, len, region.as_ptr() as u64));
-            mapped.push(
+            mapped.push((gpa, region));
+        }
+        Self::assemble(mapped)
+    }
+
+    /// Guest RAM from mapped `(guest-physical start, mapping)` regions.
+    fn assemble(mapped: Vec<(u64, MmapRegion)>) -> Result<Self, MemoryError> {
+        let mut regions = Vec::with_capacity(mapped.len());
+        let mut guest = Vec::with_capacity(mapped.len());
+        for (gpa, region) in mapped {
+            regions.push((gpa, region.size() as u64, region.as_ptr() as u64));
+            guest.push(
                 GuestRegionMmap::new(region, GuestAddress(gpa))
                     .ok_or_else(|| MemoryError::Region("address overflow".into()))?,
             );
         }
-        let memory = GuestMemoryMmap::from_regions(mapped)
+        let memory = GuestMemoryMmap::from_regions(guest)
             .map_err(|e| MemoryError::Region(e.to_string()))?;
         Ok(Self {
+            size: regions.iter().map(|r| r.1).sum(),
             memory,
             regions,
-            size,
         })
     }
 
@@ -211,7 +219,6 @@ impl GuestRam {
         if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
             return Err(MemoryError::Seal(io::Error::last_os_error()));
         }
-        let mut regions = Vec::new();
         let mut mapped = Vec::new();
         let mut offset = 0u64;
         for &(gpa, len) in layout {
@@ -222,20 +229,10 @@ impl GuestRam {
             if huge {
                 advise_huge(region.as_ptr(), ulen);
             }
-            regions.push((gpa, len, region.as_ptr() as u64));
-            mapped.push(
-                GuestRegionMmap::new(region, GuestAddress(gpa))
-                    .ok_or_else(|| MemoryError::Region("address overflow".into()))?,
-            );
+            mapped.push((gpa, region));
             offset += len;
         }
-        let memory = GuestMemoryMmap::from_regions(mapped)
-            .map_err(|e| MemoryError::Region(e.to_string()))?;
-        Ok(Self {
-            memory,
-            regions,
-            size,
-        })
+        Self::assemble(mapped)
     }
 
     /// (guest-physical start, size, host address) of each region, for KVM memory slots.
