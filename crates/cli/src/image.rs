@@ -1,47 +1,14 @@
 //! `bulwark image build` and `bulwark rig`, and moving a Linux guest into the rig when this
 //! host's KVM cannot run one.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use bulwark_image::{ImageSpec, KernelSource, build_image};
 use bulwark_testrig::{GuestImage, RigSpec, run_command};
-use clap::{Args, Subcommand};
 
-#[derive(Subcommand, Debug)]
-pub enum ImageCommand {
-    /// Download a Debian cloud kernel and busybox, and write bzImage, vmlinux, an initramfs,
-    /// System.map and a manifest into DIR.
-    Build {
-        /// Output directory.
-        #[arg(long)]
-        out: PathBuf,
-        /// Kernel package [default: newest linux-image-6.1.0-*-cloud-amd64-unsigned].
-        #[arg(long)]
-        kernel_package: Option<String>,
-        /// A kernel .deb file instead of a package name.
-        #[arg(long, conflicts_with = "kernel_package")]
-        kernel_deb: Option<PathBuf>,
-    },
-}
-
-#[derive(Args, Debug)]
-pub struct RigArgs {
-    /// Guest image to make available in the rig as /images/NAME: NAME=DIR.
-    #[arg(long = "image", value_name = "NAME=DIR")]
-    images: Vec<String>,
-    /// Bound on the whole rig run.
-    #[arg(long, default_value = "600s", value_parser = crate::config::parse_duration)]
-    timeout: Duration,
-    /// Run this shell script in the rig instead of one command (bulwark is on its PATH; it
-    /// prints the script's output and exits with its status).
-    #[arg(long, conflicts_with = "command")]
-    script: Option<PathBuf>,
-    /// The bulwark command to run inside the rig.
-    #[arg(last = true, required_unless_present = "script")]
-    command: Vec<String>,
-}
+use crate::image_args::{ImageCommand, RigArgs};
 
 pub fn image(cmd: &ImageCommand) -> ExitCode {
     let ImageCommand::Build {
@@ -75,7 +42,9 @@ pub fn image(cmd: &ImageCommand) -> ExitCode {
 
 fn rig_spec(images: Vec<GuestImage>, timeout: Duration) -> Result<RigSpec, String> {
     let me = std::env::current_exe().map_err(|e| format!("cannot find the bulwark binary: {e}"))?;
-    let mut spec = RigSpec::new(me);
+    // The rig runs `bulwark` itself, which lives beside this tools binary.
+    let bulwark = me.with_file_name("bulwark");
+    let mut spec = RigSpec::new(bulwark);
     spec.images = images;
     spec.timeout = timeout;
     // The rig's own kernel stays silent; the guest's console is what the user asked for.

@@ -2,8 +2,9 @@
 #![forbid(unsafe_code)]
 
 mod config;
-mod image;
+mod image_args;
 mod run;
+mod tools;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -40,11 +41,11 @@ enum Command {
     Payload(PayloadCommand),
     /// Build guest images from Debian packages.
     #[command(subcommand)]
-    Image(image::ImageCommand),
+    Image(image_args::ImageCommand),
     /// Run a bulwark command inside the nested test rig (QEMU with emulated AMD SVM), for hosts
     /// without hardware virtualization: `bulwark rig --image default=DIR -- run --image
     /// /images/default -- uname -a`.
-    Rig(image::RigArgs),
+    Rig(image_args::RigArgs),
 }
 
 #[derive(Args, Debug)]
@@ -167,8 +168,9 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     match &cli.command {
         Command::Run(args) => run::run(args, cli.verbose > 0),
-        Command::Image(cmd) => image::image(cmd),
-        Command::Rig(args) => image::rig(args),
+        // Tooling lives in a separate binary, so the code that downloads packages and drives
+        // QEMU is not part of the monitor that runs VMs.
+        Command::Image(_) | Command::Rig(_) => tools::exec(std::env::args().skip(1).collect()),
         Command::Payload(cmd) => match payload(cmd) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

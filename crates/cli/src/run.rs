@@ -205,7 +205,9 @@ pub fn run(args: &RunArgs, verbose: bool) -> ExitCode {
         && bulwark_monitor::kvm::is_software_virtualization()
     {
         let argv: Vec<String> = std::env::args().skip(1).collect();
-        return crate::image::rerun_in_rig(&argv, args.image.as_deref());
+        let mut tool_args = vec!["rerun-in-rig".to_string(), "--".to_string()];
+        tool_args.extend(argv);
+        return crate::tools::exec(tool_args);
     }
     let result = match &spec {
         VmSpec::Function(cfg) => bulwark_monitor::run_function(cfg, ConsoleIo::stdio()),

@@ -6,6 +6,7 @@ mod common;
 
 use std::sync::OnceLock;
 
+use bulwark_image::{ExtraFile, FileSource};
 use bulwark_testrig::{GuestImage, RigRun, RigSpec, run_script};
 use common::*;
 
@@ -72,7 +73,7 @@ fn script() -> String {
         ),
         (
             "elf_without_pvh",
-            "bulwark run --no-rig --kernel /bin/bulwark",
+            "bulwark run --no-rig --kernel /payloads/hello.elf",
         ),
         ("too_little_memory", &format!("{B} --memory 16M")),
         (
@@ -94,6 +95,14 @@ fn rig_run() -> &'static RigRun {
         require_kvm();
         let mut spec = RigSpec::new(bulwark());
         spec.images = vec![GuestImage::new("default", image_dir())];
+        // An ELF that is not a kernel: a function micro-VM payload (no PVH note).
+        let payloads = TestDir::new("linux-boot-payloads");
+        let hello = build_payload(&payloads, "examples/payloads/hello.c");
+        spec.files = vec![ExtraFile {
+            path: "/payloads/hello.elf".into(),
+            source: FileSource::Host(hello),
+            mode: 0o644,
+        }];
         spec.cmdline_extra = "loglevel=1".into();
         let run = run_script(&spec, &script()).unwrap_or_else(|e| panic!("rig: {e}"));
         assert_eq!(run.status, 0, "rig script failed:\n{}", run.output);

@@ -200,8 +200,8 @@ impl GuestRam {
                     .ok_or_else(|| MemoryError::Region("address overflow".into()))?,
             );
         }
-        let memory = GuestMemoryMmap::from_regions(guest)
-            .map_err(|e| MemoryError::Region(e.to_string()))?;
+        let memory =
+            GuestMemoryMmap::from_regions(guest).map_err(|e| MemoryError::Region(e.to_string()))?;
         Ok(Self {
             size: regions.iter().map(|r| r.1).sum(),
             memory,

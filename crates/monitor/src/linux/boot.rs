@@ -31,9 +31,9 @@ pub enum BootError {
         "kernel file is neither a bzImage (no \"HdrS\" at 0x202) nor an ELF vmlinux; pass /boot/vmlinuz-* or the vmlinux that `bulwark image build` extracts"
     )]
     UnknownKernelFormat,
-    #[error("cannot load the bzImage: {0}; is the file truncated?")]
+    #[error("cannot load the bzImage (is the file truncated?)")]
     BzImage(#[source] linux_loader::loader::Error),
-    #[error("cannot load the ELF kernel: {0}")]
+    #[error("cannot load the ELF kernel")]
     Elf(#[source] linux_loader::loader::Error),
     #[error(
         "the ELF kernel has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); boot its bzImage instead, or build it with CONFIG_PVH=y"
