@@ -141,7 +141,7 @@ fn vm_spec(args: &RunArgs, verbose: bool) -> anyhow::Result<VmSpec> {
                     )
                 }
                 (None, Some(k)) => (k, args.initrd.clone().or(file.initrd.clone())),
-                (None, None) => unreachable!("guarded above"),
+                (None, None) => return Err(ConfigError::NoPayload.into()),
             };
             let extra = args.cmdline.clone().or(file.cmdline.clone());
             Ok(VmSpec::Linux(LinuxVmConfig {
