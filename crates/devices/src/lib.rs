@@ -14,5 +14,6 @@ pub mod postcode;
 pub mod power;
 pub mod rtc;
 pub mod serial;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError, BusRange, BusStats};

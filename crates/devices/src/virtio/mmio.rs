@@ -1,0 +1,456 @@
+//! The virtio-mmio transport (version 2, virtio 1.x): the register window a guest driver
+//! programs to negotiate features, set up queues and start the device.
+//!
+//! The guest can write any register at any time; the transport follows the specification's
+//! state machine and ignores what it does not allow (queue set-up after `DRIVER_OK`, feature
+//! writes after `FEATURES_OK`, status bits out of order). A driver that starts the device with
+//! unusable queues gets `NEEDS_RESET` and a configuration interrupt, never a crash.
+
+use std::sync::Mutex;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::{INT_CONFIG, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice, status};
+
+pub const MAGIC: u32 = 0x7472_6976; // "virt"
+pub const VERSION: u32 = 2;
+pub const VENDOR_ID: u32 = 0x4b57_4c42; // "BLWK"
+/// Size of the register window, configuration space included.
+pub const WINDOW: u64 = 0x200;
+const CONFIG_START: u64 = 0x100;
+
+struct State {
+    device: Box<dyn VirtioDevice>,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    queues: Vec<Queue>,
+    status: u32,
+    config_generation: u32,
+    active: bool,
+}
+
+/// A virtio device behind its MMIO register window.
+pub struct MmioTransport {
+    state: Mutex<State>,
+    mem: GuestMemoryMmap,
+    interrupt: Interrupt,
+}
+
+impl std::fmt::Debug for MmioTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MmioTransport")
+    }
+}
+
+fn fresh_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
+    device
+        .queue_max_sizes()
+        .iter()
+        .filter_map(|&max| Queue::new(max).ok())
+        .collect()
+}
+
+impl MmioTransport {
+    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap, interrupt: Interrupt) -> Self {
+        let queues = fresh_queues(device.as_ref());
+        Self {
+            state: Mutex::new(State {
+                device,
+                device_features_sel: 0,
+                driver_features_sel: 0,
+                driver_features: 0,
+                queue_sel: 0,
+                queues,
+                status: 0,
+                config_generation: 0,
+                active: false,
+            }),
+            mem,
+            interrupt,
+        }
+    }
+
+    /// The device status register (for tests and diagnostics).
+    pub fn status(&self) -> u32 {
+        self.lock().status
+    }
+
+    /// Runs `f` on the device (for tests and diagnostics).
+    pub fn with_device<R>(&self, f: impl FnOnce(&mut dyn VirtioDevice) -> R) -> R {
+        f(self.lock().device.as_mut())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn offered(s: &State) -> u64 {
+        s.device.features() | VIRTIO_F_VERSION_1
+    }
+
+    fn reset(&self, s: &mut State) {
+        s.device.reset();
+        s.queues = fresh_queues(s.device.as_ref());
+        s.status = 0;
+        s.driver_features = 0;
+        s.device_features_sel = 0;
+        s.driver_features_sel = 0;
+        s.queue_sel = 0;
+        s.active = false;
+        self.interrupt.clear();
+    }
+
+    fn set_status(&self, s: &mut State, v: u32) {
+        if v == 0 {
+            self.reset(s);
+            return;
+        }
+        let new = v & !s.status;
+        // Bits may only be added, and only in the order the specification gives.
+        if v & s.status != s.status {
+            return;
+        }
+        let has = |bit| v & bit != 0;
+        if new & status::DRIVER != 0 && !has(status::ACKNOWLEDGE) {
+            return;
+        }
+        if new & status::FEATURES_OK != 0 {
+            let ok = has(status::DRIVER)
+                && s.driver_features & VIRTIO_F_VERSION_1 != 0
+                && s.driver_features & !Self::offered(s) == 0;
+            if !ok {
+                // Leave FEATURES_OK clear: the driver sees the refusal when it reads back.
+                s.status = v & !status::FEATURES_OK;
+                return;
+            }
+        }
+        if new & status::DRIVER_OK != 0 && !has(status::FEATURES_OK) {
+            return;
+        }
+        s.status = v;
+        if new & status::DRIVER_OK != 0 && !s.active {
+            self.activate(s);
+        }
+    }
+
+    fn activate(&self, s: &mut State) {
+        let mut queues = Vec::new();
+        for (i, q) in s.queues.iter().enumerate() {
+            if !q.ready() {
+                continue;
+            }
+            if !q.is_valid(&self.mem) {
+                tracing::debug!(queue = i, "virtio queue invalid at DRIVER_OK");
+                self.fail(s);
+                return;
+            }
+            // The device gets its own copy; the transport keeps the registers' view.
+            match Queue::try_from(q.state()) {
+                Ok(copy) => queues.push(copy),
+                Err(_) => {
+                    self.fail(s);
+                    return;
+                }
+            }
+        }
+        let features = s.driver_features;
+        match s
+            .device
+            .activate(self.mem.clone(), features, queues, self.interrupt.clone())
+        {
+            Ok(()) => s.active = true,
+            Err(e) => {
+                tracing::debug!(error = %e, "virtio device refused to start");
+                self.fail(s);
+            }
+        }
+    }
+
+    /// The device cannot go on: NEEDS_RESET and a configuration interrupt.
+    fn fail(&self, s: &mut State) {
+        s.status |= status::NEEDS_RESET;
+        self.interrupt.signal(INT_CONFIG);
+    }
+
+    fn queue_setup_allowed(s: &State) -> bool {
+        s.status & status::FEATURES_OK != 0 && s.status & status::DRIVER_OK == 0
+    }
+
+    fn read_reg(&self, s: &State, offset: u64) -> u32 {
+        let q = s.queues.get(s.queue_sel as usize);
+        match offset {
+            0x000 => MAGIC,
+            0x004 => VERSION,
+            0x008 => s.device.device_type(),
+            0x00c => VENDOR_ID,
+            0x010 => match s.device_features_sel {
+                0 => Self::offered(s) as u32,
+                1 => (Self::offered(s) >> 32) as u32,
+                _ => 0,
+            },
+            0x034 => q.map_or(0, |q| u32::from(q.max_size())),
+            0x044 => q.map_or(0, |q| u32::from(q.ready())),
+            0x060 => self.interrupt.status(),
+            0x070 => s.status,
+            0x0fc => s.config_generation,
+            _ => 0,
+        }
+    }
+
+    fn write_reg(&self, s: &mut State, offset: u64, v: u32) {
+        let setup = Self::queue_setup_allowed(s);
+        let sel = s.queue_sel as usize;
+        match offset {
+            0x014 => s.device_features_sel = v,
+            0x020 if s.status & status::FEATURES_OK == 0 => match s.driver_features_sel {
+                0 => s.driver_features = (s.driver_features & !0xffff_ffff) | u64::from(v),
+                1 => s.driver_features = (s.driver_features & 0xffff_ffff) | (u64::from(v) << 32),
+                _ => {}
+            },
+            0x024 => s.driver_features_sel = v,
+            0x030 => s.queue_sel = v,
+            0x050 => {
+                if s.active && (v as usize) < s.queues.len() {
+                    s.device.process_queue(v as u16);
+                }
+            }
+            0x064 => self.interrupt.ack(v),
+            0x070 => self.set_status(s, v),
+            _ if setup => {
+                let Some(q) = s.queues.get_mut(sel) else {
+                    return;
+                };
+                match offset {
+                    0x038 => q.set_size(v as u16),
+                    0x044 => q.set_ready(v == 1),
+                    0x080 => q.set_desc_table_address(Some(v), None),
+                    0x084 => q.set_desc_table_address(None, Some(v)),
+                    0x090 => q.set_avail_ring_address(Some(v), None),
+                    0x094 => q.set_avail_ring_address(None, Some(v)),
+                    0x0a0 => q.set_used_ring_address(Some(v), None),
+                    0x0a4 => q.set_used_ring_address(None, Some(v)),
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl crate::BusDevice for MmioTransport {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        let s = self.lock();
+        if offset >= CONFIG_START {
+            s.device.read_config(offset - CONFIG_START, data);
+            return;
+        }
+        // Registers are 32-bit and aligned; anything else reads as zero.
+        if data.len() != 4 || offset % 4 != 0 {
+            data.fill(0);
+            return;
+        }
+        data.copy_from_slice(&self.read_reg(&s, offset).to_le_bytes());
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        let mut s = self.lock();
+        if offset >= CONFIG_START {
+            if s.status & status::DRIVER_OK == 0 || s.active {
+                s.device.write_config(offset - CONFIG_START, data);
+            }
+            return;
+        }
+        if data.len() != 4 || offset % 4 != 0 {
+            return;
+        }
+        let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+        self.write_reg(&mut s, offset, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::BusDevice;
+    use crate::virtio::rng::Rng;
+    use crate::virtio::{INT_VRING, InterruptLine};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[derive(Default)]
+    struct Counter(AtomicU32);
+    impl InterruptLine for Counter {
+        fn trigger(&self) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn rig() -> (MmioTransport, GuestMemoryMmap, Arc<Counter>) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let line = Arc::new(Counter::default());
+        let t = MmioTransport::new(
+            Box::new(Rng::new()),
+            mem.clone(),
+            Interrupt::new(line.clone()),
+        );
+        (t, mem, line)
+    }
+
+    fn r(t: &MmioTransport, off: u64) -> u32 {
+        let mut d = [0u8; 4];
+        t.read(off, &mut d);
+        u32::from_le_bytes(d)
+    }
+
+    fn w(t: &MmioTransport, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    /// Drives the transport like Linux's virtio_mmio driver: a 16-entry queue with its rings
+    /// at 0x1000 / 0x2000 / 0x3000.
+    fn bring_up(t: &MmioTransport) {
+        w(t, 0x070, status::ACKNOWLEDGE);
+        w(t, 0x070, status::ACKNOWLEDGE | status::DRIVER);
+        w(t, 0x024, 1);
+        w(t, 0x020, 1); // VERSION_1 (bit 32)
+        w(t, 0x024, 0);
+        w(t, 0x020, 0);
+        w(
+            t,
+            0x070,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        w(t, 0x030, 0);
+        w(t, 0x038, 16);
+        w(t, 0x080, 0x1000);
+        w(t, 0x090, 0x2000);
+        w(t, 0x0a0, 0x3000);
+        w(t, 0x044, 1);
+        w(
+            t,
+            0x070,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
+    }
+
+    #[test]
+    fn mmio_identifies_device_and_offers_version_1() {
+        let (t, _, _) = rig();
+        assert_eq!((r(&t, 0), r(&t, 4), r(&t, 8)), (MAGIC, VERSION, 4));
+        w(&t, 0x014, 1);
+        assert_eq!(r(&t, 0x010) & 1, 1, "VERSION_1 in the high word");
+        assert_eq!(r(&t, 0x034), 256, "queue max size");
+        let mut b = [0u8; 2];
+        t.read(0, &mut b);
+        assert_eq!(b, [0, 0], "narrow register reads are zero");
+    }
+
+    #[test]
+    fn mmio_refuses_features_without_version_1_or_unoffered() {
+        let (t, _, _) = rig();
+        w(&t, 0x070, status::ACKNOWLEDGE | status::DRIVER);
+        w(
+            &t,
+            0x070,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        assert_eq!(
+            r(&t, 0x070) & status::FEATURES_OK,
+            0,
+            "legacy driver refused"
+        );
+        w(&t, 0x024, 1);
+        w(&t, 0x020, 1 | (1 << 5)); // VERSION_1 and an unoffered bit
+        w(
+            &t,
+            0x070,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        assert_eq!(
+            r(&t, 0x070) & status::FEATURES_OK,
+            0,
+            "unoffered feature refused"
+        );
+        // DRIVER_OK without FEATURES_OK is ignored.
+        w(
+            &t,
+            0x070,
+            status::ACKNOWLEDGE | status::DRIVER | status::DRIVER_OK,
+        );
+        assert_eq!(r(&t, 0x070) & status::DRIVER_OK, 0);
+    }
+
+    #[test]
+    fn mmio_rng_fills_guest_buffer_and_interrupts() {
+        let (t, mem, line) = rig();
+        bring_up(&t);
+        assert_eq!(r(&t, 0x070) & status::NEEDS_RESET, 0);
+        // One writable descriptor of 64 bytes at 0x8000, offered in the avail ring.
+        mem.write_obj(0x8000u64, GuestAddress(0x1000)).unwrap();
+        mem.write_obj(64u32, GuestAddress(0x1008)).unwrap();
+        mem.write_obj(2u16, GuestAddress(0x100c)).unwrap(); // VRING_DESC_F_WRITE
+        mem.write_obj(0u16, GuestAddress(0x2004)).unwrap(); // ring[0] = descriptor 0
+        mem.write_obj(1u16, GuestAddress(0x2002)).unwrap(); // avail idx = 1
+        w(&t, 0x050, 0);
+        let used_idx: u16 = mem.read_obj(GuestAddress(0x3002)).unwrap();
+        let used_len: u32 = mem.read_obj(GuestAddress(0x3008)).unwrap();
+        assert_eq!((used_idx, used_len), (1, 64));
+        let mut data = [0u8; 64];
+        mem.read_slice(&mut data, GuestAddress(0x8000)).unwrap();
+        assert!(
+            data.iter().filter(|&&b| b == 0).count() < 16,
+            "random bytes written"
+        );
+        assert_eq!(r(&t, 0x060) & INT_VRING, INT_VRING);
+        assert!(line.0.load(Ordering::Relaxed) >= 1);
+        w(&t, 0x064, INT_VRING);
+        assert_eq!(r(&t, 0x060), 0, "acknowledged");
+    }
+
+    #[test]
+    fn mmio_queue_outside_memory_sets_needs_reset() {
+        let (t, _, line) = rig();
+        w(&t, 0x070, status::ACKNOWLEDGE | status::DRIVER);
+        w(&t, 0x024, 1);
+        w(&t, 0x020, 1);
+        w(
+            &t,
+            0x070,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        w(&t, 0x038, 16);
+        w(&t, 0x080, 0xffff_f000); // far outside 1 MiB
+        w(&t, 0x044, 1);
+        w(
+            &t,
+            0x070,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
+        assert_ne!(r(&t, 0x070) & status::NEEDS_RESET, 0);
+        assert_eq!(r(&t, 0x060) & INT_CONFIG, INT_CONFIG);
+        assert!(line.0.load(Ordering::Relaxed) >= 1);
+        // Notifications on a device that never started are ignored; a reset recovers it.
+        w(&t, 0x050, 0);
+        w(&t, 0x070, 0);
+        assert_eq!(r(&t, 0x070), 0);
+        bring_up(&t);
+        assert_eq!(r(&t, 0x070) & status::NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn mmio_queue_registers_frozen_after_driver_ok_and_notify_out_of_range_ignored() {
+        let (t, _, _) = rig();
+        bring_up(&t);
+        w(&t, 0x038, 4); // too late
+        w(&t, 0x030, 7); // no such queue
+        assert_eq!(r(&t, 0x034), 0);
+        w(&t, 0x050, 99);
+        w(&t, 0x050, u32::MAX);
+        w(&t, 0x030, 0);
+        assert_eq!(r(&t, 0x044), 1);
+    }
+}
