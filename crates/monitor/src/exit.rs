@@ -83,7 +83,7 @@ impl<'a> Exit<'a> {
 
 /// A sane element width: 1, 2 or 4 bytes that divides the transfer, else the whole transfer.
 fn io_width(size: usize, len: usize) -> usize {
-    if matches!(size, 1 | 2 | 4) && len % size == 0 {
+    if matches!(size, 1 | 2 | 4) && len.is_multiple_of(size) {
         size
     } else {
         len.max(1)

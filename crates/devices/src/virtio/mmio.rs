@@ -212,11 +212,10 @@ impl MmioTransport {
             },
             0x024 => s.driver_features_sel = v,
             0x030 => s.queue_sel = v,
-            0x050 => {
-                if s.active && (v as usize) < s.queues.len() {
-                    s.device.process_queue(v as u16);
-                }
+            0x050 if s.active && (v as usize) < s.queues.len() => {
+                s.device.process_queue(v as u16);
             }
+            0x050 => {}
             0x064 => self.interrupt.ack(v),
             0x070 => self.set_status(s, v),
             _ if setup => {
@@ -248,7 +247,7 @@ impl crate::BusDevice for MmioTransport {
             return;
         }
         // Registers are 32-bit and aligned; anything else reads as zero.
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             data.fill(0);
             return;
         }
@@ -263,7 +262,7 @@ impl crate::BusDevice for MmioTransport {
             }
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             return;
         }
         let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);

@@ -105,7 +105,7 @@ impl Layout {
         if mem_size > MAX_MEMORY {
             return Err(LayoutError::TooMuchMemory(mem_size));
         }
-        if mem_size % LARGE_PAGE != 0 {
+        if !mem_size.is_multiple_of(LARGE_PAGE) {
             return Err(LayoutError::UnalignedMemory(mem_size));
         }
         if vcpus == 0 || vcpus > MAX_VCPUS {

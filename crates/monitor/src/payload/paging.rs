@@ -134,7 +134,7 @@ impl PageTables {
 
     /// Identity-maps `[addr, addr + len)` with 4 KiB pages.
     pub fn map_small(&mut self, addr: u64, len: u64, access: Access) -> Result<(), PagingError> {
-        if addr % PAGE != 0 || len % PAGE != 0 {
+        if !addr.is_multiple_of(PAGE) || !len.is_multiple_of(PAGE) {
             return Err(PagingError::Unaligned(addr));
         }
         (addr..addr + len)
@@ -144,7 +144,7 @@ impl PageTables {
 
     /// Identity-maps `[addr, addr + len)` with 2 MiB pages.
     pub fn map_large(&mut self, addr: u64, len: u64, access: Access) -> Result<(), PagingError> {
-        if addr % LARGE_PAGE != 0 || len % LARGE_PAGE != 0 {
+        if !addr.is_multiple_of(LARGE_PAGE) || !len.is_multiple_of(LARGE_PAGE) {
             return Err(PagingError::Unaligned(addr));
         }
         (addr..addr + len)
