@@ -44,6 +44,13 @@ fn script() -> String {
             "job_status",
             &format!("{B} -- sh -c 'echo job ran; exit 7'"),
         ),
+        (
+            "hwrng",
+            &format!(
+                "{B} -- sh -c 'cat /sys/class/misc/hw_random/rng_current; \
+                 head -c 4096 /dev/hwrng | od -An -tx1 | tail -1; head -c 4096 /dev/hwrng | wc -c'"
+            ),
+        ),
         ("poweroff", &format!("{B} -- poweroff -f")),
         ("reboot", &format!("{B} -- reboot -f")),
         (
@@ -173,6 +180,17 @@ fn job_exit_status_becomes_bulwark_status() {
     let (out, status) = check("job_status");
     assert_eq!(status, 7, "{out}");
     assert!(out.contains("job ran"), "{out}");
+}
+
+#[test]
+fn virtio_rng_feeds_dev_hwrng() {
+    let (out, status) = check("hwrng");
+    assert_eq!(status, 0, "{out}");
+    assert!(
+        out.contains("virtio_rng.0"),
+        "virtio-rng is the current hwrng: {out}"
+    );
+    assert!(out.lines().any(|l| l.trim() == "4096"), "4 KiB read: {out}");
 }
 
 #[test]

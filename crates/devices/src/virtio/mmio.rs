@@ -411,6 +411,51 @@ mod tests {
     }
 
     #[test]
+    fn mmio_rng_with_event_idx_publishes_avail_event() {
+        let (t, mem, _) = rig();
+        // Negotiate EVENT_IDX (bit 29) as well as VERSION_1.
+        w(&t, 0x070, status::ACKNOWLEDGE | status::DRIVER);
+        w(&t, 0x024, 1);
+        w(&t, 0x020, 1);
+        w(&t, 0x024, 0);
+        w(&t, 0x020, 1 << 29);
+        w(
+            &t,
+            0x070,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        w(&t, 0x038, 16);
+        w(&t, 0x080, 0x1000);
+        w(&t, 0x090, 0x2000);
+        w(&t, 0x0a0, 0x3000);
+        w(&t, 0x044, 1);
+        w(
+            &t,
+            0x070,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
+        for (n, desc) in [(1u16, 0u16), (2, 1)] {
+            let d = 0x1000 + u64::from(desc) * 16;
+            mem.write_obj(0x8000u64 + u64::from(desc) * 0x100, GuestAddress(d))
+                .unwrap();
+            mem.write_obj(32u32, GuestAddress(d + 8)).unwrap();
+            mem.write_obj(2u16, GuestAddress(d + 12)).unwrap();
+            mem.write_obj(desc, GuestAddress(0x2004 + 2 * u64::from(n - 1)))
+                .unwrap();
+            mem.write_obj(n, GuestAddress(0x2002)).unwrap();
+            w(&t, 0x050, 0);
+            let used_idx: u16 = mem.read_obj(GuestAddress(0x3002)).unwrap();
+            assert_eq!(used_idx, n, "request {n} served");
+            // avail_event sits after the 16 used elements: the driver must notify for the next.
+            let avail_event: u16 = mem.read_obj(GuestAddress(0x3004 + 16 * 8)).unwrap();
+            assert_eq!(
+                avail_event, n,
+                "device asks to be notified at avail index {n}"
+            );
+        }
+    }
+
+    #[test]
     fn mmio_queue_outside_memory_sets_needs_reset() {
         let (t, _, line) = rig();
         w(&t, 0x070, status::ACKNOWLEDGE | status::DRIVER);

@@ -87,29 +87,46 @@ impl VirtioDevice for Rng {
         };
         let mut used_any = false;
         let mut buf = Vec::new();
-        while let Some(chain) = q.pop_descriptor_chain(&*mem) {
-            let head = chain.head_index();
-            let mut written = 0u32;
-            for desc in chain.writable() {
-                let len = desc.len().min(MAX_REQUEST - written);
-                buf.resize(len as usize, 0);
-                if getrandom::fill(&mut buf).is_err() || mem.write_slice(&buf, desc.addr()).is_err()
-                {
-                    self.bad_chains += 1;
-                    break;
-                }
-                written += len;
-                if written >= MAX_REQUEST {
-                    break;
-                }
-            }
-            if q.add_used(&*mem, head, written).is_err() {
+        // With EVENT_IDX the driver only notifies past the avail index we publish, so drain,
+        // re-enable notifications, and drain again if more arrived meanwhile.
+        loop {
+            if q.disable_notification(&*mem).is_err() {
                 self.bad_chains += 1;
                 break;
             }
-            self.requests += 1;
-            self.bytes += u64::from(written);
-            used_any = true;
+            while let Some(chain) = q.pop_descriptor_chain(&*mem) {
+                let head = chain.head_index();
+                let mut written = 0u32;
+                for desc in chain.writable() {
+                    let len = desc.len().min(MAX_REQUEST - written);
+                    buf.resize(len as usize, 0);
+                    if getrandom::fill(&mut buf).is_err()
+                        || mem.write_slice(&buf, desc.addr()).is_err()
+                    {
+                        self.bad_chains += 1;
+                        break;
+                    }
+                    written += len;
+                    if written >= MAX_REQUEST {
+                        break;
+                    }
+                }
+                if q.add_used(&*mem, head, written).is_err() {
+                    self.bad_chains += 1;
+                    return;
+                }
+                self.requests += 1;
+                self.bytes += u64::from(written);
+                used_any = true;
+            }
+            match q.enable_notification(&*mem) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(_) => {
+                    self.bad_chains += 1;
+                    break;
+                }
+            }
         }
         if used_any && q.needs_notification(&*mem).unwrap_or(true) {
             irq.signal(INT_VRING);

@@ -14,6 +14,9 @@ use bulwark_devices::power::{
 };
 use bulwark_devices::rtc::{CMOS_BASE, CMOS_PORTS, Cmos};
 use bulwark_devices::serial::{COM1_BASE, Serial16550, UART_PORTS};
+use bulwark_devices::virtio::mmio::{self, MmioTransport};
+use bulwark_devices::virtio::rng::Rng;
+use bulwark_devices::virtio::{Interrupt, InterruptLine};
 use bulwark_devices::{BusDevice, BusRange};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
 use kvm_ioctls::{Cap, SyncReg};
@@ -38,6 +41,20 @@ use crate::vm::{ConsoleIo, VmError, kvm_err, open_checked, os, register_memory};
 
 /// The serial port's interrupt line (ISA IRQ 4, IOAPIC pin 4).
 const COM1_IRQ: u32 = 4;
+/// The virtio-rng device: its register window in the MMIO gap and its interrupt line.
+const VIRTIO_RNG_ADDR: u64 = 0xd000_2000;
+const VIRTIO_RNG_IRQ: u32 = 5;
+
+/// A virtio interrupt delivered through an irqfd.
+struct IrqFd(EventFd);
+
+impl InterruptLine for IrqFd {
+    fn trigger(&self) {
+        if let Err(e) = self.0.write(1) {
+            tracing::debug!(error = %e, "irqfd write failed");
+        }
+    }
+}
 /// Most vCPUs a Linux VM may have (8-bit APIC IDs in the MADT).
 pub const MAX_LINUX_VCPUS: u32 = 254;
 
@@ -93,6 +110,7 @@ fn platform_devices(
     out: Box<dyn std::io::Write + Send>,
     control: &Arc<VmControl>,
     vm: &kvm_ioctls::VmFd,
+    mem: &vm_memory::GuestMemoryMmap,
 ) -> Result<Platform, VmError> {
     let mut stdout = ConsoleSink::new(out, cfg.console_limit);
     if let Some(m) = &cfg.console_marker {
@@ -101,7 +119,22 @@ fn platform_devices(
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(os("creating the serial irq eventfd"))?;
     vm.register_irqfd(&irq, COM1_IRQ)
         .map_err(kvm_err("the serial port's irqfd"))?;
-    platform_buses(Arc::new(stdout), power_signal(control), irq)
+    let mut platform = platform_buses(Arc::new(stdout), power_signal(control), irq)?;
+    // virtio-rng: the guest's /dev/hwrng.
+    let rng_irq =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(os("creating the virtio-rng irq eventfd"))?;
+    vm.register_irqfd(&rng_irq, VIRTIO_RNG_IRQ)
+        .map_err(kvm_err("the virtio-rng irqfd"))?;
+    let rng = MmioTransport::new(
+        Box::new(Rng::new()),
+        mem.clone(),
+        Interrupt::new(Arc::new(IrqFd(rng_irq))),
+    );
+    platform
+        .buses
+        .mmio
+        .insert(BusRange::new(VIRTIO_RNG_ADDR, mmio::WINDOW), Arc::new(rng))?;
+    Ok(platform)
 }
 
 /// Builds the platform's buses (no KVM needed: the fuzz harness uses this too).
@@ -205,6 +238,12 @@ pub fn run_linux(cfg: &LinuxVmConfig, io: ConsoleIo) -> Result<RunReport, VmErro
             irq: COM1_IRQ,
         },
         AcpiDevice::Rtc,
+        AcpiDevice::VirtioMmio {
+            uid: 0,
+            addr: VIRTIO_RNG_ADDR as u32,
+            len: mmio::WINDOW as u32,
+            irq: VIRTIO_RNG_IRQ,
+        },
         AcpiDevice::PvPanic {
             addr: PVPANIC_ADDR as u32,
             len: PVPANIC_LEN as u32,
@@ -265,7 +304,7 @@ pub fn run_linux(cfg: &LinuxVmConfig, io: ConsoleIo) -> Result<RunReport, VmErro
 
     let control = Arc::new(VmControl::new(Arc::new(ConsoleInput::new())).map_err(os("eventfd"))?);
     let ConsoleIo { stdout, input, .. } = io;
-    let platform = platform_devices(cfg, stdout, &control, &vm)?;
+    let platform = platform_devices(cfg, stdout, &control, &vm, mem)?;
     let (console, _) = Console::new(
         &control,
         &input,
