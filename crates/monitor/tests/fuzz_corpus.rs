@@ -70,3 +70,8 @@ fn payload_image_corpus_replays_without_failure() {
 fn linux_platform_corpus_replays_without_failure() {
     replay("linux_platform", bulwark_monitor::fuzz::linux_platform);
 }
+
+#[test]
+fn virtio_mmio_corpus_replays_without_failure() {
+    replay("virtio_mmio", bulwark_monitor::fuzz::virtio_mmio);
+}
