@@ -94,7 +94,9 @@ impl VirtioDevice for Rng {
                 self.bad_chains += 1;
                 break;
             }
+            let mut popped = 0usize;
             while let Some(chain) = q.pop_descriptor_chain(&*mem) {
+                popped += 1;
                 let head = chain.head_index();
                 let mut written = 0u32;
                 for desc in chain.writable() {
@@ -120,6 +122,12 @@ impl VirtioDevice for Rng {
                 used_any = true;
             }
             match q.enable_notification(&*mem) {
+                // More is pending. If this pass could not take any of it, the guest's avail
+                // ring is broken (an index no chain can be read for): stop rather than spin.
+                Ok(true) if popped == 0 => {
+                    self.bad_chains += 1;
+                    break;
+                }
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(_) => {
