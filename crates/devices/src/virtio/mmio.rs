@@ -309,31 +309,39 @@ mod tests {
         t.write(off, &v.to_le_bytes());
     }
 
-    /// Drives the transport like Linux's virtio_mmio driver: a 16-entry queue with its rings
-    /// at 0x1000 / 0x2000 / 0x3000.
-    fn bring_up(t: &MmioTransport) {
+    const ALL_OK: u32 =
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+
+    /// Negotiates features as Linux's virtio_mmio driver does: `high`/`low` feature words.
+    fn negotiate(t: &MmioTransport, high: u32, low: u32) {
         w(t, 0x070, status::ACKNOWLEDGE);
         w(t, 0x070, status::ACKNOWLEDGE | status::DRIVER);
         w(t, 0x024, 1);
-        w(t, 0x020, 1); // VERSION_1 (bit 32)
+        w(t, 0x020, high);
         w(t, 0x024, 0);
-        w(t, 0x020, 0);
+        w(t, 0x020, low);
         w(
             t,
             0x070,
             status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
         );
+    }
+
+    /// Sets up queue 0 with 16 entries at `desc`, then starts the device.
+    fn start_with_queue(t: &MmioTransport, desc: u32) {
         w(t, 0x030, 0);
         w(t, 0x038, 16);
-        w(t, 0x080, 0x1000);
+        w(t, 0x080, desc);
         w(t, 0x090, 0x2000);
         w(t, 0x0a0, 0x3000);
         w(t, 0x044, 1);
-        w(
-            t,
-            0x070,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
-        );
+        w(t, 0x070, ALL_OK);
+    }
+
+    /// VERSION_1 only; rings at 0x1000 / 0x2000 / 0x3000.
+    fn bring_up(t: &MmioTransport) {
+        negotiate(t, 1, 0);
+        start_with_queue(t, 0x1000);
     }
 
     #[test]
@@ -414,26 +422,8 @@ mod tests {
     fn mmio_rng_with_event_idx_publishes_avail_event() {
         let (t, mem, _) = rig();
         // Negotiate EVENT_IDX (bit 29) as well as VERSION_1.
-        w(&t, 0x070, status::ACKNOWLEDGE | status::DRIVER);
-        w(&t, 0x024, 1);
-        w(&t, 0x020, 1);
-        w(&t, 0x024, 0);
-        w(&t, 0x020, 1 << 29);
-        w(
-            &t,
-            0x070,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
-        );
-        w(&t, 0x038, 16);
-        w(&t, 0x080, 0x1000);
-        w(&t, 0x090, 0x2000);
-        w(&t, 0x0a0, 0x3000);
-        w(&t, 0x044, 1);
-        w(
-            &t,
-            0x070,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
-        );
+        negotiate(&t, 1, 1 << 29);
+        start_with_queue(&t, 0x1000);
         for (n, desc) in [(1u16, 0u16), (2, 1)] {
             let d = 0x1000 + u64::from(desc) * 16;
             mem.write_obj(0x8000u64 + u64::from(desc) * 0x100, GuestAddress(d))
@@ -481,22 +471,8 @@ mod tests {
     #[test]
     fn mmio_queue_outside_memory_sets_needs_reset() {
         let (t, _, line) = rig();
-        w(&t, 0x070, status::ACKNOWLEDGE | status::DRIVER);
-        w(&t, 0x024, 1);
-        w(&t, 0x020, 1);
-        w(
-            &t,
-            0x070,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
-        );
-        w(&t, 0x038, 16);
-        w(&t, 0x080, 0xffff_f000); // far outside 1 MiB
-        w(&t, 0x044, 1);
-        w(
-            &t,
-            0x070,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
-        );
+        negotiate(&t, 1, 0);
+        start_with_queue(&t, 0xffff_f000); // far outside 1 MiB
         assert_ne!(r(&t, 0x070) & status::NEEDS_RESET, 0);
         assert_eq!(r(&t, 0x060) & INT_CONFIG, INT_CONFIG);
         assert!(line.0.load(Ordering::Relaxed) >= 1);
