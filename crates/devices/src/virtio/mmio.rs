@@ -73,6 +73,22 @@ impl MmioTransport {
         }
     }
 
+    /// The driver notified queue `index` (the register write, or its ioeventfd).
+    pub fn queue_notify(&self, index: u16) {
+        let mut s = self.lock();
+        if s.active && usize::from(index) < s.queues.len() {
+            s.device.process_queue(index);
+        }
+    }
+
+    /// Number of queues the device has.
+    pub fn queue_count(&self) -> usize {
+        self.lock().queues.len()
+    }
+
+    /// Offset of the queue-notify register, where ioeventfds are attached.
+    pub const NOTIFY_OFFSET: u64 = 0x050;
+
     /// The device status register (for tests and diagnostics).
     pub fn status(&self) -> u32 {
         self.lock().status

@@ -19,7 +19,7 @@ use bulwark_devices::virtio::rng::Rng;
 use bulwark_devices::virtio::{Interrupt, InterruptLine};
 use bulwark_devices::{BusDevice, BusRange};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
-use kvm_ioctls::{Cap, SyncReg};
+use kvm_ioctls::{Cap, IoEventAddress, SyncReg};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -103,6 +103,8 @@ pub struct Platform {
     pub serial: Arc<Serial16550>,
     pub stdout: Arc<ConsoleSink>,
     pub postcode: Arc<PostCode>,
+    /// Queue-notification eventfds and the queue each one runs, for the event loop.
+    pub notifiers: Vec<(EventFd, Box<dyn FnMut() + Send>)>,
 }
 
 fn platform_devices(
@@ -125,15 +127,30 @@ fn platform_devices(
         EventFd::new(libc::EFD_NONBLOCK).map_err(os("creating the virtio-rng irq eventfd"))?;
     vm.register_irqfd(&rng_irq, VIRTIO_RNG_IRQ)
         .map_err(kvm_err("the virtio-rng irqfd"))?;
-    let rng = MmioTransport::new(
+    let rng = Arc::new(MmioTransport::new(
         Box::new(Rng::new()),
         mem.clone(),
         Interrupt::new(Arc::new(IrqFd(rng_irq))),
-    );
+    ));
     platform
         .buses
         .mmio
-        .insert(BusRange::new(VIRTIO_RNG_ADDR, mmio::WINDOW), Arc::new(rng))?;
+        .insert(BusRange::new(VIRTIO_RNG_ADDR, mmio::WINDOW), rng.clone())?;
+    // Queue notifications go to an ioeventfd each: KVM completes the guest's write without an
+    // exit to the monitor, and the event loop runs the queue.
+    for q in 0..rng.queue_count() {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(os("creating a queue ioeventfd"))?;
+        vm.register_ioevent(
+            &evt,
+            &IoEventAddress::Mmio(VIRTIO_RNG_ADDR + MmioTransport::NOTIFY_OFFSET),
+            q as u32,
+        )
+        .map_err(kvm_err("a virtio queue ioeventfd"))?;
+        let dev = rng.clone();
+        platform
+            .notifiers
+            .push((evt, Box::new(move || dev.queue_notify(q as u16))));
+    }
     Ok(platform)
 }
 
@@ -172,6 +189,7 @@ pub fn platform_buses(
         serial,
         stdout,
         postcode,
+        notifiers: Vec::new(),
     })
 }
 
@@ -304,7 +322,7 @@ pub fn run_linux(cfg: &LinuxVmConfig, io: ConsoleIo) -> Result<RunReport, VmErro
 
     let control = Arc::new(VmControl::new(Arc::new(ConsoleInput::new())).map_err(os("eventfd"))?);
     let ConsoleIo { stdout, input, .. } = io;
-    let platform = platform_devices(cfg, stdout, &control, &vm, mem)?;
+    let mut platform = platform_devices(cfg, stdout, &control, &vm, mem)?;
     let (console, _) = Console::new(
         &control,
         &input,
@@ -322,6 +340,9 @@ pub fn run_linux(cfg: &LinuxVmConfig, io: ConsoleIo) -> Result<RunReport, VmErro
     } else {
         console
     };
+    for (evt, handler) in platform.notifiers.drain(..) {
+        console.watch(evt, handler)?;
+    }
     let buses = Arc::new(platform.buses);
     let ctx = Arc::new(VcpuContext {
         buses: buses.clone(),
