@@ -3,6 +3,7 @@
 
 mod config;
 mod image_args;
+mod logging;
 mod run;
 mod tools;
 
@@ -122,24 +123,6 @@ enum PayloadCommand {
     },
 }
 
-/// Logs go to stderr, warnings only unless `-v`/`-vv` or `BULWARK_LOG=error|warn|info|debug|trace`.
-fn init_logging(verbose: u8) {
-    use tracing::Level;
-    let from_env = std::env::var("BULWARK_LOG")
-        .ok()
-        .and_then(|v| v.parse::<Level>().ok());
-    let level = from_env.unwrap_or(match verbose {
-        0 => Level::WARN,
-        1 => Level::INFO,
-        _ => Level::DEBUG,
-    });
-    tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
-}
-
 fn payload(cmd: &PayloadCommand) -> anyhow::Result<()> {
     match cmd {
         PayloadCommand::Build {
@@ -165,7 +148,7 @@ fn payload(cmd: &PayloadCommand) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    logging::init(cli.verbose);
     match &cli.command {
         Command::Run(args) => run::run(args, cli.verbose > 0),
         // Tooling lives in a separate binary, so the code that downloads packages and drives

@@ -9,6 +9,8 @@ mod config;
 mod image;
 #[path = "../image_args.rs"]
 mod image_args;
+#[path = "../logging.rs"]
+mod logging;
 
 use std::process::ExitCode;
 
@@ -42,11 +44,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::WARN)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    logging::init(0);
     match Cli::parse().command {
         Command::Image(cmd) => image::image(&cmd),
         Command::Rig(args) => image::rig(&args),

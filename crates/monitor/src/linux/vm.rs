@@ -149,7 +149,7 @@ fn platform_devices(
         let dev = rng.clone();
         platform
             .notifiers
-            .push((evt, Box::new(move || dev.queue_notify(q as u16))));
+            .push((evt, Box::new(move || dev.queue_notify(q as u32))));
     }
     Ok(platform)
 }

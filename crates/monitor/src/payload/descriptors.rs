@@ -5,7 +5,7 @@
 //! exit, reads the CPU's exception frame from the stack, and stops the VM with a report. The
 //! stubs are the only code the monitor ever runs at CPL0 on a payload's behalf.
 
-use super::layout::{GDT_ADDR, IO_BITMAP_ADDR, IO_BITMAP_LEN, Layout, STUBS_ADDR};
+use super::layout::{IO_BITMAP_ADDR, IO_BITMAP_LEN, Layout, STUBS_ADDR};
 use crate::abi::FAULT_PORT;
 
 pub const KERNEL_CS: u16 = 0x08;
@@ -204,11 +204,6 @@ impl ExceptionFrame {
 /// wrote to the fault port itself).
 pub fn is_stub_rip(rip: u64) -> bool {
     (STUBS_ADDR..STUBS_ADDR + STUBS_LEN).contains(&rip)
-}
-
-/// GDT base for `kvm_sregs`.
-pub const fn gdt_base() -> u64 {
-    GDT_ADDR
 }
 
 #[cfg(test)]

@@ -207,7 +207,7 @@ pub fn entry_state(
         present: 1,
         ..Default::default()
     };
-    sregs.gdt.base = descriptors::gdt_base();
+    sregs.gdt.base = GDT_ADDR;
     sregs.gdt.limit = descriptors::gdt_limit(layout.vcpus);
     sregs.idt.base = IDT_ADDR;
     sregs.idt.limit = 256 * 16 - 1;
