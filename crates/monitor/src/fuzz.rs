@@ -824,7 +824,11 @@ pub fn linux_platform(data: &[u8]) {
 
     let seen = Arc::new(Mutex::new(Vec::new()));
     let s2 = seen.clone();
-    let stdout = Arc::new(ConsoleSink::new(Box::new(std::io::sink()), 1 << 16));
+    // The marker watch parses guest console output too (the job-status line).
+    let stdout = Arc::new(
+        ConsoleSink::new(Box::new(std::io::sink()), 1 << 16)
+            .with_marker("bulwark-guest: exit status "),
+    );
     let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
     let platform = platform_buses(
         stdout,
@@ -910,6 +914,9 @@ pub fn linux_platform(data: &[u8]) {
     }
     let got = seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
     assert_eq!(got, expected, "power events");
+    if let Some(m) = platform.stdout.marker() {
+        assert!(m.len() <= 256, "marker longer than a watched line");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
