@@ -24,6 +24,63 @@ pub enum ConfigError {
     Conflict,
     #[error("{0}")]
     BadCommand(String),
+    #[error("bad --drive `{0}`: {1}; use path=FILE[,ro=on][,direct=on][,serial=NAME] or just FILE")]
+    BadDrive(String, &'static str),
+}
+
+/// A virtio-blk drive: `--drive path=disk.img,ro=on,direct=on,serial=data`, or `[[drive]]` in
+/// the config file.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DriveSpec {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+    /// O_DIRECT: bypass the host page cache.
+    #[serde(default)]
+    pub direct: bool,
+    /// Up to 20 bytes; the guest reads it from /sys/block/vdX/serial.
+    pub serial: Option<String>,
+}
+
+fn parse_switch(v: &str) -> Option<bool> {
+    match v {
+        "on" | "true" | "yes" | "1" => Some(true),
+        "off" | "false" | "no" | "0" => Some(false),
+        _ => None,
+    }
+}
+
+/// Parses a `--drive` value.
+pub fn parse_drive(s: &str) -> Result<DriveSpec, ConfigError> {
+    let bad = |why| ConfigError::BadDrive(s.to_string(), why);
+    if !s.contains('=') {
+        if s.is_empty() {
+            return Err(bad("no file given"));
+        }
+        return Ok(DriveSpec {
+            path: s.into(),
+            ..DriveSpec::default()
+        });
+    }
+    let mut d = DriveSpec::default();
+    let mut path = None;
+    for part in s.split(',') {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| bad("every option needs a value"))?;
+        match k {
+            "path" | "file" if !v.is_empty() => path = Some(PathBuf::from(v)),
+            "ro" | "readonly" | "read_only" => {
+                d.read_only = parse_switch(v).ok_or_else(|| bad("ro takes on or off"))?;
+            }
+            "direct" => d.direct = parse_switch(v).ok_or_else(|| bad("direct takes on or off"))?,
+            "serial" => d.serial = Some(v.to_string()),
+            _ => return Err(bad("unknown option (known: path, ro, direct, serial)")),
+        }
+    }
+    d.path = path.ok_or_else(|| bad("no path=FILE"))?;
+    Ok(d)
 }
 
 /// Parses `256M`, `1G`, `4096`, `512k`, `16MiB`.
@@ -74,6 +131,8 @@ pub struct FileConfig {
     pub cpl0: Option<bool>,
     pub timeout: Option<String>,
     pub console_limit: Option<String>,
+    /// `[[drive]]` tables.
+    pub drive: Option<Vec<DriveSpec>>,
 }
 
 impl FileConfig {
@@ -98,6 +157,11 @@ impl FileConfig {
                     *p = Some(dir.join(rel));
                 }
             }
+            for d in cfg.drive.iter_mut().flatten() {
+                if d.path.is_relative() {
+                    d.path = dir.join(&d.path);
+                }
+            }
         }
         Ok(cfg)
     }
@@ -120,6 +184,34 @@ mod tests {
     }
 
     #[test]
+    fn drive_specs_parse_and_bad_ones_are_named() {
+        assert_eq!(
+            parse_drive("disk.img").unwrap().path,
+            PathBuf::from("disk.img")
+        );
+        let d = parse_drive("path=/d.img,ro=on,direct=on,serial=data1").unwrap();
+        assert_eq!(
+            d,
+            DriveSpec {
+                path: "/d.img".into(),
+                read_only: true,
+                direct: true,
+                serial: Some("data1".into()),
+            }
+        );
+        for (bad, why) in [
+            ("", "no file"),
+            ("ro=on", "no path"),
+            ("path=x,ro=maybe", "ro takes"),
+            ("path=x,cache=none", "unknown option"),
+            ("path=x,ro", "needs a value"),
+        ] {
+            let e = parse_drive(bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn duration_units_parse() {
         assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
@@ -137,6 +229,15 @@ mod tests {
         let c = FileConfig::load(&f).unwrap();
         assert_eq!(c.payload, Some(dir.join("p.elf")));
         assert_eq!(c.vcpus, Some(2));
+        std::fs::write(
+            &f,
+            "image = \"img\"\n[[drive]]\npath = \"a.img\"\nread_only = true\n",
+        )
+        .unwrap();
+        let c = FileConfig::load(&f).unwrap();
+        let drives = c.drive.unwrap();
+        assert_eq!(drives[0].path, dir.join("a.img"));
+        assert!(drives[0].read_only);
         std::fs::write(&f, "payload = \"p.elf\"\nmemroy = \"32M\"\n").unwrap();
         let e = FileConfig::load(&f).unwrap_err().to_string();
         assert!(e.contains("memroy"), "{e}");

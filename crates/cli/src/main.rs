@@ -102,6 +102,10 @@ pub(crate) struct RunArgs {
     /// Print exit and device counters to stderr when the VM ends.
     #[arg(long)]
     pub(crate) stats: bool,
+    /// A virtio-blk drive for a Linux guest (repeat for more; the first is /dev/vda):
+    /// FILE or path=FILE[,ro=on][,direct=on][,serial=NAME].
+    #[arg(long = "drive", value_parser = crate::config::parse_drive)]
+    pub(crate) drives: Vec<crate::config::DriveSpec>,
 }
 
 #[derive(Subcommand, Debug)]

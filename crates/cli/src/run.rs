@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use bulwark_monitor::{ConsoleIo, FunctionVmConfig, LinuxVmConfig, RunReport, StopReason};
+use bulwark_monitor::{
+    ConsoleIo, DriveConfig, FunctionVmConfig, LinuxVmConfig, RunReport, StopReason,
+};
 
 use crate::RunArgs;
 use crate::config::{ConfigError, FileConfig, parse_duration, parse_size};
@@ -153,11 +155,31 @@ fn vm_spec(args: &RunArgs, verbose: bool) -> anyhow::Result<VmSpec> {
                 timeout,
                 console_limit,
                 console_marker: Some(JOB_STATUS_MARKER.to_string()),
+                drives: drives(args, &file),
             }))
         }
         (None, None, None) => Err(ConfigError::NoPayload.into()),
         _ => Err(ConfigError::Conflict.into()),
     }
+}
+
+/// The drives from the flags, or else from the config file; serials default to `bulwarkN`.
+fn drives(args: &RunArgs, file: &FileConfig) -> Vec<DriveConfig> {
+    let specs = if args.drives.is_empty() {
+        file.drive.clone().unwrap_or_default()
+    } else {
+        args.drives.clone()
+    };
+    specs
+        .into_iter()
+        .enumerate()
+        .map(|(i, d)| DriveConfig {
+            path: d.path,
+            read_only: d.read_only,
+            direct: d.direct,
+            serial: d.serial.unwrap_or_else(|| format!("bulwark{i}")),
+        })
+        .collect()
 }
 
 fn exit_code(report: &RunReport) -> ExitCode {
@@ -199,6 +221,16 @@ pub fn run(args: &RunArgs, verbose: bool) -> ExitCode {
         }
     };
     // Linux guests need hardware virtualization; on a kvm_pvm host, go through the rig.
+    let in_rig = matches!(spec, VmSpec::Linux(_))
+        && !args.no_rig
+        && args.image.is_some()
+        && bulwark_monitor::kvm::is_software_virtualization();
+    if in_rig && matches!(&spec, VmSpec::Linux(c) if !c.drives.is_empty()) {
+        eprintln!(
+            "bulwark: this host has only software virtualization (kvm_pvm), so Linux guests run in the nested rig, which does not carry --drive files into it; run on a host with VT-x or AMD-V, or inside `bulwark rig`"
+        );
+        return ExitCode::from(EXIT_SETUP);
+    }
     if matches!(spec, VmSpec::Linux(_))
         && !args.no_rig
         && args.image.is_some()
@@ -230,6 +262,9 @@ pub fn run(args: &RunArgs, verbose: bool) -> ExitCode {
             report.stats,
             report.elapsed.as_micros()
         );
+        for (name, c) in &report.devices {
+            eprintln!("bulwark: device {name}: {c}");
+        }
     }
     exit_code(&report)
 }

@@ -10,21 +10,6 @@ use bulwark_image::{ExtraFile, FileSource};
 use bulwark_testrig::{GuestImage, RigRun, RigSpec, run_script};
 use common::*;
 
-/// Builds the default image once (packages are cached under the user's cache directory).
-fn image_dir() -> std::path::PathBuf {
-    static DIR: OnceLock<std::path::PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = repo_root().join("target/test-image");
-        let o = std::process::Command::new(bulwark())
-            .args(["image", "build", "--out", dir.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "image build: {}", stderr(&o));
-        dir
-    })
-    .clone()
-}
-
 const B: &str = "bulwark run --image /images/default --no-rig --timeout 120s";
 
 /// The checks, one section each: `section NAME`, a command, and its status.
@@ -119,18 +104,7 @@ fn rig_run() -> &'static RigRun {
 
 /// Output and exit status of one check.
 fn check(name: &str) -> (String, i32) {
-    let sections = rig_run().sections();
-    let out = sections
-        .get(name)
-        .unwrap_or_else(|e| panic!("{e}\n{}", rig_run().output))
-        .to_string();
-    let status = out
-        .lines()
-        .rev()
-        .find_map(|l| l.strip_prefix("status="))
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no status in section {name}:\n{out}"));
-    (out, status)
+    section_status(rig_run(), name)
 }
 
 #[test]

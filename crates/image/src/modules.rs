@@ -285,10 +285,10 @@ impl ModuleSet {
             let mut needed = BTreeSet::new();
             let mut stack: Vec<&str> = m.depends.iter().map(String::as_str).collect();
             while let Some(d) = stack.pop() {
-                if needed.insert(d) {
-                    if let Some(dm) = self.modules.iter().find(|x| x.name == d) {
-                        stack.extend(dm.depends.iter().map(String::as_str));
-                    }
+                if needed.insert(d)
+                    && let Some(dm) = self.modules.iter().find(|x| x.name == d)
+                {
+                    stack.extend(dm.depends.iter().map(String::as_str));
                 }
             }
             let deps = self.modules[..i]

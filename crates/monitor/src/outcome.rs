@@ -221,6 +221,8 @@ pub struct RunReport {
     /// `ConsoleSink::with_marker`), e.g. a guest job's exit status.
     pub console_marker: Option<String>,
     pub stats: VmStats,
+    /// Each virtio device's counters, by name (`blk0`, `rng`, ...).
+    pub devices: Vec<(String, bulwark_devices::virtio::DeviceCounters)>,
     pub elapsed: Duration,
 }
 

@@ -12,7 +12,6 @@ use bulwark_devices::console::ConsoleSink;
 use bulwark_devices::postcode::PostCode;
 use bulwark_devices::serial::Serial16550;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
 use crate::control::VmControl;
@@ -29,7 +28,6 @@ const JOIN_GRACE: Duration = Duration::from_secs(2);
 const TOKEN_EXIT: u64 = 0;
 const TOKEN_STDIN: u64 = 1;
 /// Tokens from here on are device eventfds (`Console::watch`).
-const TOKEN_DEVICES: u64 = 2;
 /// While input waits for room in the guest, stdin is not read and the loop polls this often.
 const INPUT_RETRY: Duration = Duration::from_millis(5);
 
@@ -98,8 +96,6 @@ pub struct Console {
     close_when_drained: bool,
     /// Watches for the quit sequence (interactive Linux consoles).
     escape: Option<crate::tty::EscapeFilter>,
-    /// Device eventfds (ioeventfd queue notifications) and what to do when they fire.
-    handlers: Vec<(EventFd, Box<dyn FnMut() + Send>)>,
 }
 
 impl Console {
@@ -125,7 +121,6 @@ impl Console {
             pending: VecDeque::new(),
             close_when_drained: false,
             escape: None,
-            handlers: Vec::new(),
         };
         let watchable = match input {
             ConsoleIn::Bytes(b) => {
@@ -148,20 +143,6 @@ impl Console {
         };
         c.flush_pending();
         Ok((c, watchable))
-    }
-
-    /// Runs `handler` on the event loop whenever `evt` fires (it is read first).
-    pub fn watch(&mut self, evt: EventFd, handler: Box<dyn FnMut() + Send>) -> Result<(), VmError> {
-        let token = TOKEN_DEVICES + self.handlers.len() as u64;
-        self.epoll
-            .ctl(
-                ControlOperation::Add,
-                evt.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, token),
-            )
-            .map_err(os("watching a device eventfd"))?;
-        self.handlers.push((evt, handler));
-        Ok(())
     }
 
     /// Let `Ctrl-A x` on stdin end the VM.
@@ -257,17 +238,6 @@ impl Console {
                 self.flush_pending();
                 if self.pending.is_empty() && self.watch_stdin {
                     self.set_stdin_watch(true);
-                }
-            }
-            for ev in &events[..n] {
-                let Some(i) = ev.data().checked_sub(TOKEN_DEVICES) else {
-                    continue;
-                };
-                if let Some((evt, handler)) = self.handlers.get_mut(i as usize) {
-                    // Reading resets the counter; several notifications coalesce into one run.
-                    if evt.read().is_ok() {
-                        handler();
-                    }
                 }
             }
             let stdin_ready = events[..n].iter().any(|e| e.data() == TOKEN_STDIN);
@@ -406,6 +376,7 @@ pub fn report(
         reason,
         console_marker: src.stdout.marker(),
         stats,
+        devices: Vec::new(),
         elapsed: started.elapsed(),
     }
 }

@@ -115,3 +115,37 @@ pub fn stat(o: &Output, key: &str) -> Option<String> {
     line.split_whitespace()
         .find_map(|kv| kv.strip_prefix(&format!("{key}=")).map(str::to_string))
 }
+
+/// Builds the default guest image once per test binary (packages are cached under the user's
+/// cache directory).
+#[allow(dead_code)]
+pub fn image_dir() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = repo_root().join("target/test-image");
+        let o = std::process::Command::new(bulwark())
+            .args(["image", "build", "--out", dir.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "image build: {}", stderr(&o));
+        dir
+    })
+    .clone()
+}
+
+/// Output of rig script section `name` and the `status=N` it ended with.
+#[allow(dead_code)]
+pub fn section_status(run: &bulwark_testrig::RigRun, name: &str) -> (String, i32) {
+    let sections = run.sections();
+    let out = sections
+        .get(name)
+        .unwrap_or_else(|e| panic!("{e}\n{}", run.output))
+        .to_string();
+    let status = out
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("status="))
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no status in section {name}:\n{out}"));
+    (out, status)
+}

@@ -19,6 +19,8 @@ pub const VENDOR_ID: u32 = 0x4b57_4c42; // "BLWK"
 /// Size of the register window, configuration space included.
 pub const WINDOW: u64 = 0x200;
 const CONFIG_START: u64 = 0x100;
+const INTERRUPT_STATUS: u64 = 0x060;
+const INTERRUPT_ACK: u64 = 0x064;
 
 struct State {
     device: Box<dyn VirtioDevice>,
@@ -95,7 +97,25 @@ impl MmioTransport {
 
     /// The device status register (for tests and diagnostics).
     pub fn status(&self) -> u32 {
-        self.lock().status
+        self.status_reg(&self.lock())
+    }
+
+    fn status_reg(&self, s: &State) -> u32 {
+        if self.interrupt.has_failed() {
+            s.status | status::NEEDS_RESET
+        } else {
+            s.status
+        }
+    }
+
+    /// The device's counters.
+    pub fn stats(&self) -> std::sync::Arc<super::DeviceStats> {
+        self.lock().device.stats()
+    }
+
+    /// One of the device's own host file descriptors is ready (from its worker thread).
+    pub fn host_event(&self, token: u64, events: vmm_sys_util::epoll::EventSet) {
+        self.lock().device.host_event(token, events);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -208,8 +228,8 @@ impl MmioTransport {
             },
             0x034 => q.map_or(0, |q| u32::from(q.max_size())),
             0x044 => q.map_or(0, |q| u32::from(q.ready())),
-            0x060 => self.interrupt.status(),
-            0x070 => s.status,
+            INTERRUPT_STATUS => self.interrupt.status(),
+            0x070 => self.status_reg(s),
             0x0fc => s.config_generation,
             _ => 0,
         }
@@ -228,7 +248,6 @@ impl MmioTransport {
             0x024 => s.driver_features_sel = v,
             0x030 => s.queue_sel = v,
             Self::NOTIFY_OFFSET => Self::notify(s, v),
-            0x064 => self.interrupt.ack(v),
             0x070 => self.set_status(s, v),
             _ if setup => {
                 let Some(q) = s.queues.get_mut(sel) else {
@@ -253,6 +272,12 @@ impl MmioTransport {
 
 impl crate::BusDevice for MmioTransport {
     fn read(&self, offset: u64, data: &mut [u8]) {
+        // The interrupt status is read in every interrupt handler: it needs no lock, so it
+        // never waits for a device busy with a request.
+        if offset == INTERRUPT_STATUS && data.len() == 4 {
+            data.copy_from_slice(&self.interrupt.status().to_le_bytes());
+            return;
+        }
         let s = self.lock();
         if offset >= CONFIG_START {
             s.device.read_config(offset - CONFIG_START, data);
@@ -267,6 +292,11 @@ impl crate::BusDevice for MmioTransport {
     }
 
     fn write(&self, offset: u64, data: &[u8]) {
+        if offset == INTERRUPT_ACK && data.len() == 4 {
+            self.interrupt
+                .ack(u32::from_le_bytes([data[0], data[1], data[2], data[3]]));
+            return;
+        }
         let mut s = self.lock();
         if offset >= CONFIG_START {
             if s.status & status::DRIVER_OK == 0 || s.active {

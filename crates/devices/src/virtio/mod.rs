@@ -4,14 +4,22 @@
 //! transport ([`mmio::MmioTransport`]) owns the register state machine, the queues' guest
 //! addresses, and the interrupt status. Every value here comes from the guest.
 
+pub mod block;
+pub mod driver;
 pub mod mmio;
+mod queue;
 pub mod rng;
+pub mod worker;
 
+use std::os::fd::RawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+pub use queue::{QueueBroken, serve_queue};
 
 /// `VIRTIO_F_VERSION_1`: the only kind of device bulwark offers.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -37,10 +45,12 @@ pub trait InterruptLine: Send + Sync {
     fn trigger(&self);
 }
 
-/// The interrupt status register shared by a transport and its device.
+/// The interrupt status register shared by a transport and its device, and the device's way
+/// to say it cannot go on (the transport then shows `NEEDS_RESET`).
 #[derive(Clone)]
 pub struct Interrupt {
     status: Arc<AtomicU32>,
+    failed: Arc<AtomicBool>,
     line: Arc<dyn InterruptLine>,
 }
 
@@ -54,6 +64,7 @@ impl Interrupt {
     pub fn new(line: Arc<dyn InterruptLine>) -> Self {
         Self {
             status: Arc::new(AtomicU32::new(0)),
+            failed: Arc::new(AtomicBool::new(false)),
             line,
         }
     }
@@ -68,12 +79,89 @@ impl Interrupt {
         self.status.load(Ordering::Acquire)
     }
 
+    /// The device met a state it cannot continue from (a broken queue): the transport reports
+    /// `NEEDS_RESET` and the driver gets a configuration interrupt. Only a reset clears it.
+    pub fn device_failed(&self) {
+        self.failed.store(true, Ordering::Release);
+        self.signal(INT_CONFIG);
+    }
+
+    /// Whether [`Self::device_failed`] was called since the last reset.
+    pub fn has_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
     fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::AcqRel);
     }
 
     fn clear(&self) {
         self.status.store(0, Ordering::Release);
+        self.failed.store(false, Ordering::Release);
+    }
+}
+
+/// What a device did, for `--stats`, metrics and tests. Every device keeps one.
+#[derive(Debug, Default)]
+pub struct DeviceStats {
+    /// Requests (chains) served, successful or not.
+    pub requests: AtomicU64,
+    /// Bytes the device read from guest buffers (written to its back-end).
+    pub bytes_out: AtomicU64,
+    /// Bytes the device wrote into guest buffers.
+    pub bytes_in: AtomicU64,
+    /// Requests refused as malformed (bad descriptors, directions, lengths, addresses).
+    pub bad_requests: AtomicU64,
+    /// Well-formed requests the back-end failed (I/O errors).
+    pub io_errors: AtomicU64,
+    /// Queues found broken (the device then needs a reset).
+    pub broken_queues: AtomicU64,
+}
+
+/// A snapshot of [`DeviceStats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeviceCounters {
+    pub requests: u64,
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+    pub bad_requests: u64,
+    pub io_errors: u64,
+    pub broken_queues: u64,
+}
+
+impl std::fmt::Display for DeviceCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "requests={} bytes_out={} bytes_in={} bad_requests={} io_errors={} broken_queues={}",
+            self.requests,
+            self.bytes_out,
+            self.bytes_in,
+            self.bad_requests,
+            self.io_errors,
+            self.broken_queues
+        )
+    }
+}
+
+impl DeviceStats {
+    pub fn snapshot(&self) -> DeviceCounters {
+        DeviceCounters {
+            requests: Self::get(&self.requests),
+            bytes_out: Self::get(&self.bytes_out),
+            bytes_in: Self::get(&self.bytes_in),
+            bad_requests: Self::get(&self.bad_requests),
+            io_errors: Self::get(&self.io_errors),
+            broken_queues: Self::get(&self.broken_queues),
+        }
+    }
+
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
     }
 }
 
@@ -90,6 +178,8 @@ pub enum ActivateError {
 pub trait VirtioDevice: Send {
     /// The virtio device ID (4 = entropy, 2 = block, 1 = network, 19 = vsock).
     fn device_type(&self) -> u32;
+    /// The device's counters.
+    fn stats(&self) -> Arc<DeviceStats>;
     /// Largest size of each queue; the length is the number of queues.
     fn queue_max_sizes(&self) -> &[u16];
     /// Features the device offers (the transport adds `VIRTIO_F_VERSION_1`).
@@ -110,4 +200,50 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, index: u16);
     /// Back to the state before activation.
     fn reset(&mut self);
+    /// A host file descriptor the device registered with its [`DeviceEvents`] is ready. Called
+    /// whether or not the driver has started the device.
+    fn host_event(&mut self, _token: u64, _events: EventSet) {}
+}
+
+/// First token a device may use for its own host file descriptors; the tokens below it are the
+/// queues' notifications.
+pub const HOST_TOKEN_BASE: u64 = 1 << 32;
+
+/// The event set of a device's worker thread, through which the device watches host file
+/// descriptors of its own (a tap, a listening socket, connections) with tokens from
+/// [`HOST_TOKEN_BASE`] up. Level-triggered: a device must consume what it is woken for, or
+/// stop watching it.
+#[derive(Clone, Debug)]
+pub struct DeviceEvents {
+    epoll: Arc<Epoll>,
+}
+
+impl DeviceEvents {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            epoll: Arc::new(Epoll::new()?),
+        })
+    }
+
+    /// Starts watching `fd` for `events`; the device hears of it as `token`.
+    pub fn add(&self, fd: RawFd, token: u64, events: EventSet) -> std::io::Result<()> {
+        self.epoll
+            .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
+    }
+
+    /// Changes what `fd` is watched for.
+    pub fn modify(&self, fd: RawFd, token: u64, events: EventSet) -> std::io::Result<()> {
+        self.epoll
+            .ctl(ControlOperation::Modify, fd, EpollEvent::new(events, token))
+    }
+
+    /// Stops watching `fd` (before closing it).
+    pub fn remove(&self, fd: RawFd) -> std::io::Result<()> {
+        self.epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default())
+    }
+
+    fn epoll(&self) -> &Epoll {
+        &self.epoll
+    }
 }

@@ -4,7 +4,9 @@
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
-use super::{ActivateError, INT_VRING, Interrupt, VirtioDevice};
+use std::sync::Arc;
+
+use super::{ActivateError, DeviceStats, Interrupt, VirtioDevice, serve_queue};
 
 /// Most bytes handed out per request (Linux asks for at most a page or so).
 const MAX_REQUEST: u32 = 64 * 1024;
@@ -20,11 +22,7 @@ struct Active {
 #[derive(Debug, Default)]
 pub struct Rng {
     active: Active,
-    /// Requests served and bytes given, for tests and metrics.
-    pub requests: u64,
-    pub bytes: u64,
-    /// Chains the queue walker rejected (bad descriptors); the queue stays usable.
-    pub bad_chains: u64,
+    stats: Arc<DeviceStats>,
 }
 
 impl Rng {
@@ -36,6 +34,10 @@ impl Rng {
 impl VirtioDevice for Rng {
     fn device_type(&self) -> u32 {
         4
+    }
+
+    fn stats(&self) -> Arc<DeviceStats> {
+        self.stats.clone()
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -80,64 +82,38 @@ impl VirtioDevice for Rng {
             mem: Some(mem),
             queue: Some(q),
             interrupt: Some(irq),
-            ..
         } = &mut self.active
         else {
             return;
         };
-        let mut used_any = false;
         let mut buf = Vec::new();
-        // With EVENT_IDX the driver only notifies past the avail index we publish, so drain,
-        // re-enable notifications, and drain again if more arrived meanwhile.
-        loop {
-            if q.disable_notification(&*mem).is_err() {
-                self.bad_chains += 1;
-                break;
-            }
-            let mut popped = 0usize;
-            while let Some(chain) = q.pop_descriptor_chain(&*mem) {
-                popped += 1;
-                let head = chain.head_index();
-                let mut written = 0u32;
-                for desc in chain.writable() {
-                    let len = desc.len().min(MAX_REQUEST - written);
-                    buf.resize(len as usize, 0);
-                    if getrandom::fill(&mut buf).is_err()
-                        || mem.write_slice(&buf, desc.addr()).is_err()
-                    {
-                        self.bad_chains += 1;
-                        break;
-                    }
-                    written += len;
-                    if written >= MAX_REQUEST {
-                        break;
-                    }
-                }
-                if q.add_used(&*mem, head, written).is_err() {
-                    self.bad_chains += 1;
-                    return;
-                }
-                self.requests += 1;
-                self.bytes += u64::from(written);
-                used_any = true;
-            }
-            match q.enable_notification(&*mem) {
-                // More is pending. If this pass could not take any of it, the guest's avail
-                // ring is broken (an index no chain can be read for): stop rather than spin.
-                Ok(true) if popped == 0 => {
-                    self.bad_chains += 1;
+        let (mut requests, mut bytes, mut bad) = (0u64, 0u64, 0u64);
+        let served = serve_queue(q, mem, irq, |chain| {
+            let mut written = 0u32;
+            for desc in chain.writable() {
+                let len = desc.len().min(MAX_REQUEST - written);
+                buf.resize(len as usize, 0);
+                if getrandom::fill(&mut buf).is_err() || mem.write_slice(&buf, desc.addr()).is_err()
+                {
+                    bad += 1;
                     break;
                 }
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(_) => {
-                    self.bad_chains += 1;
+                written += len;
+                if written >= MAX_REQUEST {
                     break;
                 }
             }
-        }
-        if used_any && q.needs_notification(&*mem).unwrap_or(true) {
-            irq.signal(INT_VRING);
+            requests += 1;
+            bytes += u64::from(written);
+            written
+        });
+        DeviceStats::add(&self.stats.requests, requests);
+        DeviceStats::add(&self.stats.bytes_in, bytes);
+        DeviceStats::add(&self.stats.bad_requests, bad);
+        if served.is_err() {
+            DeviceStats::add(&self.stats.broken_queues, 1);
+            irq.device_failed();
+            self.active.queue = None;
         }
     }
 

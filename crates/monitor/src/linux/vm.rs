@@ -14,9 +14,11 @@ use bulwark_devices::power::{
 };
 use bulwark_devices::rtc::{CMOS_BASE, CMOS_PORTS, Cmos};
 use bulwark_devices::serial::{COM1_BASE, Serial16550, UART_PORTS};
+use bulwark_devices::virtio::block::{Block, DriveConfig, DriveError};
 use bulwark_devices::virtio::mmio::{self, MmioTransport};
 use bulwark_devices::virtio::rng::Rng;
-use bulwark_devices::virtio::{Interrupt, InterruptLine};
+use bulwark_devices::virtio::worker::DeviceWorker;
+use bulwark_devices::virtio::{DeviceEvents, Interrupt, InterruptLine, VirtioDevice};
 use bulwark_devices::{BusDevice, BusRange};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
 use kvm_ioctls::{Cap, IoEventAddress, SyncReg};
@@ -41,9 +43,13 @@ use crate::vm::{ConsoleIo, VmError, kvm_err, open_checked, os, register_memory};
 
 /// The serial port's interrupt line (ISA IRQ 4, IOAPIC pin 4).
 const COM1_IRQ: u32 = 4;
-/// The virtio-rng device: its register window in the MMIO gap and its interrupt line.
-const VIRTIO_RNG_ADDR: u64 = 0xd000_2000;
-const VIRTIO_RNG_IRQ: u32 = 5;
+/// Where virtio-mmio devices sit: one 4 KiB page each from here up, in the MMIO gap.
+const VIRTIO_MMIO_BASE: u64 = 0xd000_2000;
+/// Interrupt lines (IOAPIC pins) free for virtio devices: not the PIT (0, 2), the i8042 (1, 12),
+/// the COM ports (3, 4) or the RTC (8).
+const VIRTIO_IRQS: [u32; 17] = [
+    5, 6, 7, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23,
+];
 
 /// A virtio interrupt delivered through an irqfd.
 struct IrqFd(EventFd);
@@ -68,6 +74,10 @@ pub enum LinuxError {
     BadVcpuCount(u32),
     #[error("ACPI tables ({0} bytes) do not fit below 1 MiB; declare fewer devices")]
     AcpiTooBig(usize),
+    #[error(transparent)]
+    Drive(#[from] DriveError),
+    #[error("{0} virtio devices requested; a VM has at most {max}", max = VIRTIO_IRQS.len())]
+    TooManyDevices(usize),
 }
 
 /// Everything needed to boot a Linux VM.
@@ -84,6 +94,8 @@ pub struct LinuxVmConfig {
     /// A console line prefix to watch for; the rest of the last such line is reported in
     /// `RunReport::console_marker` (the guest image's job exit status).
     pub console_marker: Option<String>,
+    /// virtio-blk drives, in order: the first is `/dev/vda`.
+    pub drives: Vec<DriveConfig>,
 }
 
 fn power_signal(control: &Arc<VmControl>) -> PowerSignal {
@@ -103,8 +115,93 @@ pub struct Platform {
     pub serial: Arc<Serial16550>,
     pub stdout: Arc<ConsoleSink>,
     pub postcode: Arc<PostCode>,
-    /// Queue-notification eventfds and the queue each one runs, for the event loop.
-    pub notifiers: Vec<(EventFd, Box<dyn FnMut() + Send>)>,
+    /// The virtio devices' threads (stopped and joined when dropped).
+    pub workers: Vec<DeviceWorker>,
+    /// Every virtio device by name, for statistics.
+    pub virtio: Vec<(String, Arc<MmioTransport>)>,
+}
+
+/// A virtio device to attach, with the event set it may already have registered fds in.
+struct VirtioSpec {
+    name: String,
+    device: Box<dyn VirtioDevice>,
+    events: DeviceEvents,
+}
+
+impl VirtioSpec {
+    fn new(name: String, device: Box<dyn VirtioDevice>) -> Result<Self, VmError> {
+        Ok(Self {
+            name,
+            device,
+            events: DeviceEvents::new().map_err(os("creating a device's epoll set"))?,
+        })
+    }
+}
+
+/// The virtio devices `cfg` asks for, in the order the guest will number them.
+fn virtio_devices(cfg: &LinuxVmConfig) -> Result<Vec<VirtioSpec>, VmError> {
+    let mut specs = Vec::new();
+    for (i, d) in cfg.drives.iter().enumerate() {
+        let dev = Block::open(d).map_err(LinuxError::from)?;
+        specs.push(VirtioSpec::new(format!("blk{i}"), Box::new(dev))?);
+    }
+    specs.push(VirtioSpec::new("rng".into(), Box::new(Rng::new()))?);
+    if specs.len() > VIRTIO_IRQS.len() {
+        return Err(LinuxError::TooManyDevices(specs.len()).into());
+    }
+    Ok(specs)
+}
+
+/// Puts a virtio device at its slot: register window on the MMIO bus, interrupt through an
+/// irqfd, queue notifications through ioeventfds (KVM completes the guest's write without an
+/// exit to the monitor), and a thread that runs the device. Returns its DSDT entry.
+fn attach_virtio(
+    vm: &kvm_ioctls::VmFd,
+    mem: &vm_memory::GuestMemoryMmap,
+    platform: &mut Platform,
+    slot: usize,
+    spec: VirtioSpec,
+) -> Result<AcpiDevice, VmError> {
+    let addr = VIRTIO_MMIO_BASE + 0x1000 * slot as u64;
+    let irq = VIRTIO_IRQS[slot];
+    let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(os("creating a virtio irq eventfd"))?;
+    vm.register_irqfd(&irqfd, irq)
+        .map_err(kvm_err("a virtio device's irqfd"))?;
+    let transport = Arc::new(MmioTransport::new(
+        spec.device,
+        mem.clone(),
+        Interrupt::new(Arc::new(IrqFd(irqfd))),
+    ));
+    platform
+        .buses
+        .mmio
+        .insert(BusRange::new(addr, mmio::WINDOW), transport.clone())?;
+    let mut notifiers = Vec::new();
+    for q in 0..transport.queue_count() {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(os("creating a queue ioeventfd"))?;
+        vm.register_ioevent(
+            &evt,
+            &IoEventAddress::Mmio(addr + MmioTransport::NOTIFY_OFFSET),
+            q as u32,
+        )
+        .map_err(kvm_err("a virtio queue ioeventfd"))?;
+        notifiers.push(evt);
+    }
+    let worker = DeviceWorker::spawn(
+        &format!("virtio-{}", spec.name),
+        transport.clone(),
+        notifiers,
+        spec.events,
+    )
+    .map_err(os("starting a virtio device thread"))?;
+    platform.workers.push(worker);
+    platform.virtio.push((spec.name, transport));
+    Ok(AcpiDevice::VirtioMmio {
+        uid: slot as u8,
+        addr: addr as u32,
+        len: mmio::WINDOW as u32,
+        irq,
+    })
 }
 
 fn platform_devices(
@@ -113,7 +210,7 @@ fn platform_devices(
     control: &Arc<VmControl>,
     vm: &kvm_ioctls::VmFd,
     mem: &vm_memory::GuestMemoryMmap,
-) -> Result<Platform, VmError> {
+) -> Result<(Platform, Vec<AcpiDevice>), VmError> {
     let mut stdout = ConsoleSink::new(out, cfg.console_limit);
     if let Some(m) = &cfg.console_marker {
         stdout = stdout.with_marker(m);
@@ -122,36 +219,22 @@ fn platform_devices(
     vm.register_irqfd(&irq, COM1_IRQ)
         .map_err(kvm_err("the serial port's irqfd"))?;
     let mut platform = platform_buses(Arc::new(stdout), power_signal(control), irq)?;
-    // virtio-rng: the guest's /dev/hwrng.
-    let rng_irq =
-        EventFd::new(libc::EFD_NONBLOCK).map_err(os("creating the virtio-rng irq eventfd"))?;
-    vm.register_irqfd(&rng_irq, VIRTIO_RNG_IRQ)
-        .map_err(kvm_err("the virtio-rng irqfd"))?;
-    let rng = Arc::new(MmioTransport::new(
-        Box::new(Rng::new()),
-        mem.clone(),
-        Interrupt::new(Arc::new(IrqFd(rng_irq))),
-    ));
-    platform
-        .buses
-        .mmio
-        .insert(BusRange::new(VIRTIO_RNG_ADDR, mmio::WINDOW), rng.clone())?;
-    // Queue notifications go to an ioeventfd each: KVM completes the guest's write without an
-    // exit to the monitor, and the event loop runs the queue.
-    for q in 0..rng.queue_count() {
-        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(os("creating a queue ioeventfd"))?;
-        vm.register_ioevent(
-            &evt,
-            &IoEventAddress::Mmio(VIRTIO_RNG_ADDR + MmioTransport::NOTIFY_OFFSET),
-            q as u32,
-        )
-        .map_err(kvm_err("a virtio queue ioeventfd"))?;
-        let dev = rng.clone();
-        platform
-            .notifiers
-            .push((evt, Box::new(move || dev.queue_notify(q as u32))));
+    let mut acpi_devices = vec![
+        AcpiDevice::Uart {
+            uid: 0,
+            port: COM1_BASE as u16,
+            irq: COM1_IRQ,
+        },
+        AcpiDevice::Rtc,
+        AcpiDevice::PvPanic {
+            addr: PVPANIC_ADDR as u32,
+            len: PVPANIC_LEN as u32,
+        },
+    ];
+    for (slot, spec) in virtio_devices(cfg)?.into_iter().enumerate() {
+        acpi_devices.push(attach_virtio(vm, mem, &mut platform, slot, spec)?);
     }
-    Ok(platform)
+    Ok((platform, acpi_devices))
 }
 
 /// Builds the platform's buses (no KVM needed: the fuzz harness uses this too).
@@ -189,7 +272,8 @@ pub fn platform_buses(
         serial,
         stdout,
         postcode,
-        notifiers: Vec::new(),
+        workers: Vec::new(),
+        virtio: Vec::new(),
     })
 }
 
@@ -249,24 +333,9 @@ pub fn run_linux(cfg: &LinuxVmConfig, io: ConsoleIo) -> Result<RunReport, VmErro
     };
     boot::write_cmdline(mem, &cfg.cmdline).map_err(LinuxError::from)?;
 
-    let devices = [
-        AcpiDevice::Uart {
-            uid: 0,
-            port: COM1_BASE as u16,
-            irq: COM1_IRQ,
-        },
-        AcpiDevice::Rtc,
-        AcpiDevice::VirtioMmio {
-            uid: 0,
-            addr: VIRTIO_RNG_ADDR as u32,
-            len: mmio::WINDOW as u32,
-            irq: VIRTIO_RNG_IRQ,
-        },
-        AcpiDevice::PvPanic {
-            addr: PVPANIC_ADDR as u32,
-            len: PVPANIC_LEN as u32,
-        },
-    ];
+    let control = Arc::new(VmControl::new(Arc::new(ConsoleInput::new())).map_err(os("eventfd"))?);
+    let ConsoleIo { stdout, input, .. } = io;
+    let (platform, devices) = platform_devices(cfg, stdout, &control, &vm, mem)?;
     let tables = acpi::build(ACPI_START, cfg.vcpus, &devices);
     if tables.len() as u64 > ACPI_END - ACPI_START {
         return Err(LinuxError::AcpiTooBig(tables.len()).into());
@@ -320,9 +389,6 @@ pub fn run_linux(cfg: &LinuxVmConfig, io: ConsoleIo) -> Result<RunReport, VmErro
         fds.push(fd);
     }
 
-    let control = Arc::new(VmControl::new(Arc::new(ConsoleInput::new())).map_err(os("eventfd"))?);
-    let ConsoleIo { stdout, input, .. } = io;
-    let mut platform = platform_devices(cfg, stdout, &control, &vm, mem)?;
     let (console, _) = Console::new(
         &control,
         &input,
@@ -340,9 +406,6 @@ pub fn run_linux(cfg: &LinuxVmConfig, io: ConsoleIo) -> Result<RunReport, VmErro
     } else {
         console
     };
-    for (evt, handler) in platform.notifiers.drain(..) {
-        console.watch(evt, handler)?;
-    }
     let buses = Arc::new(platform.buses);
     let ctx = Arc::new(VcpuContext {
         buses: buses.clone(),
@@ -353,7 +416,7 @@ pub fn run_linux(cfg: &LinuxVmConfig, io: ConsoleIo) -> Result<RunReport, VmErro
         sync_regs,
     });
     let counters = run_to_end(fds, &ctx, &mut console, cfg.timeout, started)?;
-    Ok(report(
+    let mut report = report(
         &control,
         counters,
         ReportSources {
@@ -363,5 +426,13 @@ pub fn run_linux(cfg: &LinuxVmConfig, io: ConsoleIo) -> Result<RunReport, VmErro
             postcode: Some(&platform.postcode),
         },
         started,
-    ))
+    );
+    // Stop the device threads before reading their final counters.
+    drop(platform.workers);
+    report.devices = platform
+        .virtio
+        .iter()
+        .map(|(name, t)| (name.clone(), t.stats().snapshot()))
+        .collect();
+    Ok(report)
 }

@@ -1,0 +1,115 @@
+//! The system calls device back-ends need that std does not wrap: vectored positional I/O
+//! straight between a file and guest memory (no bounce copy), and `fallocate` for discard and
+//! write-zeroes. This is the only module of the crate with `unsafe`.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+
+use vm_memory::VolatileSlice;
+
+/// Direction of a transfer between a file and guest buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// File → guest memory (`preadv`).
+    ToGuest,
+    /// Guest memory → file (`pwritev`).
+    FromGuest,
+}
+
+/// Most iovecs handed to one system call (Linux's `IOV_MAX`).
+const IOV_MAX: usize = 1024;
+
+/// Moves all of `bufs` between guest memory and `file` at `offset`, retrying short transfers.
+/// Reading past the end of the file is an `UnexpectedEof` error.
+pub fn transfer_all(
+    file: &File,
+    dir: Direction,
+    mut offset: u64,
+    bufs: &[VolatileSlice<'_>],
+) -> io::Result<u64> {
+    let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+    let (mut index, mut within) = (0usize, 0usize);
+    let mut done = 0u64;
+    while done < total {
+        // The remaining buffers, the first one trimmed by what a short transfer already moved.
+        let mut iov = Vec::with_capacity((bufs.len() - index).min(IOV_MAX));
+        for (i, b) in bufs[index..].iter().enumerate().take(IOV_MAX) {
+            let skip = if i == 0 { within } else { 0 };
+            let part = b
+                .offset(skip)
+                .map_err(|_| io::Error::other("guest buffer offset out of range"))?;
+            iov.push(libc::iovec {
+                iov_base: part.ptr_guard_mut().as_ptr().cast(),
+                iov_len: part.len(),
+            });
+        }
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+        let n = match dir {
+            // SAFETY: every iovec points into a guest-memory mapping that `bufs` borrows for
+            // this call (the regions stay mapped while the slices live), with its exact length;
+            // the kernel writes only within them. The count is at most IOV_MAX.
+            Direction::ToGuest => unsafe {
+                libc::preadv(file.as_raw_fd(), iov.as_ptr(), iov.len() as i32, off)
+            },
+            // SAFETY: as above; the kernel only reads the iovecs' memory.
+            Direction::FromGuest => unsafe {
+                libc::pwritev(file.as_raw_fd(), iov.as_ptr(), iov.len() as i32, off)
+            },
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let mut n = n as usize;
+        done += n as u64;
+        offset += n as u64;
+        // Advance (index, within) by n bytes.
+        while n > 0 && index < bufs.len() {
+            let left = bufs[index].len() - within;
+            if n < left {
+                within += n;
+                n = 0;
+            } else {
+                n -= left;
+                index += 1;
+                within = 0;
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// `fallocate(2)` modes used by the block device.
+pub mod falloc {
+    pub const PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    pub const ZERO_RANGE: i32 = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+}
+
+/// `fallocate(2)` on `file`.
+pub fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+    let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "range too large",
+        ));
+    };
+    loop {
+        // SAFETY: fallocate takes plain integers and a descriptor `file` keeps open.
+        let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, off, len) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}

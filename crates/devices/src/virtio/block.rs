@@ -1,0 +1,1011 @@
+//! virtio-blk on a raw image file: read, write, flush, discard, write-zeroes and the device
+//! serial, buffered or with `O_DIRECT`, read-only or writable.
+//!
+//! Every request is parsed from guest-controlled descriptors before any I/O happens
+//! ([`parse`]): the header and the status byte may sit anywhere in the chain (virtio 1.x lets a
+//! driver lay buffers out as it likes), but device-readable buffers must come before
+//! device-writable ones, data directions must match the request type, lengths must be whole
+//! sectors, and every byte must lie in guest RAM. A request that breaks a rule fails with
+//! `VIRTIO_BLK_S_IOERR` (when it has a status byte to say so) and is counted; the queue goes on.
+//! Data moves with one `preadv`/`pwritev` straight between the file and guest memory.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
+
+use super::{ActivateError, DeviceStats, Interrupt, VirtioDevice, serve_queue};
+use crate::sys::{self, Direction, falloc};
+
+pub const SECTOR: u64 = 512;
+/// Queue size offered to the driver.
+pub const QUEUE_SIZE: u16 = 256;
+/// Most discard / write-zeroes ranges in one request.
+pub const MAX_DISCARD_SEGMENTS: u32 = 16;
+/// Largest discard or write-zeroes range, in sectors (fits the config field).
+const MAX_DISCARD_SECTORS: u32 = u32::MAX / 2;
+/// Serial numbers are 20 bytes (`VIRTIO_BLK_ID_BYTES`), NUL-padded.
+pub const SERIAL_LEN: usize = 20;
+/// Most data one request may move (the driver's limit is far lower; this bounds a hostile one).
+const MAX_DATA: u64 = 1 << 30;
+
+/// Feature bits (virtio 1.2 §5.2.3).
+pub mod feature {
+    pub const SEG_MAX: u64 = 1 << 2;
+    pub const RO: u64 = 1 << 5;
+    pub const BLK_SIZE: u64 = 1 << 6;
+    pub const FLUSH: u64 = 1 << 9;
+    pub const DISCARD: u64 = 1 << 13;
+    pub const WRITE_ZEROES: u64 = 1 << 14;
+}
+
+/// Request types.
+pub mod req {
+    pub const IN: u32 = 0;
+    pub const OUT: u32 = 1;
+    pub const FLUSH: u32 = 4;
+    pub const GET_ID: u32 = 8;
+    pub const DISCARD: u32 = 11;
+    pub const WRITE_ZEROES: u32 = 13;
+}
+
+/// Status byte values.
+pub mod status {
+    pub const OK: u8 = 0;
+    pub const IOERR: u8 = 1;
+    pub const UNSUPP: u8 = 2;
+}
+
+const WRITE_ZEROES_UNMAP: u32 = 1;
+const HEADER_LEN: u64 = 16;
+const SEGMENT_LEN: u64 = 16;
+
+/// How a drive is attached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DriveConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+    /// `O_DIRECT`: bypass the host page cache.
+    pub direct: bool,
+    /// Up to 20 bytes; the guest sees it in `/sys/block/vdX/serial` (and udev makes
+    /// `/dev/disk/by-id/virtio-<serial>`).
+    pub serial: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriveError {
+    #[error("cannot open drive {path}: {source}; check the path and its permissions")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "drive {0} is in use by another VM (it holds the file's lock); give each VM its own image, or attach it read-only everywhere"
+    )]
+    InUse(PathBuf),
+    #[error("drive {0} is empty; a disk image needs at least one 512-byte sector")]
+    Empty(PathBuf),
+    #[error("drive serial {0:?} is longer than {SERIAL_LEN} bytes")]
+    SerialTooLong(String),
+    #[error(
+        "drive {path}: O_DIRECT is not supported by the filesystem holding it ({source}); drop direct=on"
+    )]
+    NoDirect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl DriveConfig {
+    fn open(&self) -> Result<(File, u64), DriveError> {
+        let path = &self.path;
+        if self.serial.len() > SERIAL_LEN {
+            return Err(DriveError::SerialTooLong(self.serial.clone()));
+        }
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(!self.read_only);
+        if self.direct {
+            opts.custom_flags(libc::O_DIRECT);
+        }
+        let mut file = opts.open(path).map_err(|source| {
+            if self.direct && source.raw_os_error() == Some(libc::EINVAL) {
+                DriveError::NoDirect {
+                    path: path.clone(),
+                    source,
+                }
+            } else {
+                DriveError::Open {
+                    path: path.clone(),
+                    source,
+                }
+            }
+        })?;
+        // Two writers on one image corrupt it: hold an advisory lock for the VM's lifetime.
+        let locked = if self.read_only {
+            file.try_lock_shared()
+        } else {
+            file.try_lock()
+        };
+        if locked.is_err() {
+            return Err(DriveError::InUse(path.clone()));
+        }
+        // Works for regular files and block devices alike.
+        let size = file
+            .seek(SeekFrom::End(0))
+            .map_err(|source| DriveError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        if size < SECTOR {
+            return Err(DriveError::Empty(path.clone()));
+        }
+        if !size.is_multiple_of(SECTOR) {
+            tracing::warn!(
+                path = %path.display(),
+                size,
+                "drive size is not a whole number of sectors; the last partial sector is not visible"
+            );
+        }
+        Ok((file, size / SECTOR))
+    }
+}
+
+/// A guest buffer: where it is and how long.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub addr: GuestAddress,
+    pub len: u64,
+}
+
+/// Why a request was refused before any I/O.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BadRequest {
+    #[error("a device-readable buffer follows a device-writable one")]
+    Order,
+    #[error("the chain has no device-readable 16-byte header")]
+    NoHeader,
+    #[error("the chain has no device-writable status byte")]
+    NoStatus,
+    #[error("the data buffers have the wrong direction for the request type")]
+    Direction,
+    #[error("the data length is not a whole number of sectors")]
+    Unaligned,
+    #[error("the request reaches past the end of the disk")]
+    OutOfRange,
+    #[error("a buffer lies outside guest RAM")]
+    BadAddress,
+    #[error("the request moves more data than allowed")]
+    TooBig,
+    #[error("too many or malformed discard / write-zeroes ranges")]
+    BadRanges,
+    #[error("a write-type request on a read-only drive")]
+    ReadOnly,
+}
+
+/// A request, checked against the chain's layout, the disk's size and guest memory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Request {
+    pub kind: u32,
+    pub sector: u64,
+    /// The data buffers in order (device-writable for reads, device-readable for writes).
+    pub data: Vec<Segment>,
+    pub data_len: u64,
+    /// Where the status byte goes.
+    pub status: GuestAddress,
+}
+
+/// `len` bytes of the byte stream formed by `segs`, starting at `start`.
+fn sub_stream(segs: &[Segment], mut start: u64, mut len: u64) -> Vec<Segment> {
+    let mut out = Vec::new();
+    for s in segs {
+        if len == 0 {
+            break;
+        }
+        if start >= s.len {
+            start -= s.len;
+            continue;
+        }
+        let take = (s.len - start).min(len);
+        out.push(Segment {
+            addr: GuestAddress(s.addr.0.wrapping_add(start)),
+            len: take,
+        });
+        len -= take;
+        start = 0;
+    }
+    out
+}
+
+fn stream_len(segs: &[Segment]) -> u64 {
+    segs.iter().map(|s| s.len).sum()
+}
+
+fn read_stream(mem: &GuestMemoryMmap, segs: &[Segment], buf: &mut [u8]) -> Result<(), BadRequest> {
+    let mut at = 0usize;
+    for s in segs {
+        let n = s.len as usize;
+        mem.read_slice(&mut buf[at..at + n], s.addr)
+            .map_err(|_| BadRequest::BadAddress)?;
+        at += n;
+    }
+    Ok(())
+}
+
+/// Parses a chain's descriptors (already walked: `(addr, len, device-writable)` in order).
+pub fn parse(
+    mem: &GuestMemoryMmap,
+    descriptors: &[(GuestAddress, u32, bool)],
+    capacity: u64,
+    read_only: bool,
+) -> Result<Request, (BadRequest, Option<GuestAddress>)> {
+    let mut readable = Vec::new();
+    let mut writable = Vec::new();
+    for &(addr, len, w) in descriptors {
+        let seg = Segment {
+            addr,
+            len: u64::from(len),
+        };
+        if w {
+            writable.push(seg);
+        } else if !writable.is_empty() {
+            return Err((BadRequest::Order, None));
+        } else {
+            readable.push(seg);
+        }
+    }
+    // The status byte is the last byte of the writable stream.
+    let wlen = stream_len(&writable);
+    let status = match sub_stream(&writable, wlen.saturating_sub(1), 1).first() {
+        Some(s) if wlen > 0 => s.addr,
+        _ => return Err((BadRequest::NoStatus, None)),
+    };
+    let fail = |e| Err((e, Some(status)));
+    if mem.get_slice(status, 1).is_err() {
+        return Err((BadRequest::BadAddress, None));
+    }
+    let rlen = stream_len(&readable);
+    if rlen < HEADER_LEN {
+        return fail(BadRequest::NoHeader);
+    }
+    let mut header = [0u8; HEADER_LEN as usize];
+    if let Err(e) = read_stream(mem, &sub_stream(&readable, 0, HEADER_LEN), &mut header) {
+        return fail(e);
+    }
+    let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+    let sector = u64::from_le_bytes([
+        header[8], header[9], header[10], header[11], header[12], header[13], header[14],
+        header[15],
+    ]);
+    let readable_data = rlen - HEADER_LEN;
+    let writable_data = wlen - 1;
+    let (data, data_len) = match kind {
+        req::IN | req::GET_ID => {
+            if readable_data != 0 {
+                return fail(BadRequest::Direction);
+            }
+            (sub_stream(&writable, 0, writable_data), writable_data)
+        }
+        req::OUT | req::DISCARD | req::WRITE_ZEROES => {
+            if writable_data != 0 {
+                return fail(BadRequest::Direction);
+            }
+            if read_only {
+                return fail(BadRequest::ReadOnly);
+            }
+            (
+                sub_stream(&readable, HEADER_LEN, readable_data),
+                readable_data,
+            )
+        }
+        req::FLUSH => {
+            if readable_data != 0 || writable_data != 0 {
+                return fail(BadRequest::Direction);
+            }
+            (Vec::new(), 0)
+        }
+        // Unknown types are answered with UNSUPP by the caller; no data is touched.
+        _ => (Vec::new(), 0),
+    };
+    if data_len > MAX_DATA {
+        return fail(BadRequest::TooBig);
+    }
+    if matches!(kind, req::IN | req::OUT) {
+        if !data_len.is_multiple_of(SECTOR) {
+            return fail(BadRequest::Unaligned);
+        }
+        let end = sector.checked_add(data_len / SECTOR);
+        if end.is_none_or(|e| e > capacity) {
+            return fail(BadRequest::OutOfRange);
+        }
+    }
+    for s in &data {
+        if mem.get_slice(s.addr, s.len as usize).is_err() {
+            return fail(BadRequest::BadAddress);
+        }
+    }
+    Ok(Request {
+        kind,
+        sector,
+        data,
+        data_len,
+        status,
+    })
+}
+
+/// The discard / write-zeroes ranges of a request: `(first sector, sectors, flags)`.
+pub fn parse_ranges(
+    mem: &GuestMemoryMmap,
+    r: &Request,
+    capacity: u64,
+) -> Result<Vec<(u64, u64, u32)>, BadRequest> {
+    if r.data_len == 0
+        || !r.data_len.is_multiple_of(SEGMENT_LEN)
+        || r.data_len / SEGMENT_LEN > u64::from(MAX_DISCARD_SEGMENTS)
+    {
+        return Err(BadRequest::BadRanges);
+    }
+    let mut raw = vec![0u8; r.data_len as usize];
+    read_stream(mem, &r.data, &mut raw)?;
+    raw.chunks_exact(SEGMENT_LEN as usize)
+        .map(|c| {
+            let sector = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+            let count = u64::from(u32::from_le_bytes([c[8], c[9], c[10], c[11]]));
+            let flags = u32::from_le_bytes([c[12], c[13], c[14], c[15]]);
+            if count > u64::from(MAX_DISCARD_SECTORS) || flags & !WRITE_ZEROES_UNMAP != 0 {
+                return Err(BadRequest::BadRanges);
+            }
+            match sector.checked_add(count) {
+                Some(end) if end <= capacity => Ok((sector, count, flags)),
+                _ => Err(BadRequest::OutOfRange),
+            }
+        })
+        .collect()
+}
+
+#[derive(Debug, Default)]
+struct Active {
+    mem: Option<GuestMemoryMmap>,
+    queue: Option<Queue>,
+    interrupt: Option<Interrupt>,
+}
+
+/// A virtio block device on an open image file.
+#[derive(Debug)]
+pub struct Block {
+    file: File,
+    path: PathBuf,
+    capacity: u64,
+    read_only: bool,
+    direct: bool,
+    serial: [u8; SERIAL_LEN],
+    active: Active,
+    stats: Arc<DeviceStats>,
+}
+
+impl Block {
+    /// Opens (and locks) the drive's image.
+    pub fn open(cfg: &DriveConfig) -> Result<Self, DriveError> {
+        let (file, capacity) = cfg.open()?;
+        let mut serial = [0u8; SERIAL_LEN];
+        serial[..cfg.serial.len()].copy_from_slice(cfg.serial.as_bytes());
+        Ok(Self {
+            file,
+            path: cfg.path.clone(),
+            capacity,
+            read_only: cfg.read_only,
+            direct: cfg.direct,
+            serial,
+            active: Active::default(),
+            stats: Arc::default(),
+        })
+    }
+
+    /// Disk size in sectors.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn config_space(&self) -> [u8; 60] {
+        let mut c = [0u8; 60];
+        c[0..8].copy_from_slice(&self.capacity.to_le_bytes());
+        c[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes()); // seg_max
+        c[20..24].copy_from_slice(&(SECTOR as u32).to_le_bytes()); // blk_size
+        c[34..36].copy_from_slice(&1u16.to_le_bytes()); // num_queues
+        c[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+        c[40..44].copy_from_slice(&MAX_DISCARD_SEGMENTS.to_le_bytes());
+        c[44..48].copy_from_slice(&1u32.to_le_bytes()); // discard_sector_alignment
+        c[48..52].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+        c[52..56].copy_from_slice(&MAX_DISCARD_SEGMENTS.to_le_bytes());
+        c[56] = 1; // write_zeroes_may_unmap
+        c
+    }
+
+    /// Runs one checked request; returns the status and the bytes written into guest buffers.
+    fn execute(&self, mem: &GuestMemoryMmap, r: &Request) -> (u8, u64) {
+        let io = |res: std::io::Result<()>| match res {
+            Ok(()) => status::OK,
+            Err(e) => {
+                tracing::debug!(path = %self.path.display(), error = %e, "drive I/O failed");
+                DeviceStats::add(&self.stats.io_errors, 1);
+                status::IOERR
+            }
+        };
+        match r.kind {
+            req::IN => {
+                let st = io(self.transfer(mem, r, Direction::ToGuest));
+                if st == status::OK {
+                    DeviceStats::add(&self.stats.bytes_in, r.data_len);
+                }
+                (st, if st == status::OK { r.data_len } else { 0 })
+            }
+            req::OUT => {
+                let st = io(self.transfer(mem, r, Direction::FromGuest));
+                if st == status::OK {
+                    DeviceStats::add(&self.stats.bytes_out, r.data_len);
+                }
+                (st, 0)
+            }
+            req::FLUSH => (io(self.file.sync_data()), 0),
+            req::GET_ID => {
+                let n = r.data_len.min(SERIAL_LEN as u64) as usize;
+                let mut at = 0usize;
+                for s in sub_stream(&r.data, 0, n as u64) {
+                    let part = &self.serial[at..at + s.len as usize];
+                    if mem.write_slice(part, s.addr).is_err() {
+                        return (status::IOERR, 0);
+                    }
+                    at += s.len as usize;
+                }
+                (status::OK, n as u64)
+            }
+            req::DISCARD | req::WRITE_ZEROES => match parse_ranges(mem, r, self.capacity) {
+                Ok(ranges) => (io(self.punch(r.kind, &ranges)), 0),
+                Err(e) => {
+                    tracing::debug!(error = %e, "bad discard request");
+                    DeviceStats::add(&self.stats.bad_requests, 1);
+                    (status::IOERR, 0)
+                }
+            },
+            _ => (status::UNSUPP, 0),
+        }
+    }
+
+    fn transfer(&self, mem: &GuestMemoryMmap, r: &Request, dir: Direction) -> std::io::Result<()> {
+        let slices: Vec<VolatileSlice<'_>> = r
+            .data
+            .iter()
+            .map(|s| mem.get_slice(s.addr, s.len as usize))
+            .collect::<Result<_, _>>()
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let offset = r.sector * SECTOR;
+        let aligned = r
+            .data
+            .iter()
+            .all(|s| s.addr.0.is_multiple_of(SECTOR) && s.len.is_multiple_of(SECTOR));
+        if self.direct && !aligned {
+            return self.transfer_bounced(&slices, offset, r.data_len, dir);
+        }
+        sys::transfer_all(&self.file, dir, offset, &slices).map(|_| ())
+    }
+
+    /// `O_DIRECT` needs sector-aligned memory: buffers the guest placed anywhere go through
+    /// an aligned bounce buffer.
+    fn transfer_bounced(
+        &self,
+        slices: &[VolatileSlice<'_>],
+        offset: u64,
+        len: u64,
+        dir: Direction,
+    ) -> std::io::Result<()> {
+        const ALIGN: usize = 4096;
+        let mut raw = vec![0u8; len as usize + ALIGN];
+        let skip = raw.as_ptr().align_offset(ALIGN);
+        let buf = &mut raw[skip..skip + len as usize];
+        match dir {
+            Direction::ToGuest => {
+                self.file.read_exact_at(buf, offset)?;
+                let mut at = 0;
+                for s in slices {
+                    s.copy_from(&buf[at..at + s.len()]);
+                    at += s.len();
+                }
+            }
+            Direction::FromGuest => {
+                let mut at = 0;
+                for s in slices {
+                    s.copy_to(&mut buf[at..at + s.len()]);
+                    at += s.len();
+                }
+                self.file.write_all_at(buf, offset)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn punch(&self, kind: u32, ranges: &[(u64, u64, u32)]) -> std::io::Result<()> {
+        for &(sector, count, flags) in ranges {
+            let (off, len) = (sector * SECTOR, count * SECTOR);
+            if kind == req::DISCARD || flags & WRITE_ZEROES_UNMAP != 0 {
+                match sys::fallocate(&self.file, falloc::PUNCH_HOLE, off, len) {
+                    Ok(()) => continue,
+                    // Discard is a hint: a filesystem without hole punching ignores it.
+                    Err(e) if kind == req::DISCARD && is_unsupported(&e) => continue,
+                    Err(e) if is_unsupported(&e) => {}
+                    Err(e) => return Err(e),
+                }
+            } else {
+                match sys::fallocate(&self.file, falloc::ZERO_RANGE, off, len) {
+                    Ok(()) => continue,
+                    Err(e) if is_unsupported(&e) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            self.write_zeroes(off, len)?;
+        }
+        Ok(())
+    }
+
+    fn write_zeroes(&self, mut off: u64, len: u64) -> std::io::Result<()> {
+        let end = off + len;
+        let chunk = vec![0u8; (1 << 20).min(len as usize)];
+        while off < end {
+            let n = chunk.len().min((end - off) as usize);
+            self.file.write_all_at(&chunk[..n], off)?;
+            off += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Serves one chain; returns the bytes written into its device-writable buffers.
+    fn serve(&self, mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
+        let descriptors: Vec<(GuestAddress, u32, bool)> = chain
+            .map(|d| (d.addr(), d.len(), d.is_write_only()))
+            .collect();
+        DeviceStats::add(&self.stats.requests, 1);
+        let (st, written, at) = match parse(mem, &descriptors, self.capacity, self.read_only) {
+            Ok(r) => {
+                let (st, n) = self.execute(mem, &r);
+                (st, n, r.status)
+            }
+            Err((e, at)) => {
+                tracing::debug!(error = %e, "bad block request");
+                DeviceStats::add(&self.stats.bad_requests, 1);
+                let Some(at) = at else { return 0 };
+                (status::IOERR, 0, at)
+            }
+        };
+        if mem.write_obj(st, at).is_err() {
+            return 0;
+        }
+        u32::try_from(written + 1).unwrap_or(u32::MAX)
+    }
+}
+
+fn is_unsupported(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL)
+    )
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        2
+    }
+
+    fn stats(&self) -> Arc<DeviceStats> {
+        self.stats.clone()
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        let mut f =
+            super::VIRTIO_RING_F_EVENT_IDX | feature::SEG_MAX | feature::BLK_SIZE | feature::FLUSH;
+        if self.read_only {
+            f |= feature::RO;
+        } else {
+            f |= feature::DISCARD | feature::WRITE_ZEROES;
+        }
+        f
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let c = self.config_space();
+        data.fill(0);
+        let Ok(start) = usize::try_from(offset) else {
+            return;
+        };
+        if start < c.len() {
+            let n = data.len().min(c.len() - start);
+            data[..n].copy_from_slice(&c[start..start + n]);
+        }
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // Only the writeback field is writable, with VIRTIO_BLK_F_CONFIG_WCE, not offered.
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        acked_features: u64,
+        mut queues: Vec<Queue>,
+        interrupt: Interrupt,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != 1 {
+            return Err(ActivateError::QueueCount {
+                got: queues.len(),
+                want: 1,
+            });
+        }
+        let mut q = queues.remove(0);
+        q.set_event_idx(acked_features & super::VIRTIO_RING_F_EVENT_IDX != 0);
+        self.active = Active {
+            mem: Some(mem),
+            queue: Some(q),
+            interrupt: Some(interrupt),
+        };
+        Ok(())
+    }
+
+    fn process_queue(&mut self, _index: u16) {
+        let mut active = std::mem::take(&mut self.active);
+        if let Active {
+            mem: Some(mem),
+            queue: Some(q),
+            interrupt: Some(irq),
+        } = &mut active
+            && serve_queue(q, mem, irq, |chain| self.serve(mem, chain)).is_err()
+        {
+            DeviceStats::add(&self.stats.broken_queues, 1);
+            irq.device_failed();
+            active.queue = None;
+        }
+        self.active = active;
+    }
+
+    fn reset(&mut self) {
+        self.active = Active::default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::driver::SplitRing;
+    use crate::virtio::{INT_VRING, InterruptLine};
+    use std::os::unix::fs::MetadataExt;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    struct Line(AtomicU32);
+    impl InterruptLine for Line {
+        fn trigger(&self) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    struct Rig {
+        dev: Block,
+        mem: GuestMemoryMmap,
+        ring: SplitRing,
+        irq: Interrupt,
+        path: PathBuf,
+    }
+
+    impl Drop for Rig {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    const HDR: u64 = 0x10000;
+    const DATA: u64 = 0x20000;
+    const STATUS: u64 = 0x30000;
+
+    fn temp_image(tag: &str, size: u64) -> PathBuf {
+        let path = std::env::temp_dir().join(format!(
+            "bulwark-blk-{}-{tag}-{}.img",
+            std::process::id(),
+            size
+        ));
+        let f = File::create(&path).unwrap();
+        f.set_len(size).unwrap();
+        path
+    }
+
+    fn rig(tag: &str, size: u64, read_only: bool) -> Rig {
+        let path = temp_image(tag, size);
+        let mut dev = Block::open(&DriveConfig {
+            path: path.clone(),
+            read_only,
+            direct: false,
+            serial: "disk-serial-01".into(),
+        })
+        .unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let ring = SplitRing::new(0x1000, 0x2000, 0x3000, 16);
+        let irq = Interrupt::new(Arc::new(Line(AtomicU32::new(0))));
+        dev.activate(
+            mem.clone(),
+            super::super::VIRTIO_F_VERSION_1,
+            vec![ring.queue()],
+            irq.clone(),
+        )
+        .unwrap();
+        Rig {
+            dev,
+            mem,
+            ring,
+            irq,
+            path,
+        }
+    }
+
+    impl Rig {
+        /// Submits a request with the usual three-part layout and returns (status, used len).
+        fn request(&mut self, kind: u32, sector: u64, data: Option<(u32, bool)>) -> (u8, u32) {
+            let mut hdr = [0u8; 16];
+            hdr[0..4].copy_from_slice(&kind.to_le_bytes());
+            hdr[8..16].copy_from_slice(&sector.to_le_bytes());
+            self.mem.write_slice(&hdr, GuestAddress(HDR)).unwrap();
+            self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+            let mut bufs = vec![(HDR, 16, false)];
+            if let Some((len, w)) = data {
+                bufs.push((DATA, len, w));
+            }
+            bufs.push((STATUS, 1, true));
+            self.submit(&bufs)
+        }
+
+        fn submit(&mut self, bufs: &[crate::virtio::driver::Buf]) -> (u8, u32) {
+            let before = self.ring.used_idx(&self.mem);
+            self.ring.push(&self.mem, bufs);
+            self.dev.process_queue(0);
+            assert_eq!(self.ring.used_idx(&self.mem), before.wrapping_add(1));
+            let (_, len) = self.ring.used_elem(&self.mem, before);
+            (self.mem.read_obj(GuestAddress(STATUS)).unwrap(), len)
+        }
+
+        fn file(&self) -> Vec<u8> {
+            std::fs::read(&self.path).unwrap()
+        }
+    }
+
+    #[test]
+    fn block_write_then_read_round_trips_through_the_file() {
+        let mut r = rig("rw", 1 << 20, false);
+        let pattern: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 3) as u8).collect();
+        r.mem.write_slice(&pattern, GuestAddress(DATA)).unwrap();
+        assert_eq!(r.request(req::OUT, 8, Some((8192, false))), (status::OK, 1));
+        assert_eq!(&r.file()[4096..4096 + 8192], &pattern[..]);
+        r.mem.write_slice(&[0u8; 8192], GuestAddress(DATA)).unwrap();
+        assert_eq!(
+            r.request(req::IN, 8, Some((8192, true))),
+            (status::OK, 8193)
+        );
+        let mut back = vec![0u8; 8192];
+        r.mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
+        assert_eq!(back, pattern);
+        assert_eq!(r.request(req::FLUSH, 0, None), (status::OK, 1));
+        assert_eq!(r.irq.status() & INT_VRING, INT_VRING);
+        let s = r.dev.stats();
+        assert_eq!(DeviceStats::get(&s.bytes_out), 8192);
+        assert_eq!(DeviceStats::get(&s.bytes_in), 8192);
+    }
+
+    #[test]
+    fn block_header_and_data_may_share_descriptors() {
+        // virtio 1.x: any layout. Header + data in one readable buffer, status alone.
+        let mut r = rig("layout", 1 << 20, false);
+        let mut buf = vec![0u8; 16 + 512];
+        buf[0] = req::OUT as u8;
+        buf[8] = 1; // sector 1
+        buf[16..].fill(0xab);
+        r.mem.write_slice(&buf, GuestAddress(DATA)).unwrap();
+        assert_eq!(r.submit(&[(DATA, 528, false), (STATUS, 1, true)]), (0, 1));
+        assert!(r.file()[512..1024].iter().all(|&b| b == 0xab));
+    }
+
+    #[test]
+    fn block_get_id_returns_the_serial() {
+        let mut r = rig("id", 1 << 20, false);
+        assert_eq!(
+            r.request(req::GET_ID, 0, Some((20, true))),
+            (status::OK, 21)
+        );
+        let mut id = [0u8; 20];
+        r.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+        assert_eq!(&id[..14], b"disk-serial-01");
+        assert_eq!(id[14..], [0; 6]);
+    }
+
+    #[test]
+    fn block_read_only_refuses_writes_and_keeps_data() {
+        let mut r = rig("ro", 1 << 20, true);
+        assert_ne!(r.dev.features() & feature::RO, 0);
+        assert_eq!(r.dev.features() & feature::DISCARD, 0);
+        r.mem.write_slice(&[0x55; 512], GuestAddress(DATA)).unwrap();
+        assert_eq!(r.request(req::OUT, 0, Some((512, false))).0, status::IOERR);
+        assert!(r.file().iter().all(|&b| b == 0), "nothing written");
+        assert_eq!(DeviceStats::get(&r.dev.stats().bad_requests), 1);
+        // Opening the same image writable while the read-only lock is held fails.
+        let err = Block::open(&DriveConfig {
+            path: r.path.clone(),
+            read_only: false,
+            direct: false,
+            serial: String::new(),
+        })
+        .unwrap_err();
+        assert!(matches!(err, DriveError::InUse(_)), "{err}");
+    }
+
+    #[test]
+    fn block_discard_punches_holes_and_write_zeroes_zeroes() {
+        let mut r = rig("discard", 4 << 20, false);
+        std::fs::write(&r.path, vec![0x77u8; 4 << 20]).unwrap();
+        let before = std::fs::metadata(&r.path).unwrap().blocks();
+        // Discard 2 MiB starting at 1 MiB; write-zeroes (no unmap) 4 KiB at 0.
+        let mut segs = [0u8; 32];
+        segs[0..8].copy_from_slice(&2048u64.to_le_bytes());
+        segs[8..12].copy_from_slice(&4096u32.to_le_bytes());
+        r.mem.write_slice(&segs[..16], GuestAddress(DATA)).unwrap();
+        assert_eq!(r.request(req::DISCARD, 0, Some((16, false))).0, status::OK);
+        let after = std::fs::metadata(&r.path).unwrap().blocks();
+        assert!(after < before, "blocks {before} -> {after}");
+        segs[0..8].copy_from_slice(&0u64.to_le_bytes());
+        segs[8..12].copy_from_slice(&8u32.to_le_bytes());
+        r.mem.write_slice(&segs[..16], GuestAddress(DATA)).unwrap();
+        assert_eq!(
+            r.request(req::WRITE_ZEROES, 0, Some((16, false))).0,
+            status::OK
+        );
+        let f = r.file();
+        assert!(f[..4096].iter().all(|&b| b == 0));
+        assert!(f[4096..8192].iter().all(|&b| b == 0x77));
+        assert!(f[1 << 20..3 << 20].iter().all(|&b| b == 0));
+        // A range past the end fails and changes nothing.
+        segs[0..8].copy_from_slice(&8190u64.to_le_bytes());
+        segs[8..12].copy_from_slice(&8u32.to_le_bytes());
+        r.mem.write_slice(&segs[..16], GuestAddress(DATA)).unwrap();
+        assert_eq!(
+            r.request(req::DISCARD, 0, Some((16, false))).0,
+            status::IOERR
+        );
+    }
+
+    #[test]
+    fn block_hostile_requests_fail_cleanly() {
+        let mut r = rig("hostile", 1 << 20, false);
+        let cap = r.dev.capacity();
+        // Past the end, straddling the end, sector overflow.
+        assert_eq!(r.request(req::IN, cap, Some((512, true))).0, status::IOERR);
+        assert_eq!(
+            r.request(req::IN, cap - 1, Some((1024, true))).0,
+            status::IOERR
+        );
+        assert_eq!(
+            r.request(req::IN, u64::MAX, Some((512, true))).0,
+            status::IOERR
+        );
+        // Not whole sectors; wrong directions.
+        assert_eq!(r.request(req::IN, 0, Some((100, true))).0, status::IOERR);
+        assert_eq!(r.request(req::IN, 0, Some((512, false))).0, status::IOERR);
+        assert_eq!(r.request(req::OUT, 0, Some((512, true))).0, status::IOERR);
+        // Unknown type.
+        assert_eq!(r.request(99, 0, None).0, status::UNSUPP);
+        // Data outside guest memory (past 4 MiB), and overlapping its end.
+        let mut hdr = [0u8; 16];
+        hdr[0] = req::IN as u8;
+        r.mem.write_slice(&hdr, GuestAddress(HDR)).unwrap();
+        let far = (HDR, 16, false);
+        let st = (STATUS, 1, true);
+        assert_eq!(r.submit(&[far, (1 << 40, 512, true), st]).0, status::IOERR);
+        assert_eq!(
+            r.submit(&[far, ((4 << 20) - 256, 512, true), st]).0,
+            status::IOERR
+        );
+        // Huge length.
+        assert_eq!(
+            r.submit(&[far, (DATA, u32::MAX, true), st]).0,
+            status::IOERR
+        );
+        // Readable after writable: no status is trusted, used length 0.
+        assert_eq!(
+            r.submit(&[far, (DATA, 512, true), (HDR, 16, false), st]).1,
+            0
+        );
+        // No header at all, no status at all.
+        assert_eq!(r.submit(&[(DATA, 512, true)]).0, status::IOERR);
+        assert_eq!(r.submit(&[far]).1, 0);
+        // A descriptor that chains to itself: the walk ends, the request fails.
+        let head = 7;
+        r.ring.write_desc(
+            &r.mem,
+            head,
+            HDR,
+            16,
+            crate::virtio::driver::VRING_DESC_F_NEXT,
+            head,
+        );
+        r.ring.offer(&r.mem, head);
+        r.dev.process_queue(0);
+        assert_eq!(DeviceStats::get(&r.dev.stats().broken_queues), 0);
+        // Every failure was counted, and the device still serves a good request.
+        assert!(DeviceStats::get(&r.dev.stats().bad_requests) >= 12);
+        assert_eq!(r.request(req::IN, 0, Some((512, true))).0, status::OK);
+        assert!(!r.irq.has_failed());
+    }
+
+    #[test]
+    fn block_avail_index_jump_breaks_the_queue_not_the_device() {
+        let mut r = rig("jump", 1 << 20, false);
+        r.ring.set_avail_idx(&r.mem, 40_000);
+        r.dev.process_queue(0);
+        assert!(r.irq.has_failed(), "NEEDS_RESET requested");
+        assert_eq!(DeviceStats::get(&r.dev.stats().broken_queues), 1);
+        // The broken queue is no longer served.
+        r.dev.process_queue(0);
+        assert_eq!(DeviceStats::get(&r.dev.stats().broken_queues), 1);
+    }
+
+    #[test]
+    fn block_refuses_bad_drives_with_clear_errors() {
+        let missing = Block::open(&DriveConfig {
+            path: "/nonexistent/disk.img".into(),
+            read_only: false,
+            direct: false,
+            serial: String::new(),
+        })
+        .unwrap_err();
+        assert!(
+            missing.to_string().contains("/nonexistent/disk.img"),
+            "{missing}"
+        );
+        let empty = temp_image("empty", 0);
+        let e = Block::open(&DriveConfig {
+            path: empty.clone(),
+            read_only: false,
+            direct: false,
+            serial: String::new(),
+        })
+        .unwrap_err();
+        std::fs::remove_file(&empty).unwrap();
+        assert!(matches!(e, DriveError::Empty(_)), "{e}");
+        let long = DriveConfig {
+            path: empty,
+            read_only: false,
+            direct: false,
+            serial: "x".repeat(21),
+        };
+        assert!(matches!(
+            Block::open(&long).unwrap_err(),
+            DriveError::SerialTooLong(_)
+        ));
+    }
+
+    #[test]
+    fn block_config_space_reports_capacity_and_limits() {
+        let r = rig("config", 3 << 20, false);
+        let mut cap = [0u8; 8];
+        r.dev.read_config(0, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 6144);
+        let mut b = [0u8; 4];
+        r.dev.read_config(40, &mut b);
+        assert_eq!(u32::from_le_bytes(b), MAX_DISCARD_SEGMENTS);
+        // Past the end and at odd offsets: zeros, no panic.
+        r.dev.read_config(59, &mut b);
+        r.dev.read_config(u64::MAX, &mut b);
+        assert_eq!(b, [0; 4]);
+    }
+}

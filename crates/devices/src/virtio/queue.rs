@@ -1,0 +1,63 @@
+//! The one loop every device runs over a queue: take the chains the driver made available,
+//! hand each to the device, publish what was used, and interrupt the driver when it asked to
+//! be. With `VIRTIO_RING_F_EVENT_IDX` the driver only notifies past the avail index the device
+//! published, so the loop drains, re-enables notifications, and drains again if more arrived.
+
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::{INT_VRING, Interrupt};
+
+/// The queue's rings cannot be used any more (an index past the ring, a used ring outside
+/// guest memory). The device stops serving it until the driver resets the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the guest's virtqueue rings are broken; the device needs a reset")]
+pub struct QueueBroken;
+
+/// Serves every available chain of `q` with `handle`, which returns the number of bytes it
+/// wrote into the chain's device-writable buffers. Returns how many chains were served.
+///
+/// On [`QueueBroken`] the caller should stop using the queue and report the device failed.
+pub fn serve_queue<F>(
+    q: &mut Queue,
+    mem: &GuestMemoryMmap,
+    irq: &Interrupt,
+    mut handle: F,
+) -> Result<u64, QueueBroken>
+where
+    F: FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
+{
+    let mut served = 0u64;
+    let result = loop {
+        if q.disable_notification(mem).is_err() {
+            break Err(QueueBroken);
+        }
+        let mut popped = 0u64;
+        let mut broken = false;
+        while let Some(chain) = q.pop_descriptor_chain(mem) {
+            popped += 1;
+            let head = chain.head_index();
+            let written = handle(chain);
+            if q.add_used(mem, head, written).is_err() {
+                broken = true;
+                break;
+            }
+        }
+        served += popped;
+        if broken {
+            break Err(QueueBroken);
+        }
+        match q.enable_notification(mem) {
+            // More is pending. If this pass could not take any of it, the avail ring holds an
+            // index no chain can be read for: stop rather than spin.
+            Ok(true) if popped == 0 => break Err(QueueBroken),
+            Ok(true) => continue,
+            Ok(false) => break Ok(served),
+            Err(_) => break Err(QueueBroken),
+        }
+    };
+    if served > 0 && q.needs_notification(mem).unwrap_or(true) {
+        irq.signal(INT_VRING);
+    }
+    result
+}
