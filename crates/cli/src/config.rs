@@ -26,6 +26,50 @@ pub enum ConfigError {
     BadCommand(String),
     #[error("bad --drive `{0}`: {1}; use path=FILE[,ro=on][,direct=on][,serial=NAME] or just FILE")]
     BadDrive(String, &'static str),
+    #[error("bad --vsock `{0}`: {1}; use cid=N,socket=PATH or just PATH (CID 3)")]
+    BadVsock(String, &'static str),
+}
+
+/// The vsock device: `--vsock cid=3,socket=/run/vm.vsock`, or `[vsock]` in the config file.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VsockSpec {
+    #[serde(default = "default_cid")]
+    pub cid: u64,
+    pub socket: PathBuf,
+}
+
+fn default_cid() -> u64 {
+    3
+}
+
+/// Parses a `--vsock` value.
+pub fn parse_vsock(s: &str) -> Result<VsockSpec, ConfigError> {
+    let bad = |why| ConfigError::BadVsock(s.to_string(), why);
+    if !s.contains('=') {
+        if s.is_empty() {
+            return Err(bad("no socket path given"));
+        }
+        return Ok(VsockSpec {
+            cid: default_cid(),
+            socket: s.into(),
+        });
+    }
+    let (mut cid, mut socket) = (default_cid(), None);
+    for part in s.split(',') {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| bad("every option needs a value"))?;
+        match k {
+            "cid" | "guest_cid" => cid = v.parse().map_err(|_| bad("cid must be a number"))?,
+            "socket" | "path" | "uds_path" if !v.is_empty() => socket = Some(PathBuf::from(v)),
+            _ => return Err(bad("unknown option (known: cid, socket)")),
+        }
+    }
+    Ok(VsockSpec {
+        cid,
+        socket: socket.ok_or_else(|| bad("no socket=PATH"))?,
+    })
 }
 
 /// A virtio-blk drive: `--drive path=disk.img,ro=on,direct=on,serial=data`, or `[[drive]]` in
@@ -133,6 +177,8 @@ pub struct FileConfig {
     pub console_limit: Option<String>,
     /// `[[drive]]` tables.
     pub drive: Option<Vec<DriveSpec>>,
+    /// `[vsock]` table.
+    pub vsock: Option<VsockSpec>,
 }
 
 impl FileConfig {
@@ -161,6 +207,9 @@ impl FileConfig {
                 if d.path.is_relative() {
                     d.path = dir.join(&d.path);
                 }
+            }
+            if let Some(v) = cfg.vsock.as_mut().filter(|v| v.socket.is_relative()) {
+                v.socket = dir.join(&v.socket);
             }
         }
         Ok(cfg)
@@ -207,6 +256,26 @@ mod tests {
             ("path=x,ro", "needs a value"),
         ] {
             let e = parse_drive(bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn vsock_specs_parse() {
+        assert_eq!(
+            parse_vsock("/run/v.sock").unwrap(),
+            VsockSpec {
+                cid: 3,
+                socket: "/run/v.sock".into()
+            }
+        );
+        assert_eq!(parse_vsock("cid=7,socket=v").unwrap().cid, 7);
+        for (bad, why) in [
+            ("cid=x,socket=v", "must be a number"),
+            ("cid=4", "no socket"),
+            ("port=1,socket=v", "unknown option"),
+        ] {
+            let e = parse_vsock(bad).unwrap_err().to_string();
             assert!(e.contains(why), "{bad}: {e}");
         }
     }

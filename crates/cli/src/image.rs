@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use bulwark_image::{ImageSpec, KernelSource, build_image};
+use bulwark_image::{ExtraFile, ImageSpec, KernelSource, build_image};
 use bulwark_testrig::{GuestImage, RigSpec, run_command};
 
 use crate::image_args::{ImageCommand, RigArgs};
@@ -15,8 +15,32 @@ pub fn image(cmd: &ImageCommand) -> ExitCode {
         out,
         kernel_package,
         kernel_deb,
+        add,
+        no_agent,
     } = cmd;
     let mut spec = ImageSpec::new(out);
+    if !no_agent {
+        match agent_binary() {
+            Some(agent) => spec
+                .extra_files
+                .push(ExtraFile::host(AGENT_GUEST_PATH, agent, 0o755)),
+            None => {
+                eprintln!(
+                    "bulwark: {AGENT_BINARY} is not beside this binary (build the workspace with `cargo build --release`), or pass --no-agent"
+                );
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    for a in add {
+        match extra_file(a) {
+            Ok(f) => spec.extra_files.push(f),
+            Err(e) => {
+                eprintln!("bulwark: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     if let Some(p) = kernel_package {
         spec.kernel = KernelSource::Package(p.clone());
     }
@@ -38,6 +62,41 @@ pub fn image(cmd: &ImageCommand) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The guest agent's file name, installed beside `bulwark` by the workspace build.
+const AGENT_BINARY: &str = "bulwark-agent";
+/// Where the image puts it; the guest's /init starts it when present.
+const AGENT_GUEST_PATH: &str = "/usr/bin/bulwark-agent";
+
+fn agent_binary() -> Option<std::path::PathBuf> {
+    let me = std::env::current_exe().ok()?;
+    Some(me.parent()?.join(AGENT_BINARY)).filter(|p| p.is_file())
+}
+
+/// Parses `HOST:GUEST` for `--add`.
+fn extra_file(arg: &str) -> Result<ExtraFile, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let Some((host, guest)) = arg.split_once(':') else {
+        return Err(format!(
+            "--add {arg}: use HOST:GUEST, such as ./tool:/usr/bin/tool"
+        ));
+    };
+    if !guest.starts_with('/') || guest.ends_with('/') || guest.contains("/../") {
+        return Err(format!(
+            "--add {arg}: the guest path must be an absolute file path, such as /usr/bin/tool"
+        ));
+    }
+    let meta =
+        std::fs::metadata(host).map_err(|e| format!("--add {arg}: cannot read {host}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("--add {arg}: {host} is not a regular file"));
+    }
+    Ok(ExtraFile::host(
+        guest,
+        host,
+        meta.permissions().mode() & 0o777,
+    ))
 }
 
 fn rig_spec(images: Vec<GuestImage>, timeout: Duration) -> Result<RigSpec, String> {

@@ -20,6 +20,13 @@ pub enum ImageCommand {
         /// A kernel .deb file instead of a package name.
         #[arg(long, conflicts_with = "kernel_package")]
         kernel_deb: Option<PathBuf>,
+        /// Add a host file to the initramfs: HOST:GUEST, e.g. ./tool:/usr/bin/tool (its
+        /// permission bits are kept). Repeatable.
+        #[arg(long = "add", value_name = "HOST:GUEST")]
+        add: Vec<String>,
+        /// Leave the guest agent (`bulwark-agent`, found beside this binary) out of the image.
+        #[arg(long)]
+        no_agent: bool,
     },
 }
 

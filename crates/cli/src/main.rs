@@ -1,6 +1,7 @@
 //! `bulwark`: the command-line front end.
 #![forbid(unsafe_code)]
 
+mod agent;
 mod config;
 mod image_args;
 mod logging;
@@ -36,7 +37,7 @@ enum Command {
     /// Exit status: the payload's or guest job's own status when it ends (0 for a Linux guest
     /// that powers off or reboots without a job); 123 when the guest crashed (fault, triple
     /// fault, kernel panic, KVM error); 124 on --timeout; 125 when the VM could not start.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Build payloads from C or assembly with the bulwark SDK.
     #[command(subcommand)]
     Payload(PayloadCommand),
@@ -47,6 +48,12 @@ enum Command {
     /// without hardware virtualization: `bulwark rig --image default=DIR -- run --image
     /// /images/default -- uname -a`.
     Rig(image_args::RigArgs),
+    /// Run a command in a running Linux guest through its agent (vsock) and exit with the
+    /// command's status: `bulwark exec --vsock /run/vm.vsock -- uname -a`.
+    Exec(agent::ExecArgs),
+    /// Ask a running guest's agent: `bulwark agent ps --vsock /run/vm.vsock`.
+    #[command(subcommand)]
+    Agent(agent::AgentCommand),
 }
 
 #[derive(Args, Debug)]
@@ -106,6 +113,11 @@ pub(crate) struct RunArgs {
     /// FILE or path=FILE[,ro=on][,direct=on][,serial=NAME].
     #[arg(long = "drive", value_parser = crate::config::parse_drive)]
     pub(crate) drives: Vec<crate::config::DriveSpec>,
+    /// A virtio-vsock device for a Linux guest: PATH or cid=N,socket=PATH (CID 3 by default).
+    /// Host programs connect to PATH and write `CONNECT <port>\n`; guest connections to CID 2
+    /// port P reach a unix socket listening at PATH_P.
+    #[arg(long, value_parser = crate::config::parse_vsock)]
+    pub(crate) vsock: Option<crate::config::VsockSpec>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -155,6 +167,8 @@ fn main() -> ExitCode {
     logging::init(cli.verbose);
     match &cli.command {
         Command::Run(args) => run::run(args, cli.verbose > 0),
+        Command::Exec(args) => agent::exec(args),
+        Command::Agent(cmd) => agent::agent(cmd),
         // Tooling lives in a separate binary, so the code that downloads packages and drives
         // QEMU is not part of the monitor that runs VMs.
         Command::Image(_) | Command::Rig(_) => tools::exec(std::env::args().skip(1).collect()),

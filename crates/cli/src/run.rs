@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use bulwark_monitor::{
-    ConsoleIo, DriveConfig, FunctionVmConfig, LinuxVmConfig, RunReport, StopReason,
+    ConsoleIo, DriveConfig, FunctionVmConfig, LinuxVmConfig, RunReport, StopReason, VsockConfig,
 };
 
 use crate::RunArgs;
@@ -156,6 +156,14 @@ fn vm_spec(args: &RunArgs, verbose: bool) -> anyhow::Result<VmSpec> {
                 console_limit,
                 console_marker: Some(JOB_STATUS_MARKER.to_string()),
                 drives: drives(args, &file),
+                vsock: args
+                    .vsock
+                    .clone()
+                    .or(file.vsock.clone())
+                    .map(|v| VsockConfig {
+                        cid: v.cid,
+                        socket: v.socket,
+                    }),
             }))
         }
         (None, None, None) => Err(ConfigError::NoPayload.into()),
@@ -225,9 +233,9 @@ pub fn run(args: &RunArgs, verbose: bool) -> ExitCode {
         && !args.no_rig
         && args.image.is_some()
         && bulwark_monitor::kvm::is_software_virtualization();
-    if in_rig && matches!(&spec, VmSpec::Linux(c) if !c.drives.is_empty()) {
+    if in_rig && matches!(&spec, VmSpec::Linux(c) if !c.drives.is_empty() || c.vsock.is_some()) {
         eprintln!(
-            "bulwark: this host has only software virtualization (kvm_pvm), so Linux guests run in the nested rig, which does not carry --drive files into it; run on a host with VT-x or AMD-V, or inside `bulwark rig`"
+            "bulwark: this host has only software virtualization (kvm_pvm), so Linux guests run in the nested rig, which does not carry --drive files or --vsock sockets into it; run on a host with VT-x or AMD-V, or inside `bulwark rig`"
         );
         return ExitCode::from(EXIT_SETUP);
     }

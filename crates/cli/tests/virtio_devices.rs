@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use bulwark_testrig::{GuestImage, RigRun, RigSpec, run_script};
 use common::*;
 
-const B: &str = "bulwark run --image /images/default --no-rig --timeout 300s --memory 512M";
+const B: &str = "bulwark run --image /images/virtio --no-rig --timeout 300s --memory 512M";
 const MIB64: u64 = 64 << 20;
 
 fn script() -> String {
@@ -60,18 +60,63 @@ fn script() -> String {
         // The same image cannot be attached writable twice.
         (
             "blk_locked",
-            format!(
-                "{B} --drive /tmp/disk.img --drive /tmp/disk.img -- true"
-            ),
+            format!("{B} --drive /tmp/disk.img --drive /tmp/disk.img -- true"),
         ),
         ("blk_missing", format!("{B} --drive /tmp/nope.img -- true")),
+        // vsock, host → guest: the guest echoes a connection on port 5000; the host connects
+        // through the socket with the CONNECT handshake and sends 1 MiB.
+        (
+            "vsock_host_to_guest",
+            format!(
+                "head -c 1048576 /dev/urandom > /tmp/data; echo sent $(sha256sum < /tmp/data); \
+                 {B} --stats --vsock /tmp/v.sock -- vsock_echo serve 5000 > /tmp/vm.log 2>&1 & \
+                 i=0; while [ $i -lt 300 ]; do \
+                   $E uds-connect /tmp/v.sock 5000 < /tmp/data > /tmp/back 2>/tmp/err && break; \
+                   i=$((i+1)); sleep 0.2; done; \
+                 cat /tmp/err; echo back $(sha256sum < /tmp/back); wait; echo vm=$?; cat /tmp/vm.log"
+            ),
+        ),
+        // vsock, guest → host: a unix listener at <socket>_6000 echoes; port 6001 has none.
+        (
+            "vsock_guest_to_host",
+            format!(
+                "($E uds-serve /tmp/v.sock_6000 &) ; sleep 0.5; \
+                 {B} --vsock cid=7,socket=/tmp/v.sock -- sh -c 'head -c 1048576 /dev/urandom > /tmp/d; \
+                 echo sent $(sha256sum < /tmp/d); echo back $(vsock_echo connect 6000 < /tmp/d | sha256sum); \
+                 vsock_echo connect 6001 < /dev/null; echo refused=$?'"
+            ),
+        ),
+        (
+            "vsock_socket_exists",
+            format!("touch /tmp/taken.sock; {B} --vsock /tmp/taken.sock -- true"),
+        ),
+        // The guest agent: a VM whose job sleeps; the host runs commands and lists processes.
+        (
+            "agent",
+            format!(
+                "{B} --vsock /tmp/a.sock -- sleep 600 > /tmp/agent-vm.log 2>&1 & \
+                 i=0; while [ $i -lt 300 ] && ! bulwark exec --vsock /tmp/a.sock -- true 2>/dev/null; do \
+                   i=$((i+1)); sleep 0.2; done; \
+                 bulwark exec --vsock /tmp/a.sock -- sh -c 'echo to-stdout; echo to-stderr >&2; exit 3'; \
+                 echo exec-status=$?; \
+                 echo big $(bulwark exec --vsock /tmp/a.sock -- seq 1 400000 | sha256sum); \
+                 echo want $(seq 1 400000 | sha256sum); \
+                 echo stdin $(echo fed-through | bulwark exec --vsock /tmp/a.sock --stdin -- cat); \
+                 bulwark exec --vsock /tmp/a.sock -- /no/such/program; echo missing-status=$?; \
+                 bulwark agent ps --vsock /tmp/a.sock; \
+                 bulwark agent ps --vsock /tmp/a.sock --json; echo; \
+                 bulwark exec --vsock /tmp/a.sock -- poweroff -f; wait; echo vm=$?"
+            ),
+        ),
         // O_DIRECT on tmpfs is refused by the kernel: the error names the fix.
         (
             "blk_direct_tmpfs",
             format!("{B} --drive path=/tmp/disk2.img,direct=on -- true"),
         ),
     ];
-    let mut s = String::new();
+    let mut s = String::from(
+        "cp /images/virtio/vsock_echo /tmp/vsock_echo && chmod 755 /tmp/vsock_echo\nE=/tmp/vsock_echo\n",
+    );
     for (name, cmd) in checks {
         s.push_str(&format!("section {name}\n{cmd} 2>&1\necho \"status=$?\"\n"));
     }
@@ -82,8 +127,15 @@ fn rig_run() -> &'static RigRun {
     static RUN: OnceLock<RigRun> = OnceLock::new();
     RUN.get_or_init(|| {
         require_kvm();
+        // The default image plus the vsock test tool, which the rig's L1 gets too (in the image
+        // directory) for the host side.
+        let tools = TestDir::new("virtio-tools");
+        let echo = build_static_c(&tools, "tests/guest/vsock_echo.c");
+        let add = format!("{}:/usr/bin/vsock_echo", echo.display());
+        let image = build_image("test-image-virtio", &["--add", &add]);
+        std::fs::copy(&echo, image.join("vsock_echo")).unwrap();
         let mut spec = RigSpec::new(bulwark());
-        spec.images = vec![GuestImage::new("default", image_dir())];
+        spec.images = vec![GuestImage::new("virtio", image)];
         spec.cmdline_extra = "loglevel=1".into();
         spec.memory_mib = 2048;
         let run = run_script(&spec, &script()).unwrap_or_else(|e| panic!("rig: {e}"));
@@ -169,4 +221,72 @@ fn blk_bad_drives_are_refused_with_the_fix() {
     let (out, status) = check("blk_direct_tmpfs");
     assert_eq!(status, 125, "{out}");
     assert!(out.contains("drop direct=on"), "{out}");
+}
+
+#[test]
+fn vsock_host_connects_to_guest_with_the_connect_handshake() {
+    let (out, status) = check("vsock_host_to_guest");
+    assert_eq!(status, 0, "{out}");
+    // Host-side ports count up from 2^30 (a retry before the guest listened takes the next).
+    assert!(out.contains("answer: OK 107374182"), "{out}");
+    assert_eq!(sum(&out, "back "), sum(&out, "sent "), "{out}");
+    assert!(out.contains("vm=0"), "{out}");
+}
+
+#[test]
+fn vsock_guest_connects_to_host_unix_socket() {
+    let (out, status) = check("vsock_guest_to_host");
+    assert_eq!(status, 0, "{out}");
+    assert_eq!(sum(&out, "back "), sum(&out, "sent "), "{out}");
+    assert!(out.contains("refused=1"), "nothing listens on 6001: {out}");
+}
+
+#[test]
+fn vsock_existing_socket_path_is_refused() {
+    let (out, status) = check("vsock_socket_exists");
+    assert_eq!(status, 125, "{out}");
+    assert!(out.contains("already exists"), "{out}");
+}
+
+#[test]
+fn agent_exec_returns_status_streams_and_large_output() {
+    let (out, status) = check("agent");
+    assert_eq!(status, 0, "{out}");
+    assert!(
+        out.contains("to-stdout") && out.contains("to-stderr"),
+        "{out}"
+    );
+    assert!(out.contains("exec-status=3"), "{out}");
+    assert_eq!(sum(&out, "big "), sum(&out, "want "), "{out}");
+    assert!(out.contains("stdin fed-through"), "{out}");
+    assert!(out.contains("missing-status=125"), "{out}");
+    assert!(
+        out.contains("/no/such/program"),
+        "the error names the program: {out}"
+    );
+    assert!(out.contains("vm=0"), "poweroff through the agent: {out}");
+}
+
+#[test]
+fn agent_ps_lists_guest_processes() {
+    let (out, _) = check("agent");
+    let table: Vec<&str> = out
+        .lines()
+        .skip_while(|l| !l.contains("PID") || !l.contains("COMM"))
+        .take_while(|l| !l.starts_with('['))
+        .collect();
+    assert!(table.len() > 3, "{out}");
+    assert!(
+        table.iter().any(|l| l.ends_with(" sleep")),
+        "the job is listed: {out}"
+    );
+    assert!(
+        table.iter().any(|l| l.trim_start().starts_with("1 ")),
+        "pid 1 is listed: {out}"
+    );
+    let json = out
+        .lines()
+        .find(|l| l.starts_with("[{"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(json.contains("\"comm\":\"bulwark-agent\""), "{json}");
 }

@@ -328,6 +328,11 @@ if [ "$(uname -r)" = "$release" ]; then
     echo "bulwark-guest: modules are for kernel $release but the running kernel is $(uname -r); not loading them: boot the kernel of the same image"
 fi
 
+# The guest agent (bulwark exec / bulwark agent ps over vsock), when the image has it.
+if [ -x /usr/bin/bulwark-agent ]; then
+    /usr/bin/bulwark-agent >/run/bulwark-agent.log 2>&1 </dev/null &
+fi
+
 read -r uptime _ </proc/uptime
 echo "{ready}$uptime"
 if [ "$#" -gt 0 ]; then

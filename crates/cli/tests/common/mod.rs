@@ -121,16 +121,40 @@ pub fn stat(o: &Output, key: &str) -> Option<String> {
 #[allow(dead_code)]
 pub fn image_dir() -> PathBuf {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = repo_root().join("target/test-image");
-        let o = std::process::Command::new(bulwark())
-            .args(["image", "build", "--out", dir.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "image build: {}", stderr(&o));
-        dir
-    })
-    .clone()
+    DIR.get_or_init(|| build_image("test-image", &[])).clone()
+}
+
+/// Builds a guest image into `target/<name>` with extra `bulwark image build` arguments.
+#[allow(dead_code)]
+pub fn build_image(name: &str, extra: &[&str]) -> PathBuf {
+    let dir = repo_root().join("target").join(name);
+    let o = std::process::Command::new(bulwark())
+        .args(["image", "build", "--out", dir.to_str().unwrap()])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "image build: {}", stderr(&o));
+    dir
+}
+
+/// Compiles a C test program statically with the host's gcc.
+#[allow(dead_code)]
+pub fn build_static_c(dir: &TestDir, src: &str) -> PathBuf {
+    let out = dir.path(
+        std::path::Path::new(src)
+            .file_stem()
+            .unwrap()
+            .to_str()
+            .unwrap(),
+    );
+    let o = std::process::Command::new("gcc")
+        .args(["-static", "-O2", "-Wall", "-o"])
+        .arg(&out)
+        .arg(repo_root().join(src))
+        .output()
+        .expect("gcc is needed to build test programs (apt-get install gcc libc6-dev)");
+    assert!(o.status.success(), "gcc {src}: {}", stderr(&o));
+    out
 }
 
 /// Output of rig script section `name` and the `status=N` it ended with.

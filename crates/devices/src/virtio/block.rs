@@ -18,6 +18,7 @@ use std::sync::Arc;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
+use super::chain::{self, Segment, Streams, read_stream, stream_len, sub_stream, write_stream};
 use super::{ActivateError, DeviceStats, Interrupt, VirtioDevice, serve_queue};
 use crate::sys::{self, Direction, falloc};
 
@@ -154,13 +155,6 @@ impl DriveConfig {
     }
 }
 
-/// A guest buffer: where it is and how long.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Segment {
-    pub addr: GuestAddress,
-    pub len: u64,
-}
-
 /// Why a request was refused before any I/O.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum BadRequest {
@@ -198,43 +192,6 @@ pub struct Request {
     pub status: GuestAddress,
 }
 
-/// `len` bytes of the byte stream formed by `segs`, starting at `start`.
-fn sub_stream(segs: &[Segment], mut start: u64, mut len: u64) -> Vec<Segment> {
-    let mut out = Vec::new();
-    for s in segs {
-        if len == 0 {
-            break;
-        }
-        if start >= s.len {
-            start -= s.len;
-            continue;
-        }
-        let take = (s.len - start).min(len);
-        out.push(Segment {
-            addr: GuestAddress(s.addr.0.wrapping_add(start)),
-            len: take,
-        });
-        len -= take;
-        start = 0;
-    }
-    out
-}
-
-fn stream_len(segs: &[Segment]) -> u64 {
-    segs.iter().map(|s| s.len).sum()
-}
-
-fn read_stream(mem: &GuestMemoryMmap, segs: &[Segment], buf: &mut [u8]) -> Result<(), BadRequest> {
-    let mut at = 0usize;
-    for s in segs {
-        let n = s.len as usize;
-        mem.read_slice(&mut buf[at..at + n], s.addr)
-            .map_err(|_| BadRequest::BadAddress)?;
-        at += n;
-    }
-    Ok(())
-}
-
 /// Parses a chain's descriptors (already walked: `(addr, len, device-writable)` in order).
 pub fn parse(
     mem: &GuestMemoryMmap,
@@ -242,21 +199,9 @@ pub fn parse(
     capacity: u64,
     read_only: bool,
 ) -> Result<Request, (BadRequest, Option<GuestAddress>)> {
-    let mut readable = Vec::new();
-    let mut writable = Vec::new();
-    for &(addr, len, w) in descriptors {
-        let seg = Segment {
-            addr,
-            len: u64::from(len),
-        };
-        if w {
-            writable.push(seg);
-        } else if !writable.is_empty() {
-            return Err((BadRequest::Order, None));
-        } else {
-            readable.push(seg);
-        }
-    }
+    let Some(Streams { readable, writable }) = Streams::split(descriptors) else {
+        return Err((BadRequest::Order, None));
+    };
     // The status byte is the last byte of the writable stream.
     let wlen = stream_len(&writable);
     let status = match sub_stream(&writable, wlen.saturating_sub(1), 1).first() {
@@ -272,8 +217,8 @@ pub fn parse(
         return fail(BadRequest::NoHeader);
     }
     let mut header = [0u8; HEADER_LEN as usize];
-    if let Err(e) = read_stream(mem, &sub_stream(&readable, 0, HEADER_LEN), &mut header) {
-        return fail(e);
+    if read_stream(mem, &readable, &mut header).is_err() {
+        return fail(BadRequest::BadAddress);
     }
     let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
     let sector = u64::from_le_bytes([
@@ -349,7 +294,7 @@ pub fn parse_ranges(
         return Err(BadRequest::BadRanges);
     }
     let mut raw = vec![0u8; r.data_len as usize];
-    read_stream(mem, &r.data, &mut raw)?;
+    read_stream(mem, &r.data, &mut raw).map_err(|_| BadRequest::BadAddress)?;
     raw.chunks_exact(SEGMENT_LEN as usize)
         .map(|c| {
             let sector = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
@@ -456,15 +401,10 @@ impl Block {
             req::FLUSH => (io(self.file.sync_data()), 0),
             req::GET_ID => {
                 let n = r.data_len.min(SERIAL_LEN as u64) as usize;
-                let mut at = 0usize;
-                for s in sub_stream(&r.data, 0, n as u64) {
-                    let part = &self.serial[at..at + s.len as usize];
-                    if mem.write_slice(part, s.addr).is_err() {
-                        return (status::IOERR, 0);
-                    }
-                    at += s.len as usize;
+                match write_stream(mem, &r.data, &self.serial[..n]) {
+                    Ok(()) => (status::OK, n as u64),
+                    Err(_) => (status::IOERR, 0),
                 }
-                (status::OK, n as u64)
             }
             req::DISCARD | req::WRITE_ZEROES => match parse_ranges(mem, r, self.capacity) {
                 Ok(ranges) => (io(self.punch(r.kind, &ranges)), 0),
@@ -566,9 +506,7 @@ impl Block {
 
     /// Serves one chain; returns the bytes written into its device-writable buffers.
     fn serve(&self, mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
-        let descriptors: Vec<(GuestAddress, u32, bool)> = chain
-            .map(|d| (d.addr(), d.len(), d.is_write_only()))
-            .collect();
+        let descriptors = chain::descriptors(chain);
         DeviceStats::add(&self.stats.requests, 1);
         let (st, written, at) = match parse(mem, &descriptors, self.capacity, self.read_only) {
             Ok(r) => {

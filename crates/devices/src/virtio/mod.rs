@@ -5,10 +5,12 @@
 //! addresses, and the interrupt status. Every value here comes from the guest.
 
 pub mod block;
+pub mod chain;
 pub mod driver;
 pub mod mmio;
 mod queue;
 pub mod rng;
+pub mod vsock;
 pub mod worker;
 
 use std::os::fd::RawFd;

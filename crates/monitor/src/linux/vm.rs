@@ -17,6 +17,7 @@ use bulwark_devices::serial::{COM1_BASE, Serial16550, UART_PORTS};
 use bulwark_devices::virtio::block::{Block, DriveConfig, DriveError};
 use bulwark_devices::virtio::mmio::{self, MmioTransport};
 use bulwark_devices::virtio::rng::Rng;
+use bulwark_devices::virtio::vsock::{Vsock, VsockConfig, VsockError};
 use bulwark_devices::virtio::worker::DeviceWorker;
 use bulwark_devices::virtio::{DeviceEvents, Interrupt, InterruptLine, VirtioDevice};
 use bulwark_devices::{BusDevice, BusRange};
@@ -76,6 +77,8 @@ pub enum LinuxError {
     AcpiTooBig(usize),
     #[error(transparent)]
     Drive(#[from] DriveError),
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
     #[error("{0} virtio devices requested; a VM has at most {max}", max = VIRTIO_IRQS.len())]
     TooManyDevices(usize),
 }
@@ -96,6 +99,8 @@ pub struct LinuxVmConfig {
     pub console_marker: Option<String>,
     /// virtio-blk drives, in order: the first is `/dev/vda`.
     pub drives: Vec<DriveConfig>,
+    /// A virtio-vsock device with its host-side unix socket.
+    pub vsock: Option<VsockConfig>,
 }
 
 fn power_signal(control: &Arc<VmControl>) -> PowerSignal {
@@ -144,6 +149,15 @@ fn virtio_devices(cfg: &LinuxVmConfig) -> Result<Vec<VirtioSpec>, VmError> {
     for (i, d) in cfg.drives.iter().enumerate() {
         let dev = Block::open(d).map_err(LinuxError::from)?;
         specs.push(VirtioSpec::new(format!("blk{i}"), Box::new(dev))?);
+    }
+    if let Some(v) = &cfg.vsock {
+        let events = DeviceEvents::new().map_err(os("creating a device's epoll set"))?;
+        let dev = Vsock::new(v, events.clone()).map_err(LinuxError::from)?;
+        specs.push(VirtioSpec {
+            name: "vsock".into(),
+            device: Box::new(dev),
+            events,
+        });
     }
     specs.push(VirtioSpec::new("rng".into(), Box::new(Rng::new()))?);
     if specs.len() > VIRTIO_IRQS.len() {
