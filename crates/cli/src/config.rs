@@ -28,6 +28,58 @@ pub enum ConfigError {
     BadDrive(String, &'static str),
     #[error("bad --vsock `{0}`: {1}; use cid=N,socket=PATH or just PATH (CID 3)")]
     BadVsock(String, &'static str),
+    #[error("bad --net `{0}`: {1}; use tap=NAME[,mac=02:00:00:00:00:01] or just NAME")]
+    BadNet(String, &'static str),
+}
+
+/// A network interface: `--net tap=tap0,mac=02:..` or `[[net]]` in the config file.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetSpec {
+    pub tap: String,
+    pub mac: Option<String>,
+}
+
+/// Parses `02:00:00:00:00:01`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut m = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut m {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    // Unicast only: a multicast source address breaks the guest's networking.
+    (parts.next().is_none() && m[0] & 1 == 0).then_some(m)
+}
+
+/// Parses a `--net` value.
+pub fn parse_net(s: &str) -> Result<NetSpec, ConfigError> {
+    let bad = |why| ConfigError::BadNet(s.to_string(), why);
+    let mut n = NetSpec::default();
+    if !s.contains('=') {
+        n.tap = s.to_string();
+    } else {
+        for part in s.split(',') {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| bad("every option needs a value"))?;
+            match k {
+                "tap" | "ifname" => n.tap = v.to_string(),
+                "mac" => {
+                    parse_mac(v).ok_or_else(|| bad("mac must be six hex bytes, unicast"))?;
+                    n.mac = Some(v.to_string());
+                }
+                _ => return Err(bad("unknown option (known: tap, mac)")),
+            }
+        }
+    }
+    if n.tap.is_empty() || n.tap.len() > 15 || n.tap.contains('/') {
+        return Err(bad("the tap name must be 1 to 15 bytes without '/'"));
+    }
+    Ok(n)
 }
 
 /// The vsock device: `--vsock cid=3,socket=/run/vm.vsock`, or `[vsock]` in the config file.
@@ -179,6 +231,8 @@ pub struct FileConfig {
     pub drive: Option<Vec<DriveSpec>>,
     /// `[vsock]` table.
     pub vsock: Option<VsockSpec>,
+    /// `[[net]]` tables.
+    pub net: Option<Vec<NetSpec>>,
 }
 
 impl FileConfig {
@@ -276,6 +330,26 @@ mod tests {
             ("port=1,socket=v", "unknown option"),
         ] {
             let e = parse_vsock(bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn net_specs_parse() {
+        assert_eq!(parse_net("tap0").unwrap().tap, "tap0");
+        let n = parse_net("tap=t1,mac=02:aa:bb:cc:dd:ee").unwrap();
+        assert_eq!(
+            parse_mac(n.mac.as_deref().unwrap()),
+            Some([2, 0xaa, 0xbb, 0xcc, 0xdd, 0xee])
+        );
+        for (bad, why) in [
+            ("tap=t1,mac=01:00:00:00:00:00", "unicast"),
+            ("tap=t1,mac=zz", "six hex"),
+            ("tap=", "1 to 15"),
+            ("averyveryverylongname", "1 to 15"),
+            ("tap=t,vlan=3", "unknown option"),
+        ] {
+            let e = parse_net(bad).unwrap_err().to_string();
             assert!(e.contains(why), "{bad}: {e}");
         }
     }

@@ -118,6 +118,11 @@ pub(crate) struct RunArgs {
     /// port P reach a unix socket listening at PATH_P.
     #[arg(long, value_parser = crate::config::parse_vsock)]
     pub(crate) vsock: Option<crate::config::VsockSpec>,
+    /// A virtio-net interface for a Linux guest on a tap (repeatable; the first is eth0):
+    /// NAME or tap=NAME[,mac=02:00:00:00:00:01]. The tap is opened, or created when bulwark
+    /// may (CAP_NET_ADMIN); bring it up and address it on the host side.
+    #[arg(long = "net", value_parser = crate::config::parse_net)]
+    pub(crate) nets: Vec<crate::config::NetSpec>,
 }
 
 #[derive(Subcommand, Debug)]

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use bulwark_monitor::{
-    ConsoleIo, DriveConfig, FunctionVmConfig, LinuxVmConfig, RunReport, StopReason, VsockConfig,
+    ConsoleIo, DriveConfig, FunctionVmConfig, LinuxVmConfig, NetConfig, RunReport, StopReason,
+    VsockConfig, random_mac,
 };
 
 use crate::RunArgs;
@@ -156,6 +157,7 @@ fn vm_spec(args: &RunArgs, verbose: bool) -> anyhow::Result<VmSpec> {
                 console_limit,
                 console_marker: Some(JOB_STATUS_MARKER.to_string()),
                 drives: drives(args, &file),
+                nets: nets(args, &file)?,
                 vsock: args
                     .vsock
                     .clone()
@@ -186,6 +188,28 @@ fn drives(args: &RunArgs, file: &FileConfig) -> Vec<DriveConfig> {
             read_only: d.read_only,
             direct: d.direct,
             serial: d.serial.unwrap_or_else(|| format!("bulwark{i}")),
+        })
+        .collect()
+}
+
+/// The network interfaces from the flags, or else from the config file; MAC addresses are
+/// random (locally administered) unless given.
+fn nets(args: &RunArgs, file: &FileConfig) -> Result<Vec<NetConfig>, ConfigError> {
+    let specs = if args.nets.is_empty() {
+        file.net.clone().unwrap_or_default()
+    } else {
+        args.nets.clone()
+    };
+    specs
+        .into_iter()
+        .map(|n| {
+            let mac = match n.mac.as_deref() {
+                Some(m) => crate::config::parse_mac(m).ok_or_else(|| {
+                    ConfigError::BadNet(format!("mac={m}"), "mac must be six hex bytes, unicast")
+                })?,
+                None => random_mac(),
+            };
+            Ok(NetConfig { mac, tap: n.tap })
         })
         .collect()
 }
@@ -233,9 +257,11 @@ pub fn run(args: &RunArgs, verbose: bool) -> ExitCode {
         && !args.no_rig
         && args.image.is_some()
         && bulwark_monitor::kvm::is_software_virtualization();
-    if in_rig && matches!(&spec, VmSpec::Linux(c) if !c.drives.is_empty() || c.vsock.is_some()) {
+    if in_rig
+        && matches!(&spec, VmSpec::Linux(c) if !c.drives.is_empty() || c.vsock.is_some() || !c.nets.is_empty())
+    {
         eprintln!(
-            "bulwark: this host has only software virtualization (kvm_pvm), so Linux guests run in the nested rig, which does not carry --drive files or --vsock sockets into it; run on a host with VT-x or AMD-V, or inside `bulwark rig`"
+            "bulwark: this host has only software virtualization (kvm_pvm), so Linux guests run in the nested rig, which does not carry --drive files, --vsock sockets or --net taps into it; run on a host with VT-x or AMD-V, or inside `bulwark rig`"
         );
         return ExitCode::from(EXIT_SETUP);
     }

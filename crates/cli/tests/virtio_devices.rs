@@ -11,6 +11,7 @@ use common::*;
 
 const B: &str = "bulwark run --image /images/virtio --no-rig --timeout 300s --memory 512M";
 const MIB64: u64 = 64 << 20;
+const MIB100: u64 = 100 << 20;
 
 fn script() -> String {
     let checks: Vec<(&str, String)> = vec![
@@ -85,6 +86,35 @@ fn script() -> String {
                  echo sent $(sha256sum < /tmp/d); echo back $(vsock_echo connect 6000 < /tmp/d | sha256sum); \
                  vsock_echo connect 6001 < /dev/null; echo refused=$?'"
             ),
+        ),
+        // virtio-net on a tap bulwark creates: 100 MiB each way over TCP, checksummed. The rig's
+        // L1 is the host here, a VM of its own, so the tap and addresses touch no real network.
+        // The guest's job waits for the host to connect to port 5002 once it has everything:
+        // powering off earlier would drop what is still in the guest's socket buffers. The
+        // host receives through `nc -e` (busybox nc stops when its own stdin ends), and the
+        // receiving program itself makes that connection once it has read everything.
+        (
+            "net_tcp",
+            format!(
+                "head -c {MIB100} /dev/urandom > /tmp/n; echo host-sent $(sha256sum < /tmp/n); \
+                 printf '#!/bin/sh\\ncat > /tmp/host-data\\ni=0\\nwhile [ $i -lt 100 ] && ! nc 10.0.2.2 5002 < /dev/null 2>/dev/null; do sleep 0.2; i=$((i+1)); done\\n' > /tmp/recv; \
+                 chmod 755 /tmp/recv; nc -l -p 5001 -e /tmp/recv & \
+                 {B} --stats --net tap=bwtap0,mac=02:00:00:00:00:02 -- sh -c 'ip link set lo up; \
+                   ip addr add 10.0.2.2/24 dev eth0; ip link set eth0 up; \
+                   echo mac $(cat /sys/class/net/eth0/address); \
+                   echo guest-got $(nc -l -p 5000 | sha256sum); \
+                   head -c {MIB100} /dev/urandom > /tmp/d; echo guest-sent $(sha256sum < /tmp/d); \
+                   nc 10.0.2.1 5001 < /tmp/d; echo guest-nc=$?; nc -l -p 5002 > /dev/null' > /tmp/net-vm.log 2>&1 & \
+                 i=0; while ! ip link show bwtap0 >/dev/null 2>&1 && [ $i -lt 300 ]; do i=$((i+1)); sleep 0.1; done; \
+                 ip addr add 10.0.2.1/24 dev bwtap0; ip link set bwtap0 up; \
+                 i=0; while [ $i -lt 120 ] && ! ping -c1 -W1 10.0.2.2 >/dev/null 2>&1; do i=$((i+1)); done; \
+                 nc 10.0.2.2 5000 < /tmp/n; wait; \
+                 echo host-got $(sha256sum < /tmp/host-data) bytes=$(wc -c < /tmp/host-data); cat /tmp/net-vm.log"
+            ),
+        ),
+        (
+            "net_bad_tap",
+            format!("{B} --net tap=no/slash -- true; {B} --net toolongtapname01 -- true"),
         ),
         (
             "vsock_socket_exists",
@@ -289,4 +319,50 @@ fn agent_ps_lists_guest_processes() {
         .find(|l| l.starts_with("[{"))
         .unwrap_or_else(|| panic!("{out}"));
     assert!(json.contains("\"comm\":\"bulwark-agent\""), "{json}");
+}
+
+/// `key=N` from a `bulwark: device NAME: ...` stats line.
+fn device_counter(out: &str, device: &str, key: &str) -> u64 {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(&format!("bulwark: device {device}:")))
+        .unwrap_or_else(|| panic!("no stats for {device}:\n{out}"));
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+}
+
+#[test]
+fn net_tcp_streams_both_ways_over_tap_with_offloads() {
+    let (out, status) = check("net_tcp");
+    assert_eq!(status, 0, "{out}");
+    assert!(out.contains("mac 02:00:00:00:00:02"), "{out}");
+    assert_eq!(
+        sum(&out, "guest-got "),
+        sum(&out, "host-sent "),
+        "host → guest: {out}"
+    );
+    assert_eq!(
+        sum(&out, "host-got "),
+        sum(&out, "guest-sent "),
+        "guest → host: {out}"
+    );
+    // Segmentation offloads were negotiated: frames in both directions are larger than an
+    // Ethernet MTU on average (TSO from the guest, GSO to it through the tap).
+    let bytes_in = device_counter(&out, "net0", "bytes_in");
+    let bytes_out = device_counter(&out, "net0", "bytes_out");
+    let frames = device_counter(&out, "net0", "requests");
+    assert!(bytes_in >= 100 << 20 && bytes_out >= 100 << 20, "{out}");
+    assert!(
+        (bytes_in + bytes_out) / frames > 1514,
+        "average frame {} bytes: offloads not in use\n{out}",
+        (bytes_in + bytes_out) / frames
+    );
+}
+
+#[test]
+fn net_bad_tap_names_are_refused() {
+    let (out, _) = check("net_bad_tap");
+    assert_eq!(out.matches("1 to 15 bytes").count(), 2, "{out}");
 }

@@ -5,6 +5,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 
 use vm_memory::VolatileSlice;
 
@@ -111,5 +112,79 @@ pub fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> io::Result<()
         if e.kind() != io::ErrorKind::Interrupted {
             return Err(e);
         }
+    }
+}
+
+/// `struct ifreq` as TUNSETIFF uses it: the name and the flags.
+#[repr(C)]
+struct IfReq {
+    name: [u8; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+
+/// Offload flags for [`tap_set_offload`].
+pub mod tun {
+    pub const F_CSUM: u32 = 0x01;
+    pub const F_TSO4: u32 = 0x02;
+    pub const F_TSO6: u32 = 0x04;
+    pub const F_TSO_ECN: u32 = 0x08;
+}
+
+/// Opens (creating if needed, which takes CAP_NET_ADMIN) the tap interface `name`, non-blocking,
+/// with virtio-net headers of `vnet_hdr_len` bytes in front of every frame. Returns the file
+/// and the interface's name as the kernel knows it.
+pub fn tap_open(name: &str, vnet_hdr_len: i32) -> io::Result<(File, String)> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('/') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "interface names are 1 to 15 bytes without '/'",
+        ));
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open("/dev/net/tun")?;
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: TUNSETIFF reads and writes an ifreq; `req` is one, laid out as the kernel's
+    // (16-byte name, then the flags in the union), and lives across the call.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, which points at a live local.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ, &vnet_hdr_len) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let len = req
+        .name
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(libc::IFNAMSIZ);
+    Ok((file, String::from_utf8_lossy(&req.name[..len]).into_owned()))
+}
+
+/// Tells the tap which offloads the guest can take on received frames (`tun::F_*`).
+pub fn tap_set_offload(tap: &File, flags: u32) -> io::Result<()> {
+    // SAFETY: TUNSETOFFLOAD takes its argument by value; no memory is passed.
+    let r = unsafe { libc::ioctl(tap.as_raw_fd(), TUNSETOFFLOAD, libc::c_ulong::from(flags)) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }

@@ -16,8 +16,10 @@ use std::path::{Path, PathBuf};
 use bulwark_image::initramfs::{self, ExtraFile, Initramfs, InitramfsError};
 use bulwark_image::modules::{ModuleSet, ModulesError};
 
-/// Modules that give L1 a `/dev/kvm` on the emulated AMD CPU (dependencies are added).
-pub const KVM_MODULES: &[&str] = &["kvm_amd"];
+/// Modules L1 loads (dependencies are added): kvm_amd gives it a `/dev/kvm` on the emulated
+/// AMD CPU; tun (tap devices for virtio-net) and loop (block devices for O_DIRECT benchmarks)
+/// serve the device tests.
+pub const KVM_MODULES: &[&str] = &["kvm_amd", "tun", "loop"];
 /// Where the bulwark binary lands in L1 (on `PATH`).
 pub const BULWARK_PATH: &str = "/bin/bulwark";
 /// Where image directories land in L1: `/images/<name>`.

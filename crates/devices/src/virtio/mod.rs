@@ -8,6 +8,7 @@ pub mod block;
 pub mod chain;
 pub mod driver;
 pub mod mmio;
+pub mod net;
 mod queue;
 pub mod rng;
 pub mod vsock;

@@ -16,6 +16,7 @@ use bulwark_devices::rtc::{CMOS_BASE, CMOS_PORTS, Cmos};
 use bulwark_devices::serial::{COM1_BASE, Serial16550, UART_PORTS};
 use bulwark_devices::virtio::block::{Block, DriveConfig, DriveError};
 use bulwark_devices::virtio::mmio::{self, MmioTransport};
+use bulwark_devices::virtio::net::{Net, NetConfig, NetError};
 use bulwark_devices::virtio::rng::Rng;
 use bulwark_devices::virtio::vsock::{Vsock, VsockConfig, VsockError};
 use bulwark_devices::virtio::worker::DeviceWorker;
@@ -79,6 +80,8 @@ pub enum LinuxError {
     Drive(#[from] DriveError),
     #[error(transparent)]
     Vsock(#[from] VsockError),
+    #[error(transparent)]
+    Net(#[from] NetError),
     #[error("{0} virtio devices requested; a VM has at most {max}", max = VIRTIO_IRQS.len())]
     TooManyDevices(usize),
 }
@@ -101,6 +104,8 @@ pub struct LinuxVmConfig {
     pub drives: Vec<DriveConfig>,
     /// A virtio-vsock device with its host-side unix socket.
     pub vsock: Option<VsockConfig>,
+    /// virtio-net interfaces on taps, in order: the first is `eth0`.
+    pub nets: Vec<NetConfig>,
 }
 
 fn power_signal(control: &Arc<VmControl>) -> PowerSignal {
@@ -149,6 +154,15 @@ fn virtio_devices(cfg: &LinuxVmConfig) -> Result<Vec<VirtioSpec>, VmError> {
     for (i, d) in cfg.drives.iter().enumerate() {
         let dev = Block::open(d).map_err(LinuxError::from)?;
         specs.push(VirtioSpec::new(format!("blk{i}"), Box::new(dev))?);
+    }
+    for (i, n) in cfg.nets.iter().enumerate() {
+        let events = DeviceEvents::new().map_err(os("creating a device's epoll set"))?;
+        let dev = Net::new(n, events.clone()).map_err(LinuxError::from)?;
+        specs.push(VirtioSpec {
+            name: format!("net{i}"),
+            device: Box::new(dev),
+            events,
+        });
     }
     if let Some(v) = &cfg.vsock {
         let events = DeviceEvents::new().map_err(os("creating a device's epoll set"))?;

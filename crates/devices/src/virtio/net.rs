@@ -1,0 +1,440 @@
+//! virtio-net on a tap interface.
+//!
+//! Frames cross with a 12-byte `virtio_net_hdr_v1` in front, which the tap device reads and
+//! writes itself (`IFF_VNET_HDR`), so checksum and segmentation offloads pass through: the
+//! guest may send unchecksummed TSO frames (`HOST_TSO4/6`), and, when it accepted
+//! `GUEST_CSUM`/`GUEST_TSO4/6`, the tap is told (`TUNSETOFFLOAD`) to hand it such frames too.
+//! Received frames may span several receive buffers (`MRG_RXBUF`).
+//!
+//! Transmit chains are guest-controlled: a frame is at most one header plus 64 KiB, every byte
+//! must lie in guest RAM, and a bad chain is dropped and counted without touching the tap.
+//! The tap is watched only while the guest has receive buffers, so a guest that posts none
+//! costs nothing and loses only its own frames.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use super::chain::{self, Streams, read_stream, stream_len, sub_stream};
+use super::{
+    ActivateError, DeviceEvents, DeviceStats, HOST_TOKEN_BASE, INT_VRING, Interrupt, VirtioDevice,
+    serve_queue,
+};
+use crate::sys;
+
+/// `virtio_net_hdr_v1`: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset,
+/// num_buffers.
+pub const VNET_HDR_LEN: usize = 12;
+/// Largest frame (without the header): a 64 KiB GSO frame plus its Ethernet header.
+pub const MAX_FRAME: usize = 65_536 + 14;
+const QUEUE_SIZE: u16 = 256;
+const RX: usize = 0;
+const TAP_TOKEN: u64 = HOST_TOKEN_BASE;
+const NUM_BUFFERS_OFFSET: u64 = 10;
+
+/// Feature bits (virtio 1.2 §5.1.3).
+pub mod feature {
+    pub const CSUM: u64 = 1 << 0;
+    pub const GUEST_CSUM: u64 = 1 << 1;
+    pub const MAC: u64 = 1 << 5;
+    pub const GUEST_TSO4: u64 = 1 << 7;
+    pub const GUEST_TSO6: u64 = 1 << 8;
+    pub const GUEST_ECN: u64 = 1 << 9;
+    pub const HOST_TSO4: u64 = 1 << 11;
+    pub const HOST_TSO6: u64 = 1 << 12;
+    pub const HOST_ECN: u64 = 1 << 13;
+    pub const MRG_RXBUF: u64 = 1 << 15;
+    pub const STATUS: u64 = 1 << 16;
+}
+
+/// How a network interface is attached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The tap interface: opened if it exists, created if not (creating needs CAP_NET_ADMIN).
+    pub tap: String,
+    pub mac: [u8; 6],
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error(
+        "cannot open tap interface {name}: {source}; create it first (ip tuntap add {name} mode tap) or run with CAP_NET_ADMIN, and check /dev/net/tun"
+    )]
+    Tap { name: String, source: io::Error },
+    #[error("cannot watch tap {name}: {source}")]
+    Events { name: String, source: io::Error },
+}
+
+/// A random locally administered unicast MAC address.
+pub fn random_mac() -> [u8; 6] {
+    let mut m = [0u8; 6];
+    if getrandom::fill(&mut m).is_err() {
+        m = [0, 0x42, 0x57, 0x4b, 0, 1];
+    }
+    m[0] = (m[0] & 0xfe) | 0x02;
+    m
+}
+
+#[derive(Debug, Default)]
+struct Active {
+    mem: Option<GuestMemoryMmap>,
+    rx: Option<Queue>,
+    tx: Option<Queue>,
+    interrupt: Option<Interrupt>,
+    mergeable: bool,
+}
+
+/// The network device.
+#[derive(Debug)]
+pub struct Net {
+    tap: File,
+    name: String,
+    mac: [u8; 6],
+    events: DeviceEvents,
+    active: Active,
+    /// A frame (with its header) read from the tap that did not fit the buffers on offer yet.
+    pending: Option<Vec<u8>>,
+    watching_tap: bool,
+    buf: Vec<u8>,
+    stats: Arc<DeviceStats>,
+}
+
+impl Net {
+    pub fn new(cfg: &NetConfig, events: DeviceEvents) -> Result<Self, NetError> {
+        let (tap, name) =
+            sys::tap_open(&cfg.tap, VNET_HDR_LEN as i32).map_err(|source| NetError::Tap {
+                name: cfg.tap.clone(),
+                source,
+            })?;
+        Ok(Self {
+            tap,
+            name,
+            mac: cfg.mac,
+            events,
+            active: Active::default(),
+            pending: None,
+            watching_tap: false,
+            buf: vec![0; VNET_HDR_LEN + MAX_FRAME],
+            stats: Arc::default(),
+        })
+    }
+
+    /// The tap interface's name.
+    pub fn tap_name(&self) -> &str {
+        &self.name
+    }
+
+    fn watch_tap(&mut self, on: bool) {
+        if on == self.watching_tap {
+            return;
+        }
+        let fd = self.tap.as_raw_fd();
+        let r = if on {
+            self.events.add(fd, TAP_TOKEN, EventSet::IN)
+        } else {
+            self.events.remove(fd)
+        };
+        if r.is_ok() {
+            self.watching_tap = on;
+        }
+    }
+
+    /// Moves frames from the tap into receive buffers until either runs out.
+    fn receive(&mut self) {
+        let mut active = std::mem::take(&mut self.active);
+        let mut used = false;
+        let mut dry = false;
+        if let Active {
+            mem: Some(mem),
+            rx: Some(rx),
+            mergeable,
+            ..
+        } = &mut active
+        {
+            loop {
+                if self.pending.is_none() {
+                    match self.tap.read(&mut self.buf) {
+                        Ok(n) if n > VNET_HDR_LEN => self.pending = Some(self.buf[..n].to_vec()),
+                        Ok(_) => continue,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(_) => break, // WouldBlock (or the tap went away)
+                    }
+                }
+                let Some(frame) = self.pending.as_deref() else {
+                    break;
+                };
+                match place_frame(mem, rx, frame, *mergeable) {
+                    Placed::Done(n) => {
+                        used = true;
+                        DeviceStats::add(&self.stats.requests, 1);
+                        DeviceStats::add(&self.stats.bytes_in, n as u64);
+                        self.pending = None;
+                    }
+                    Placed::Dropped => {
+                        used = true;
+                        DeviceStats::add(&self.stats.bad_requests, 1);
+                        self.pending = None;
+                    }
+                    Placed::NoRoom => {
+                        // Ask to be told when buffers arrive; recheck once for a race.
+                        if matches!(rx.enable_notification(&*mem), Ok(true)) {
+                            continue;
+                        }
+                        dry = true;
+                        break;
+                    }
+                }
+            }
+        }
+        if used
+            && let Active {
+                mem: Some(mem),
+                rx: Some(rx),
+                interrupt: Some(irq),
+                ..
+            } = &mut active
+            && rx.needs_notification(&*mem).unwrap_or(true)
+        {
+            irq.signal(INT_VRING);
+        }
+        let running = active.rx.is_some();
+        self.active = active;
+        self.watch_tap(running && !dry);
+    }
+
+    fn transmit(&mut self) {
+        let mut active = std::mem::take(&mut self.active);
+        if let Active {
+            mem: Some(mem),
+            tx: Some(tx),
+            interrupt: Some(irq),
+            ..
+        } = &mut active
+        {
+            let stats = self.stats.clone();
+            let tap = &mut self.tap;
+            let r = serve_queue(tx, mem, irq, |c| {
+                DeviceStats::add(&stats.requests, 1);
+                match read_tx_frame(mem, &chain::descriptors(c)) {
+                    Some(frame) => match tap.write(&frame) {
+                        Ok(_) => {
+                            DeviceStats::add(&stats.bytes_out, (frame.len() - VNET_HDR_LEN) as u64)
+                        }
+                        // A full tap queue drops the frame, as a busy wire would.
+                        Err(_) => DeviceStats::add(&stats.io_errors, 1),
+                    },
+                    None => DeviceStats::add(&stats.bad_requests, 1),
+                }
+                0
+            });
+            if r.is_err() {
+                DeviceStats::add(&self.stats.broken_queues, 1);
+                irq.device_failed();
+                active.tx = None;
+            }
+        }
+        self.active = active;
+    }
+}
+
+/// A transmit chain's header and frame, or `None` when the chain is not a frame.
+pub fn read_tx_frame(
+    mem: &GuestMemoryMmap,
+    descriptors: &[(vm_memory::GuestAddress, u32, bool)],
+) -> Option<Vec<u8>> {
+    let s = Streams::split(descriptors)?;
+    let len = stream_len(&s.readable);
+    if !s.writable.is_empty()
+        || len <= VNET_HDR_LEN as u64
+        || len > (VNET_HDR_LEN + MAX_FRAME) as u64
+    {
+        return None;
+    }
+    let mut frame = vec![0u8; len as usize];
+    read_stream(mem, &s.readable, &mut frame).ok()?;
+    // num_buffers is receive-only; the tap ignores it, but do not pass guest junk on.
+    frame[NUM_BUFFERS_OFFSET as usize..VNET_HDR_LEN].fill(0);
+    Some(frame)
+}
+
+enum Placed {
+    Done(usize),
+    /// The frame cannot fit the guest's buffers (too big, or unusable buffers): dropped.
+    Dropped,
+    NoRoom,
+}
+
+/// Writes one received frame (header included) into as many receive buffers as it needs
+/// (one unless `mergeable`), setting `num_buffers`.
+fn place_frame(mem: &GuestMemoryMmap, rx: &mut Queue, frame: &[u8], mergeable: bool) -> Placed {
+    let mut taken: Vec<(u16, Vec<chain::Segment>)> = Vec::new();
+    let mut room = 0u64;
+    while room < frame.len() as u64 {
+        let Some(c) = rx.pop_descriptor_chain(mem) else {
+            // Not enough buffers yet: put back what was taken.
+            for _ in 0..taken.len() {
+                rx.go_to_previous_position();
+            }
+            return Placed::NoRoom;
+        };
+        let head = c.head_index();
+        let writable = Streams::split(&chain::descriptors(c))
+            .map(|s| s.writable)
+            .unwrap_or_default();
+        let len = stream_len(&writable);
+        if len < VNET_HDR_LEN as u64 || (!mergeable && len < frame.len() as u64) {
+            // Unusable for this frame: return it empty and drop the frame.
+            let _ = rx.add_used(mem, head, 0);
+            for (h, _) in taken {
+                let _ = rx.add_used(mem, h, 0);
+            }
+            return Placed::Dropped;
+        }
+        room += len;
+        taken.push((head, writable));
+    }
+    let count = taken.len() as u16;
+    let mut at = 0u64;
+    let mut ok = true;
+    for (head, segs) in &taken {
+        let n = stream_len(segs).min(frame.len() as u64 - at);
+        let mut wrote = 0u64;
+        for s in sub_stream(segs, 0, n) {
+            let part = &frame[(at + wrote) as usize..(at + wrote + s.len) as usize];
+            ok &= mem.write_slice(part, s.addr).is_ok();
+            wrote += s.len;
+        }
+        if at == 0 {
+            // num_buffers lives in the first buffer's header.
+            let nb = sub_stream(segs, NUM_BUFFERS_OFFSET, 2);
+            ok &= chain::write_stream(mem, &nb, &count.to_le_bytes()).is_ok();
+        }
+        let _ = rx.add_used(mem, *head, n as u32);
+        at += n;
+    }
+    if ok {
+        Placed::Done(frame.len() - VNET_HDR_LEN)
+    } else {
+        Placed::Dropped
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        1
+    }
+
+    fn stats(&self) -> Arc<DeviceStats> {
+        self.stats.clone()
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        use feature::*;
+        super::VIRTIO_RING_F_EVENT_IDX
+            | CSUM
+            | GUEST_CSUM
+            | MAC
+            | GUEST_TSO4
+            | GUEST_TSO6
+            | GUEST_ECN
+            | HOST_TSO4
+            | HOST_TSO6
+            | HOST_ECN
+            | MRG_RXBUF
+            | STATUS
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let mut c = [0u8; 10];
+        c[..6].copy_from_slice(&self.mac);
+        c[6..8].copy_from_slice(&1u16.to_le_bytes()); // VIRTIO_NET_S_LINK_UP
+        c[8..10].copy_from_slice(&1u16.to_le_bytes()); // max_virtqueue_pairs
+        data.fill(0);
+        if let Ok(start) = usize::try_from(offset)
+            && start < c.len()
+        {
+            let n = data.len().min(c.len() - start);
+            data[..n].copy_from_slice(&c[start..start + n]);
+        }
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // The MAC is read-only without VIRTIO_NET_F_CTRL_MAC_ADDR (not offered).
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        acked: u64,
+        queues: Vec<Queue>,
+        interrupt: Interrupt,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != 2 {
+            return Err(ActivateError::QueueCount {
+                got: queues.len(),
+                want: 2,
+            });
+        }
+        let event_idx = acked & super::VIRTIO_RING_F_EVENT_IDX != 0;
+        let mut q = queues.into_iter();
+        let (mut rx, mut tx) = (q.next(), q.next());
+        for queue in [&mut rx, &mut tx].into_iter().flatten() {
+            queue.set_event_idx(event_idx);
+        }
+        // What the guest can take on received frames, the tap may hand it.
+        let mut offload = 0;
+        if acked & feature::GUEST_CSUM != 0 {
+            offload |= sys::tun::F_CSUM;
+            if acked & feature::GUEST_TSO4 != 0 {
+                offload |= sys::tun::F_TSO4;
+            }
+            if acked & feature::GUEST_TSO6 != 0 {
+                offload |= sys::tun::F_TSO6;
+            }
+            if acked & feature::GUEST_ECN != 0 {
+                offload |= sys::tun::F_TSO_ECN;
+            }
+        }
+        if let Err(e) = sys::tap_set_offload(&self.tap, offload) {
+            tracing::warn!(tap = %self.name, error = %e, "tap refused offloads; frames go unoffloaded");
+        }
+        self.active = Active {
+            mem: Some(mem),
+            rx,
+            tx,
+            interrupt: Some(interrupt),
+            mergeable: acked & feature::MRG_RXBUF != 0,
+        };
+        self.watch_tap(true);
+        Ok(())
+    }
+
+    fn process_queue(&mut self, index: u16) {
+        if usize::from(index) == RX {
+            self.receive();
+        } else {
+            self.transmit();
+        }
+    }
+
+    fn reset(&mut self) {
+        self.watch_tap(false);
+        self.pending = None;
+        self.active = Active::default();
+    }
+
+    fn host_event(&mut self, token: u64, _events: EventSet) {
+        if token == TAP_TOKEN {
+            self.receive();
+        }
+    }
+}
