@@ -229,6 +229,8 @@ pub struct FileConfig {
     pub console_limit: Option<String>,
     /// `[[drive]]` tables.
     pub drive: Option<Vec<DriveSpec>>,
+    /// `[root]` table: the root filesystem drive.
+    pub root: Option<DriveSpec>,
     /// `[vsock]` table.
     pub vsock: Option<VsockSpec>,
     /// `[[net]]` tables.
@@ -257,7 +259,7 @@ impl FileConfig {
                     *p = Some(dir.join(rel));
                 }
             }
-            for d in cfg.drive.iter_mut().flatten() {
+            for d in cfg.drive.iter_mut().flatten().chain(cfg.root.as_mut()) {
                 if d.path.is_relative() {
                     d.path = dir.join(&d.path);
                 }

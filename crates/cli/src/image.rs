@@ -17,8 +17,10 @@ pub fn image(cmd: &ImageCommand) -> ExitCode {
         kernel_deb,
         add,
         no_agent,
+        rootfs,
     } = cmd;
     let mut spec = ImageSpec::new(out);
+    spec.rootfs = *rootfs;
     if !no_agent {
         match agent_binary() {
             Some(agent) => spec

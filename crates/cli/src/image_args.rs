@@ -27,6 +27,9 @@ pub enum ImageCommand {
         /// Leave the guest agent (`bulwark-agent`, found beside this binary) out of the image.
         #[arg(long)]
         no_agent: bool,
+        /// Also write rootfs.ext4, the same tree as an ext4 disk, for `bulwark run --root`.
+        #[arg(long)]
+        rootfs: bool,
     },
 }
 

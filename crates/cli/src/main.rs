@@ -113,6 +113,11 @@ pub(crate) struct RunArgs {
     /// FILE or path=FILE[,ro=on][,direct=on][,serial=NAME].
     #[arg(long = "drive", value_parser = crate::config::parse_drive)]
     pub(crate) drives: Vec<crate::config::DriveSpec>,
+    /// Boot with the root filesystem on this ext4 drive (same syntax as --drive; it becomes
+    /// /dev/vda, before the --drive ones), e.g. a copy of an image's rootfs.ext4 from
+    /// `bulwark image build --rootfs`. The initramfs loads the modules, then switches to it.
+    #[arg(long, value_parser = crate::config::parse_drive)]
+    pub(crate) root: Option<crate::config::DriveSpec>,
     /// A virtio-vsock device for a Linux guest: PATH or cid=N,socket=PATH (CID 3 by default).
     /// Host programs connect to PATH and write `CONNECT <port>\n`; guest connections to CID 2
     /// port P reach a unix socket listening at PATH_P.

@@ -11,7 +11,7 @@ use bulwark_monitor::{
 };
 
 use crate::RunArgs;
-use crate::config::{ConfigError, FileConfig, parse_duration, parse_size};
+use crate::config::{ConfigError, DriveSpec, FileConfig, parse_duration, parse_size};
 
 /// Exit status when bulwark could not start the VM (bad config, no KVM, bad payload).
 const EXIT_SETUP: u8 = 125;
@@ -33,6 +33,8 @@ const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off";
 /// The line the guest image's init prints with its job's exit status.
 pub const JOB_STATUS_MARKER: &str = "bulwark-guest: exit status ";
 const DEFAULT_LINUX_MEMORY: u64 = 256 << 20;
+/// Tells the guest image's /init to switch to the root drive.
+const ROOT_ARG: &str = "bulwark.root=/dev/vda";
 
 /// What to run.
 enum VmSpec {
@@ -146,7 +148,11 @@ fn vm_spec(args: &RunArgs, verbose: bool) -> anyhow::Result<VmSpec> {
                 (None, Some(k)) => (k, args.initrd.clone().or(file.initrd.clone())),
                 (None, None) => return Err(ConfigError::NoPayload.into()),
             };
-            let extra = args.cmdline.clone().or(file.cmdline.clone());
+            let mut extra = args.cmdline.clone().or(file.cmdline.clone());
+            let root = args.root.clone().or(file.root.clone());
+            if root.is_some() {
+                extra = Some(format!("{} {ROOT_ARG}", extra.unwrap_or_default()));
+            }
             Ok(VmSpec::Linux(LinuxVmConfig {
                 kernel: read(&kernel, "kernel")?,
                 initrd: initrd.map(|p| read(&p, "initrd")).transpose()?,
@@ -156,7 +162,7 @@ fn vm_spec(args: &RunArgs, verbose: bool) -> anyhow::Result<VmSpec> {
                 timeout,
                 console_limit,
                 console_marker: Some(JOB_STATUS_MARKER.to_string()),
-                drives: drives(args, &file),
+                drives: drives(root, args, &file),
                 nets: nets(args, &file)?,
                 vsock: args
                     .vsock
@@ -173,15 +179,16 @@ fn vm_spec(args: &RunArgs, verbose: bool) -> anyhow::Result<VmSpec> {
     }
 }
 
-/// The drives from the flags, or else from the config file; serials default to `bulwarkN`.
-fn drives(args: &RunArgs, file: &FileConfig) -> Vec<DriveConfig> {
+/// The root drive (first, as `/dev/vda`), then the drives from the flags, or else from the
+/// config file; serials default to `bulwarkN`.
+fn drives(root: Option<DriveSpec>, args: &RunArgs, file: &FileConfig) -> Vec<DriveConfig> {
     let specs = if args.drives.is_empty() {
         file.drive.clone().unwrap_or_default()
     } else {
         args.drives.clone()
     };
-    specs
-        .into_iter()
+    root.into_iter()
+        .chain(specs)
         .enumerate()
         .map(|(i, d)| DriveConfig {
             path: d.path,

@@ -64,6 +64,16 @@ fn script() -> String {
             format!("{B} --drive /tmp/disk.img --drive /tmp/disk.img -- true"),
         ),
         ("blk_missing", format!("{B} --drive /tmp/nope.img -- true")),
+        // The image's ext4 root filesystem on /dev/vda instead of the initramfs; a file written
+        // on / is there at the next boot.
+        (
+            "root_on_vda",
+            format!(
+                "cp /images/virtio/rootfs.ext4 /tmp/root.ext4 && \
+                 {B} --root /tmp/root.ext4 -- sh -c 'grep ^/dev/vda /proc/mounts; echo kept > /marker; sync' && \
+                 {B} --root /tmp/root.ext4 -- sh -c 'echo marker=$(cat /marker); ls /usr/bin/bulwark-agent'"
+            ),
+        ),
         // vsock, host → guest: the guest echoes a connection on port 5000; the host connects
         // through the socket with the CONNECT handshake and sends 1 MiB.
         (
@@ -162,7 +172,7 @@ fn rig_run() -> &'static RigRun {
         let tools = TestDir::new("virtio-tools");
         let echo = build_static_c(&tools, "tests/guest/vsock_echo.c");
         let add = format!("{}:/usr/bin/vsock_echo", echo.display());
-        let image = build_image("test-image-virtio", &["--add", &add]);
+        let image = build_image("test-image-virtio", &["--rootfs", "--add", &add]);
         std::fs::copy(&echo, image.join("vsock_echo")).unwrap();
         let mut spec = RigSpec::new(bulwark());
         spec.images = vec![GuestImage::new("virtio", image)];
@@ -365,4 +375,13 @@ fn net_tcp_streams_both_ways_over_tap_with_offloads() {
 fn net_bad_tap_names_are_refused() {
     let (out, _) = check("net_bad_tap");
     assert_eq!(out.matches("1 to 15 bytes").count(), 2, "{out}");
+}
+
+#[test]
+fn guest_boots_with_its_root_on_vda() {
+    let (out, status) = check("root_on_vda");
+    assert_eq!(status, 0, "{out}");
+    assert!(out.contains("/dev/vda / ext4"), "root is the disk: {out}");
+    assert!(out.contains("marker=kept"), "written on / and kept: {out}");
+    assert!(out.contains("/usr/bin/bulwark-agent"), "same tree as the initramfs: {out}");
 }

@@ -11,6 +11,7 @@ use crate::kernel::{self, BusyboxSource, KernelError, KernelFiles, KernelSource}
 use crate::manifest::{self, ImageManifest, InitramfsInfo, KernelInfo, ManifestError};
 use crate::modules::ModulesError;
 use crate::packages::{self, Apt, PackageError};
+use crate::rootfs::{ROOTFS_FILE, RootfsError, build_rootfs};
 
 /// The modules a guest image loads: virtio over MMIO (devices are declared in ACPI), block, net,
 /// entropy and vsock. Their dependencies (virtio, virtio_ring, failover, net_failover, vsock,
@@ -40,6 +41,8 @@ pub enum ImageError {
     Package(#[from] PackageError),
     #[error(transparent)]
     Modules(#[from] ModulesError),
+    #[error(transparent)]
+    Rootfs(#[from] RootfsError),
     #[error(transparent)]
     Initramfs(#[from] InitramfsError),
     #[error(transparent)]
@@ -83,6 +86,9 @@ pub struct ImageSpec {
     pub extra_files: Vec<ExtraFile>,
     /// The package cache; [`packages::cache_dir`] when `None`.
     pub cache_dir: Option<PathBuf>,
+    /// Also write `rootfs.ext4`: the same tree as an ext4 disk, to boot with the root on
+    /// `/dev/vda`.
+    pub rootfs: bool,
 }
 
 impl ImageSpec {
@@ -95,6 +101,7 @@ impl ImageSpec {
             modules: GUEST_MODULES.iter().map(|m| (*m).to_owned()).collect(),
             extra_files: Vec::new(),
             cache_dir: None,
+            rootfs: false,
         }
     }
 }
@@ -188,6 +195,14 @@ pub fn build_image(spec: &ImageSpec) -> Result<ImageManifest, ImageError> {
         "initramfs written"
     );
 
+    let rootfs_path = out.join(ROOTFS_FILE);
+    if spec.rootfs {
+        let size = build_rootfs(&cpio_path, &rootfs_path)?;
+        tracing::info!(bytes = size, "root filesystem written");
+    } else {
+        let _ = std::fs::remove_file(&rootfs_path);
+    }
+
     let mut files = BTreeMap::new();
     for name in [
         BZIMAGE_FILE,
@@ -195,6 +210,7 @@ pub fn build_image(spec: &ImageSpec) -> Result<ImageManifest, ImageError> {
         INITRAMFS_FILE,
         SYSTEM_MAP_FILE,
         CONFIG_FILE,
+        ROOTFS_FILE,
     ] {
         let path = out.join(name);
         if path.is_file() {

@@ -46,6 +46,7 @@ pub mod manifest;
 pub mod modules;
 pub mod packages;
 pub mod payload;
+pub mod rootfs;
 
 pub use guest::{
     BZIMAGE_FILE, CONFIG_FILE, GUEST_MODULES, INITRAMFS_FILE, ImageError, ImageSpec,
@@ -54,6 +55,7 @@ pub use guest::{
 pub use initramfs::{ExtraFile, FileSource};
 pub use kernel::{BusyboxSource, KernelFiles, KernelSource};
 pub use manifest::ImageManifest;
+pub use rootfs::ROOTFS_FILE;
 
 /// A directory for one test, removed when dropped.
 #[cfg(test)]
