@@ -109,8 +109,9 @@ pub(crate) struct RunArgs {
     /// Print exit and device counters to stderr when the VM ends.
     #[arg(long)]
     pub(crate) stats: bool,
-    /// A virtio-blk drive for a Linux guest (repeat for more; the first is /dev/vda):
-    /// FILE or path=FILE[,ro=on][,direct=on][,serial=NAME].
+    /// A virtio-blk drive (repeat for more): FILE or
+    /// path=FILE[,ro=on][,direct=on][,serial=NAME]. A Linux guest sees /dev/vda, vdb, ...; a
+    /// payload finds drive N's virtio-mmio registers at 0xd0001000 + N * 0x1000.
     #[arg(long = "drive", value_parser = crate::config::parse_drive)]
     pub(crate) drives: Vec<crate::config::DriveSpec>,
     /// Boot with the root filesystem on this ext4 drive (same syntax as --drive; it becomes

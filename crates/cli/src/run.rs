@@ -118,10 +118,11 @@ fn vm_spec(args: &RunArgs, verbose: bool) -> anyhow::Result<VmSpec> {
             payload: read(&p, "payload")?,
             memory: size(args.memory, &file.memory, defaults.memory)?,
             vcpus,
-            arg: args.arg.clone().or(file.arg).unwrap_or_default(),
+            arg: args.arg.clone().or(file.arg.clone()).unwrap_or_default(),
             cpl0: args.cpl0 || file.cpl0.unwrap_or(false),
             timeout,
             console_limit,
+            drives: drives(None, args, &file),
         })),
         (None, image, kernel) if image.is_some() != kernel.is_some() => {
             let pvh = args.pvh || file.pvh.unwrap_or(false);

@@ -9,6 +9,9 @@ use bulwark_devices::console::{ConsoleSink, DebugPort};
 use bulwark_devices::info::{INFO_WINDOW, PlatformInfo};
 use bulwark_devices::postcode::PostCode;
 use bulwark_devices::serial::{COM1_BASE, Serial16550, UART_PORTS};
+use bulwark_devices::virtio::block::{Block, DriveConfig};
+use bulwark_devices::virtio::mmio::{self, MmioTransport};
+use bulwark_devices::virtio::{Interrupt, InterruptLine};
 use bulwark_devices::{BusError, BusRange};
 use kvm_bindings::{kvm_fpu, kvm_userspace_memory_region};
 use kvm_ioctls::{Cap, SyncReg, VmFd};
@@ -113,6 +116,21 @@ pub struct FunctionVmConfig {
     pub timeout: Option<Duration>,
     /// Bytes of guest output passed through before the rest is dropped.
     pub console_limit: u64,
+    /// virtio-blk drives, register windows one page apart from [`VIRTIO_PAYLOAD_BASE`]. A
+    /// payload drives them itself (it polls the used ring; there is no interrupt controller).
+    pub drives: Vec<DriveConfig>,
+}
+
+/// Where a function micro-VM's virtio devices start: the page after the platform device.
+pub const VIRTIO_PAYLOAD_BASE: u64 = INFO_DEVICE_ADDR + 0x1000;
+/// Most drives a function micro-VM takes (their windows fill the rest of the first 64 KiB).
+pub const MAX_PAYLOAD_DRIVES: usize = 15;
+
+/// Function micro-VMs have no interrupt controller: the status register is all there is.
+struct NoInterruptLine;
+
+impl InterruptLine for NoInterruptLine {
+    fn trigger(&self) {}
 }
 
 impl Default for FunctionVmConfig {
@@ -125,6 +143,7 @@ impl Default for FunctionVmConfig {
             cpl0: false,
             timeout: None,
             console_limit: 64 << 20,
+            drives: Vec::new(),
         }
     }
 }
@@ -150,9 +169,14 @@ struct Devices {
     stdout: Arc<ConsoleSink>,
     stderr: Arc<ConsoleSink>,
     postcode: Arc<PostCode>,
+    virtio: Vec<(String, Arc<MmioTransport>)>,
 }
 
-fn build_devices(cfg: &FunctionVmConfig, io: ConsoleIo) -> Result<Devices, VmError> {
+fn build_devices(
+    cfg: &FunctionVmConfig,
+    io: ConsoleIo,
+    mem: &vm_memory::GuestMemoryMmap,
+) -> Result<Devices, VmError> {
     let stdout = Arc::new(ConsoleSink::new(io.stdout, cfg.console_limit));
     let stderr = Arc::new(ConsoleSink::new(io.stderr, cfg.console_limit));
     let postcode = Arc::new(PostCode::new());
@@ -177,11 +201,29 @@ fn build_devices(cfg: &FunctionVmConfig, io: ConsoleIo) -> Result<Devices, VmErr
         BusRange::new(INFO_DEVICE_ADDR, INFO_WINDOW),
         Arc::new(PlatformInfo::new(cfg.vcpus, cfg.memory)),
     )?;
+    if cfg.drives.len() > MAX_PAYLOAD_DRIVES {
+        return Err(PayloadError::TooManyDrives(cfg.drives.len()).into());
+    }
+    let mut virtio = Vec::new();
+    for (i, d) in cfg.drives.iter().enumerate() {
+        let dev = Block::open(d).map_err(PayloadError::from)?;
+        let transport = Arc::new(MmioTransport::new(
+            Box::new(dev),
+            mem.clone(),
+            Interrupt::new(Arc::new(NoInterruptLine)),
+        ));
+        let addr = VIRTIO_PAYLOAD_BASE + 0x1000 * i as u64;
+        buses
+            .mmio
+            .insert(BusRange::new(addr, mmio::WINDOW), transport.clone())?;
+        virtio.push((format!("blk{i}"), transport));
+    }
     Ok(Devices {
         buses,
         stdout,
         stderr,
         postcode,
+        virtio,
     })
 }
 
@@ -253,7 +295,7 @@ pub fn run_function(cfg: &FunctionVmConfig, io: ConsoleIo) -> Result<RunReport, 
         InputSource::DirectStdin
     };
 
-    let devices = build_devices(cfg, io)?;
+    let devices = build_devices(cfg, io, ram.memory())?;
     let buses = Arc::new(devices.buses);
     let ctx = Arc::new(VcpuContext {
         buses: buses.clone(),
@@ -270,7 +312,7 @@ pub fn run_function(cfg: &FunctionVmConfig, io: ConsoleIo) -> Result<RunReport, 
         sync_regs,
     });
     let counters = run_to_end(vcpu_fds, &ctx, &mut console, cfg.timeout, started)?;
-    Ok(report(
+    let mut report = report(
         &control,
         counters,
         ReportSources {
@@ -280,7 +322,13 @@ pub fn run_function(cfg: &FunctionVmConfig, io: ConsoleIo) -> Result<RunReport, 
             postcode: Some(&devices.postcode),
         },
         started,
-    ))
+    );
+    report.devices = devices
+        .virtio
+        .iter()
+        .map(|(name, t)| (name.clone(), t.stats().snapshot()))
+        .collect();
+    Ok(report)
 }
 
 /// Opens KVM and checks the requested size against the host.

@@ -31,6 +31,10 @@ pub enum PayloadError {
     ArgTooLong(usize),
     #[error("argument string contains a NUL byte; pass text without NULs")]
     ArgHasNul,
+    #[error(transparent)]
+    Drive(#[from] bulwark_devices::virtio::block::DriveError),
+    #[error("{0} drives given; a function micro-VM takes at most {max}", max = crate::vm::MAX_PAYLOAD_DRIVES)]
+    TooManyDrives(usize),
     #[error("writing the payload into guest memory at {addr:#x} failed")]
     GuestMemory {
         addr: u64,
