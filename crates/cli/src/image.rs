@@ -133,7 +133,13 @@ pub fn rig(args: &RigArgs) -> ExitCode {
         images.push(GuestImage::new(name, dir));
     }
     let spec = match rig_spec(images, args.timeout) {
-        Ok(s) => s,
+        Ok(mut s) => {
+            s.cpus = args.cpus;
+            if let Some(m) = args.memory {
+                s.memory_mib = u32::try_from(m >> 20).unwrap_or(u32::MAX);
+            }
+            s
+        }
         Err(e) => {
             eprintln!("bulwark: {e}");
             return ExitCode::from(125);

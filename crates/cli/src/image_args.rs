@@ -41,6 +41,12 @@ pub struct RigArgs {
     /// Bound on the whole rig run.
     #[arg(long, default_value = "600s", value_parser = crate::config::parse_duration)]
     pub(crate) timeout: Duration,
+    /// CPUs of the rig's L1 (QEMU runs one TCG thread each).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) cpus: u32,
+    /// Memory of the rig's L1 [default: 2G]; guests run inside it.
+    #[arg(long, value_parser = crate::config::parse_size)]
+    pub(crate) memory: Option<u64>,
     /// Run this shell script in the rig instead of one command (bulwark is on its PATH; it
     /// prints the script's output and exits with its status).
     #[arg(long, conflicts_with = "command")]

@@ -383,5 +383,8 @@ fn guest_boots_with_its_root_on_vda() {
     assert_eq!(status, 0, "{out}");
     assert!(out.contains("/dev/vda / ext4"), "root is the disk: {out}");
     assert!(out.contains("marker=kept"), "written on / and kept: {out}");
-    assert!(out.contains("/usr/bin/bulwark-agent"), "same tree as the initramfs: {out}");
+    assert!(
+        out.contains("/usr/bin/bulwark-agent"),
+        "same tree as the initramfs: {out}"
+    );
 }

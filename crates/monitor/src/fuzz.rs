@@ -22,6 +22,10 @@ use bulwark_devices::{BusRange, BusStats};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+mod virtio;
+
+pub use virtio::{virtio_blk, virtio_vsock, virtqueue};
+
 use crate::abi::{
     ABI_VERSION, DEBUG_CONSOLE_PORT, FAULT_PORT, HOSTCALL_PORT, POSTCODE_PORT, call, errno,
 };
@@ -994,6 +998,9 @@ mod tests {
             exit_dispatch(data);
             hostcall(data);
             payload_image(data);
+            virtqueue(data);
+            virtio_blk(data);
+            virtio_vsock(data);
         }
     }
 

@@ -75,3 +75,18 @@ fn linux_platform_corpus_replays_without_failure() {
 fn virtio_mmio_corpus_replays_without_failure() {
     replay("virtio_mmio", bulwark_monitor::fuzz::virtio_mmio);
 }
+
+#[test]
+fn virtqueue_corpus_replays_without_failure() {
+    replay("virtqueue", bulwark_monitor::fuzz::virtqueue);
+}
+
+#[test]
+fn virtio_blk_corpus_replays_without_failure() {
+    replay("virtio_blk", bulwark_monitor::fuzz::virtio_blk);
+}
+
+#[test]
+fn virtio_vsock_corpus_replays_without_failure() {
+    replay("virtio_vsock", bulwark_monitor::fuzz::virtio_vsock);
+}

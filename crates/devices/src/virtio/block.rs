@@ -886,6 +886,19 @@ mod tests {
     }
 
     #[test]
+    fn block_status_byte_past_the_top_of_memory_is_not_written_at_a_wrapped_address() {
+        // The only writable buffer starts 6 bytes below 2^64; its last byte would wrap to
+        // 0xff9, inside RAM (found by the virtio_blk fuzz target). The device must refuse the
+        // chain without touching guest memory.
+        let mut r = rig("wrap", 1 << 20, false);
+        r.mem.write_obj(0x77u8, GuestAddress(0xff9)).unwrap();
+        let (_, len) = r.submit(&[(HDR, 16, false), (u64::MAX - 5, 0x1000, true)]);
+        assert_eq!(len, 0);
+        assert_eq!(r.mem.read_obj::<u8>(GuestAddress(0xff9)).unwrap(), 0x77);
+        assert_eq!(DeviceStats::get(&r.dev.stats().bad_requests), 1);
+    }
+
+    #[test]
     fn block_avail_index_jump_breaks_the_queue_not_the_device() {
         let mut r = rig("jump", 1 << 20, false);
         r.ring.set_avail_idx(&r.mem, 40_000);

@@ -54,7 +54,8 @@ impl Streams {
     }
 }
 
-/// `len` bytes of the stream formed by `segs`, starting at `start` (shorter at its end).
+/// `len` bytes of the stream formed by `segs`, starting at `start` (shorter at its end, or
+/// where a buffer reaches the top of the address space).
 pub fn sub_stream(segs: &[Segment], mut start: u64, mut len: u64) -> Vec<Segment> {
     let mut out = Vec::new();
     for s in segs {
@@ -66,8 +67,13 @@ pub fn sub_stream(segs: &[Segment], mut start: u64, mut len: u64) -> Vec<Segment
             continue;
         }
         let take = (s.len - start).min(len);
+        // A buffer that runs past the top of the address space does not go on at address 0:
+        // the stream ends there (and reading or writing it fails as outside RAM).
+        let Some(addr) = s.addr.0.checked_add(start) else {
+            break;
+        };
         out.push(Segment {
-            addr: GuestAddress(s.addr.0.wrapping_add(start)),
+            addr: GuestAddress(addr),
             len: take,
         });
         len -= take;
@@ -118,5 +124,37 @@ pub fn write_stream(
         Ok(())
     } else {
         Err(OutsideRam)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seg(addr: u64, len: u64) -> Segment {
+        Segment {
+            addr: GuestAddress(addr),
+            len,
+        }
+    }
+
+    #[test]
+    fn sub_stream_spans_segments_and_skips_empty_ones() {
+        let segs = [seg(0x100, 4), seg(0x900, 0), seg(0x200, 8)];
+        assert_eq!(sub_stream(&segs, 2, 5), vec![seg(0x102, 2), seg(0x200, 3)]);
+        assert_eq!(sub_stream(&segs, 12, 1), vec![]);
+    }
+
+    #[test]
+    fn sub_stream_past_the_top_of_the_address_space_does_not_wrap_to_zero() {
+        // A buffer the guest put just below 2^64: byte 0x20 of it is not address 0x10.
+        let segs = [seg(u64::MAX - 0xf, 0x100)];
+        assert_eq!(sub_stream(&segs, 0x20, 1), vec![]);
+        assert_eq!(sub_stream(&segs, 0xf, 1), vec![seg(u64::MAX, 1)]);
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        let mut buf = [0u8; 4];
+        let piece = sub_stream(&segs, 0x20, 4);
+        assert_eq!(read_stream(&mem, &piece, &mut buf), Err(OutsideRam));
+        assert_eq!(write_stream(&mem, &piece, &buf), Err(OutsideRam));
     }
 }

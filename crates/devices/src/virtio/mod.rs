@@ -28,6 +28,8 @@ pub use queue::{QueueBroken, serve_queue};
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 /// `VIRTIO_RING_F_EVENT_IDX`.
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+/// `VIRTIO_RING_F_INDIRECT_DESC`: a chain may live in a table of its own, taking one ring slot.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
 
 /// Device status bits.
 pub mod status {

@@ -340,6 +340,7 @@ impl VirtioDevice for Net {
     fn features(&self) -> u64 {
         use feature::*;
         super::VIRTIO_RING_F_EVENT_IDX
+            | super::VIRTIO_RING_F_INDIRECT_DESC
             | CSUM
             | GUEST_CSUM
             | MAC

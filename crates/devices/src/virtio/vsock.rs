@@ -39,9 +39,14 @@ const TYPE_STREAM: u16 = 1;
 /// Receive buffer the device advertises per connection (bytes the guest may have in flight).
 pub const BUF_ALLOC: u32 = 256 * 1024;
 /// Largest payload the device accepts in one packet, or reads from a host socket at once.
-const MAX_PAYLOAD: u32 = 64 * 1024;
+pub const MAX_PAYLOAD: u32 = 64 * 1024;
 /// Most simultaneous connections; more are refused with a reset.
 pub const MAX_CONNECTIONS: usize = 1024;
+/// Most packets without payload (responses, resets, credit updates) held for a guest that posts
+/// no receive buffers; past it new ones are dropped, as a guest that does not receive loses
+/// them. Without a bound, a guest sending packets that each earn a reply grows the queue
+/// without end.
+pub const MAX_PENDING_CONTROL: usize = 4 * MAX_CONNECTIONS;
 /// Host-side ports for host-initiated connections count up from here.
 const FIRST_HOST_PORT: u32 = 1 << 30;
 /// Longest `CONNECT <port>\n` line accepted.
@@ -139,6 +144,22 @@ pub enum VsockError {
     Bind { path: PathBuf, source: io::Error },
     #[error("cannot watch the vsock socket: {0}")]
     Events(io::Error),
+}
+
+/// What a [`Vsock`] holds on behalf of its peers; each field is bounded whatever they do.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VsockUsage {
+    /// Connections, established or waiting for the guest (at most [`MAX_CONNECTIONS`]).
+    pub connections: usize,
+    /// Host clients that have not finished their `CONNECT` line.
+    pub handshakes: usize,
+    /// Packets without payload waiting for guest receive buffers (at most
+    /// [`MAX_PENDING_CONTROL`]).
+    pub pending_control: usize,
+    /// Largest backlog of guest data for one host stream (at most [`BUF_ALLOC`]).
+    pub max_to_host: usize,
+    /// Largest backlog of host data for the guest on one connection (at most [`MAX_PAYLOAD`]).
+    pub max_from_host: usize,
 }
 
 /// One stream connection: guest port ↔ host port, with its unix stream on the host side.
@@ -303,6 +324,28 @@ impl Vsock {
         &self.socket
     }
 
+    /// What the device holds right now (for diagnostics and the fuzz harness's bounds).
+    pub fn usage(&self) -> VsockUsage {
+        VsockUsage {
+            connections: self.conns.len(),
+            // Each connection holds one token; the other tokens are clients handshaking.
+            handshakes: self.tokens.len().saturating_sub(self.conns.len()),
+            pending_control: self.control.len(),
+            max_to_host: self
+                .conns
+                .values()
+                .map(|c| c.to_host.len())
+                .max()
+                .unwrap_or(0),
+            max_from_host: self
+                .conns
+                .values()
+                .map(|c| c.from_host.len())
+                .max()
+                .unwrap_or(0),
+        }
+    }
+
     fn is_active(&self) -> bool {
         self.active.mem.is_some()
     }
@@ -325,6 +368,10 @@ impl Vsock {
     }
 
     fn send_control(&mut self, h: Header) {
+        if self.control.len() >= MAX_PENDING_CONTROL {
+            tracing::debug!(op = h.op, "vsock control queue full; packet dropped");
+            return;
+        }
         if let Some(c) = self.conns.get_mut(&(h.dst_port, h.src_port)) {
             c.fwd_cnt_told = h.fwd_cnt;
         }
@@ -381,7 +428,8 @@ impl Vsock {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
-                    if !self.is_active() || self.conns.len() >= MAX_CONNECTIONS {
+                    // Every token is a connection or a client still handshaking.
+                    if !self.is_active() || self.tokens.len() >= MAX_CONNECTIONS {
                         continue; // dropped: the client sees the connection close
                     }
                     if stream.set_nonblocking(true).is_err() {
@@ -437,7 +485,8 @@ impl Vsock {
         let host_port = self.next_host_port;
         self.next_host_port = self.next_host_port.wrapping_add(1).max(FIRST_HOST_PORT);
         let key = (port, host_port);
-        if self.conns.contains_key(&key) {
+        // The guest may have taken the last connections while this client handshook.
+        if self.conns.contains_key(&key) || self.conns.len() >= MAX_CONNECTIONS {
             return;
         }
         self.tokens.insert(token, TokenUse::Conn(port, host_port));
@@ -517,7 +566,9 @@ impl Vsock {
         }
         let mut path = self.socket.clone().into_os_string();
         path.push(format!("_{}", h.dst_port));
-        match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
+        // Never block the device thread: a listener that does not accept (a full backlog)
+        // refuses this connection instead of stalling every other one.
+        match crate::sys::unix_connect_nonblocking(std::path::Path::new(&path)) {
             Ok(stream) => {
                 let token = self.new_token();
                 let mut c = Conn::new(stream, token, true);
@@ -948,5 +999,505 @@ impl VirtioDevice for Vsock {
 impl Drop for Vsock {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The device between a guest driver's rings (a [`SplitRing`] in real guest memory) and
+    //! real unix sockets on the host, woken by its real epoll set. No KVM, no privileges.
+
+    use super::*;
+    use crate::virtio::driver::SplitRing;
+    use crate::virtio::{InterruptLine, VIRTIO_F_VERSION_1};
+    use std::time::Duration;
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::epoll::EpollEvent;
+
+    const CID: u64 = 42;
+    const RING: u16 = 256;
+    const MEM: u64 = 8 << 20;
+    /// Transmit packets are written from here; receive buffers from `RX_AREA` on.
+    const TX_AREA: u64 = 0x1_0000;
+    const RX_AREA: u64 = 0x20_0000;
+    const RX_BUF: u32 = 4096;
+    const GUEST_PORT: u32 = 7000;
+    const WAIT: Duration = Duration::from_secs(5);
+
+    struct NoLine;
+    impl InterruptLine for NoLine {
+        fn trigger(&self) {}
+    }
+
+    struct Rig {
+        dev: Vsock,
+        events: DeviceEvents,
+        mem: GuestMemoryMmap,
+        rx: SplitRing,
+        tx: SplitRing,
+        /// Receive buffers posted and not yet used: (head, address).
+        posted: VecDeque<(u16, u64)>,
+        rx_seen: u16,
+        next_rx: u64,
+        next_tx: u64,
+        dir: PathBuf,
+    }
+
+    impl Drop for Rig {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("bulwark-vsock-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn rig(tag: &str) -> Rig {
+        let dir = temp_dir(tag);
+        let events = DeviceEvents::new().unwrap();
+        let cfg = VsockConfig {
+            cid: CID,
+            socket: dir.join("v.sock"),
+        };
+        let mut dev = Vsock::new(&cfg, events.clone()).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
+        let rx = SplitRing::new(0x1000, 0x2000, 0x3000, RING);
+        let tx = SplitRing::new(0x4000, 0x5000, 0x6000, RING);
+        let event = SplitRing::new(0x7000, 0x8000, 0x9000, RING);
+        let irq = Interrupt::new(Arc::new(NoLine));
+        let queues = vec![rx.queue(), tx.queue(), event.queue()];
+        dev.activate(mem.clone(), VIRTIO_F_VERSION_1, queues, irq)
+            .unwrap();
+        Rig {
+            dev,
+            events,
+            mem,
+            rx,
+            tx,
+            posted: VecDeque::new(),
+            rx_seen: 0,
+            next_rx: RX_AREA,
+            next_tx: TX_AREA,
+            dir,
+        }
+    }
+
+    fn guest(op: u16, src_port: u32, dst_port: u32) -> Header {
+        Header {
+            src_cid: CID,
+            dst_cid: HOST_CID,
+            src_port,
+            dst_port,
+            kind: TYPE_STREAM,
+            op,
+            buf_alloc: BUF_ALLOC,
+            ..Header::default()
+        }
+    }
+
+    impl Rig {
+        fn socket(&self) -> PathBuf {
+            self.dev.socket().to_path_buf()
+        }
+
+        fn port_path(&self, port: u32) -> PathBuf {
+            let mut p = self.dev.socket().as_os_str().to_owned();
+            p.push(format!("_{port}"));
+            p.into()
+        }
+
+        /// Posts `n` receive buffers and tells the device.
+        fn post_rx(&mut self, n: usize) {
+            for _ in 0..n {
+                if self.next_rx + u64::from(RX_BUF) > MEM {
+                    self.next_rx = RX_AREA;
+                }
+                let at = self.next_rx;
+                self.next_rx += u64::from(RX_BUF);
+                let head = self.rx.push(&self.mem, &[(at, RX_BUF, true)]);
+                self.posted.push_back((head, at));
+            }
+            self.dev.process_queue(RX as u16);
+        }
+
+        /// Puts `bufs` on the transmit queue as one chain and notifies the device.
+        fn send_chain(&mut self, bufs: &[crate::virtio::driver::Buf]) {
+            self.tx.push(&self.mem, bufs);
+            self.dev.process_queue(TX as u16);
+        }
+
+        /// Writes a packet (header, then `payload`) and sends it in one buffer.
+        fn send(&mut self, mut h: Header, payload: &[u8]) {
+            h.len = payload.len() as u32;
+            let at = self.write_packet(&h, payload);
+            self.send_chain(&[(at, (HEADER_LEN + payload.len()) as u32, false)]);
+        }
+
+        fn write_packet(&mut self, h: &Header, payload: &[u8]) -> u64 {
+            let len = (HEADER_LEN + payload.len()) as u64;
+            if self.next_tx + len > RX_AREA {
+                self.next_tx = TX_AREA;
+            }
+            let at = self.next_tx;
+            self.next_tx = (at + len + 15) & !15;
+            self.mem
+                .write_slice(&h.to_bytes(), GuestAddress(at))
+                .unwrap();
+            self.mem
+                .write_slice(payload, GuestAddress(at + HEADER_LEN as u64))
+                .unwrap();
+            at
+        }
+
+        /// Runs the device on ready host descriptors, as its worker thread would, until none
+        /// is ready for a short while.
+        fn pump(&mut self) {
+            let mut ready = [EpollEvent::default(); 16];
+            for _ in 0..1000 {
+                let n = self.events.epoll().wait(50, &mut ready).unwrap();
+                if n == 0 {
+                    return;
+                }
+                for ev in &ready[..n] {
+                    self.dev.host_event(ev.data(), ev.event_set());
+                }
+            }
+            panic!("host descriptors never went quiet");
+        }
+
+        /// Packets the device placed in receive buffers since the last call.
+        fn received(&mut self) -> Vec<(Header, Vec<u8>)> {
+            let mut out = Vec::new();
+            let used = self.rx.used_idx(&self.mem);
+            while self.rx_seen != used {
+                let (id, len) = self.rx.used_elem(&self.mem, self.rx_seen);
+                self.rx_seen = self.rx_seen.wrapping_add(1);
+                let (head, at) = self.posted.pop_front().unwrap();
+                assert_eq!(id, u32::from(head));
+                let mut raw = [0u8; HEADER_LEN];
+                self.mem.read_slice(&mut raw, GuestAddress(at)).unwrap();
+                let h = Header::parse(&raw);
+                assert_eq!(len as usize, HEADER_LEN + h.len as usize, "{h:?}");
+                assert_eq!((h.src_cid, h.dst_cid, h.kind), (HOST_CID, CID, TYPE_STREAM));
+                let mut payload = vec![0u8; h.len as usize];
+                self.mem
+                    .read_slice(&mut payload, GuestAddress(at + HEADER_LEN as u64))
+                    .unwrap();
+                out.push((h, payload));
+            }
+            out
+        }
+
+        /// Pumps until a packet with `op` arrives; returns it (and drops what came before).
+        fn expect(&mut self, op: u16) -> (Header, Vec<u8>) {
+            let deadline = std::time::Instant::now() + WAIT;
+            loop {
+                if let Some(p) = self.received().into_iter().find(|(h, _)| h.op == op) {
+                    return p;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no packet with op {op}"
+                );
+                self.pump();
+            }
+        }
+
+        fn bad_requests(&self) -> u64 {
+            DeviceStats::get(&self.dev.stats.bad_requests)
+        }
+
+        /// A host client connects to the device socket and asks for guest port `port`; the
+        /// guest accepts. Returns the client and the host port.
+        fn host_connect(&mut self, port: u32) -> (UnixStream, u32) {
+            let mut client = UnixStream::connect(self.socket()).unwrap();
+            client.set_read_timeout(Some(WAIT)).unwrap();
+            client
+                .write_all(format!("CONNECT {port}\n").as_bytes())
+                .unwrap();
+            let (req, _) = self.expect(op::REQUEST);
+            assert_eq!((req.dst_port, req.len), (port, 0));
+            assert!(req.src_port >= FIRST_HOST_PORT, "{req:?}");
+            self.send(guest(op::RESPONSE, port, req.src_port), &[]);
+            let mut line = Vec::new();
+            let mut b = [0u8; 1];
+            while b[0] != b'\n' {
+                client.read_exact(&mut b).unwrap();
+                line.push(b[0]);
+            }
+            assert_eq!(line, format!("OK {}\n", req.src_port).as_bytes());
+            (client, req.src_port)
+        }
+
+        /// The guest connects to host port `port`, where a listener waits; returns the
+        /// accepted host stream.
+        fn guest_connect(&mut self, listener: &UnixListener, port: u32) -> UnixStream {
+            self.send(guest(op::REQUEST, GUEST_PORT, port), &[]);
+            let (resp, _) = self.expect(op::RESPONSE);
+            assert_eq!((resp.src_port, resp.dst_port), (port, GUEST_PORT));
+            let (s, _) = listener.accept().unwrap();
+            s.set_read_timeout(Some(WAIT)).unwrap();
+            s
+        }
+    }
+
+    #[test]
+    fn vsock_host_connect_handshake_then_data_both_ways_then_guest_reset() {
+        let mut r = rig("host-connect");
+        r.post_rx(16);
+        let (mut client, host_port) = r.host_connect(52);
+        // Host to guest.
+        client.write_all(b"hello from the host").unwrap();
+        let (h, payload) = r.expect(op::RW);
+        assert_eq!((h.src_port, h.dst_port), (host_port, 52));
+        assert_eq!(payload, b"hello from the host");
+        // Guest to host.
+        r.send(guest(op::RW, 52, host_port), b"hello from the guest");
+        let mut got = [0u8; 20];
+        client.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hello from the guest");
+        assert_eq!(DeviceStats::get(&r.dev.stats.bytes_out), 20);
+        assert_eq!(DeviceStats::get(&r.dev.stats.bytes_in), 19);
+        // The guest resets: the host stream ends.
+        r.send(guest(op::RST, 52, host_port), &[]);
+        assert_eq!(
+            client.read(&mut got).unwrap(),
+            0,
+            "EOF after the guest's reset"
+        );
+        assert_eq!(r.dev.usage().connections, 0);
+        assert_eq!(r.bad_requests(), 0);
+    }
+
+    #[test]
+    fn vsock_host_connect_with_bad_line_is_answered_with_error() {
+        let mut r = rig("bad-line");
+        r.post_rx(4);
+        let mut client = UnixStream::connect(r.socket()).unwrap();
+        client.set_read_timeout(Some(WAIT)).unwrap();
+        client.write_all(b"HELLO 52\n").unwrap();
+        r.pump();
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).unwrap();
+        assert_eq!(answer, "ERROR bad CONNECT line\n");
+        assert!(r.received().is_empty(), "nothing reaches the guest");
+    }
+
+    #[test]
+    fn vsock_guest_connect_to_listener_gets_response_and_host_shutdown_reaches_guest() {
+        let mut r = rig("guest-connect");
+        r.post_rx(16);
+        let listener = UnixListener::bind(r.port_path(1234)).unwrap();
+        let mut host = r.guest_connect(&listener, 1234);
+        r.send(guest(op::RW, GUEST_PORT, 1234), b"ping");
+        let mut got = [0u8; 4];
+        host.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"ping");
+        host.write_all(b"pong").unwrap();
+        let (h, payload) = r.expect(op::RW);
+        assert_eq!(
+            (h.src_port, h.dst_port, payload.as_slice()),
+            (1234, GUEST_PORT, &b"pong"[..])
+        );
+        // The host closes its side: after its data, the guest hears SHUTDOWN (send).
+        host.shutdown(std::net::Shutdown::Write).unwrap();
+        let (h, _) = r.expect(op::SHUTDOWN);
+        assert_eq!(h.flags, SHUTDOWN_SEND);
+    }
+
+    #[test]
+    fn vsock_listener_that_never_accepts_cannot_stall_the_device() {
+        // A host listener whose backlog fills: connecting must not block the device thread
+        // (found by fuzzing review: a blocking connect hung every connection of the VM).
+        let mut r = rig("backlog");
+        let _listener = UnixListener::bind(r.port_path(77)).unwrap();
+        let started = std::time::Instant::now();
+        for i in 0..600u32 {
+            r.post_rx(1); // each REQUEST gets one answer: RESPONSE, or RST once the backlog is full
+            r.send(guest(op::REQUEST, 5000 + i, 77), &[]);
+            r.send(guest(op::RST, 5000 + i, 77), &[]);
+            r.received(); // keep the receive ring from filling
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(30),
+                "the device stalled at connection {i}"
+            );
+        }
+        // Past the backlog the guest is refused with a reset, and the device still answers.
+        r.post_rx(4);
+        r.send(guest(op::REQUEST, 9000, 78), &[]);
+        let (h, _) = r.expect(op::RST);
+        assert_eq!(h.dst_port, 9000);
+    }
+
+    #[test]
+    fn vsock_guest_connect_without_listener_is_reset() {
+        let mut r = rig("refused");
+        r.post_rx(4);
+        r.send(guest(op::REQUEST, GUEST_PORT, 999), &[]);
+        let (h, _) = r.expect(op::RST);
+        assert_eq!((h.src_port, h.dst_port), (999, GUEST_PORT));
+        assert_eq!(r.dev.usage().connections, 0);
+    }
+
+    #[test]
+    fn vsock_wrong_source_cid_is_reset_and_counted() {
+        let mut r = rig("wrong-cid");
+        r.post_rx(4);
+        let listener = UnixListener::bind(r.port_path(1234)).unwrap();
+        let mut h = guest(op::REQUEST, GUEST_PORT, 1234);
+        h.src_cid = CID + 1;
+        r.send(h, &[]);
+        let (rst, _) = r.expect(op::RST);
+        assert_eq!((rst.src_port, rst.dst_port), (1234, GUEST_PORT));
+        assert_eq!(r.bad_requests(), 1);
+        listener.set_nonblocking(true).unwrap();
+        assert!(listener.accept().is_err(), "no connection made for it");
+    }
+
+    #[test]
+    fn vsock_data_beyond_the_advertised_buffer_is_reset() {
+        let mut r = rig("credit");
+        r.post_rx(4);
+        let listener = UnixListener::bind(r.port_path(1234)).unwrap();
+        // The host side never reads: the device holds what its socket does not take, up to
+        // the BUF_ALLOC it advertised, and resets the connection past it.
+        let _host = r.guest_connect(&listener, 1234);
+        let chunk = vec![7u8; MAX_PAYLOAD as usize];
+        let mut sent = 0usize;
+        while r.dev.usage().connections == 1 {
+            r.send(guest(op::RW, GUEST_PORT, 1234), &chunk);
+            sent += chunk.len();
+            assert!(r.dev.usage().max_to_host <= BUF_ALLOC as usize);
+            assert!(sent < 64 << 20, "never reset after {sent} bytes");
+        }
+        assert!(sent > BUF_ALLOC as usize, "reset after only {sent} bytes");
+        assert_eq!(r.bad_requests(), 1);
+        r.post_rx(64);
+        let (rst, _) = r.expect(op::RST);
+        assert_eq!((rst.src_port, rst.dst_port), (1234, GUEST_PORT));
+    }
+
+    #[test]
+    fn vsock_header_length_beyond_the_chain_is_dropped_and_counted() {
+        let mut r = rig("short");
+        r.post_rx(4);
+        let mut h = guest(op::REQUEST, GUEST_PORT, 1234);
+        h.len = 100;
+        let at = r.write_packet(&h, &[0u8; 10]);
+        let descriptors = [(GuestAddress(at), (HEADER_LEN + 10) as u32, false)];
+        assert_eq!(read_tx_packet(&r.mem, &descriptors), Err(BadPacket::Length));
+        r.send_chain(&[(at, (HEADER_LEN + 10) as u32, false)]);
+        assert_eq!(r.tx.used_elem(&r.mem, 0), (u32::from(0u16), 0));
+        assert_eq!(r.bad_requests(), 1);
+        r.pump();
+        assert!(r.received().is_empty(), "a dropped packet gets no answer");
+        // Shorter than a header, and out of order: dropped too.
+        r.send_chain(&[(at, 20, false)]);
+        r.send_chain(&[(at + 0x1000, 64, true), (at, 44, false)]);
+        assert_eq!(r.bad_requests(), 3);
+    }
+
+    #[test]
+    fn vsock_second_device_on_the_same_path_is_refused() {
+        let r = rig("exists");
+        let cfg = VsockConfig {
+            cid: CID + 1,
+            socket: r.socket(),
+        };
+        let err = Vsock::new(&cfg, DeviceEvents::new().unwrap()).unwrap_err();
+        assert!(matches!(err, VsockError::SocketExists(_)), "{err}");
+        // The first device still has its socket.
+        assert!(UnixStream::connect(r.socket()).is_ok());
+    }
+
+    #[test]
+    fn vsock_reserved_and_oversized_cids_are_refused() {
+        let dir = temp_dir("cids");
+        for cid in [0, 1, 2, u64::from(u32::MAX), u64::MAX] {
+            let cfg = VsockConfig {
+                cid,
+                socket: dir.join("v.sock"),
+            };
+            let err = Vsock::new(&cfg, DeviceEvents::new().unwrap()).unwrap_err();
+            assert!(matches!(err, VsockError::BadCid(c) if c == cid), "{err}");
+            assert!(!cfg.socket.exists(), "no socket left behind");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn vsock_config_space_holds_the_guest_cid() {
+        let r = rig("config");
+        let mut b = [0xffu8; 8];
+        r.dev.read_config(0, &mut b);
+        assert_eq!(u64::from_le_bytes(b), CID);
+        r.dev.read_config(6, &mut b);
+        assert_eq!(b, [0; 8]);
+    }
+
+    #[test]
+    fn vsock_control_packets_stay_bounded_without_receive_buffers() {
+        // Regression: each bad packet earns a reset, and a guest that posts no receive buffers
+        // used to grow the queue of them without bound.
+        let mut r = rig("control-bound");
+        let mut h = guest(op::REQUEST, GUEST_PORT, 1234);
+        h.src_cid = CID + 1;
+        for _ in 0..MAX_PENDING_CONTROL + 500 {
+            r.send(h, &[]);
+        }
+        assert_eq!(r.dev.usage().pending_control, MAX_PENDING_CONTROL);
+        // What was kept is delivered once the guest posts buffers.
+        r.post_rx(8);
+        assert_eq!(r.received().len(), 8);
+        assert_eq!(r.dev.usage().pending_control, MAX_PENDING_CONTROL - 8);
+    }
+
+    #[test]
+    fn vsock_host_clients_cannot_exceed_the_connection_limit() {
+        // Regression: clients that finished their handshake after the guest took the last
+        // connections, or many clients handshaking at once, went past MAX_CONNECTIONS.
+        let mut r = rig("limit");
+        let listener = UnixListener::bind(r.port_path(1234)).unwrap();
+        // A client starts its handshake while there is room.
+        let mut early = UnixStream::connect(r.socket()).unwrap();
+        early.set_read_timeout(Some(WAIT)).unwrap();
+        r.pump();
+        assert_eq!(r.dev.usage().handshakes, 1);
+        // The guest then takes every connection (its connects do not count handshakes).
+        for port in 0..MAX_CONNECTIONS as u32 {
+            r.send(guest(op::REQUEST, 10_000 + port, 1234), &[]);
+        }
+        assert_eq!(r.dev.usage().connections, MAX_CONNECTIONS);
+        early.write_all(b"CONNECT 52\n").unwrap();
+        r.pump();
+        assert_eq!(r.dev.usage().connections, MAX_CONNECTIONS);
+        let mut rest = Vec::new();
+        assert_eq!(early.read_to_end(&mut rest).unwrap(), 0, "client dropped");
+        // New clients are turned away at once.
+        let mut late = UnixStream::connect(r.socket()).unwrap();
+        late.set_read_timeout(Some(WAIT)).unwrap();
+        r.pump();
+        assert_eq!(r.dev.usage().handshakes, 0);
+        assert_eq!(late.read(&mut [0u8; 1]).unwrap(), 0, "client dropped");
+        drop(listener);
+    }
+
+    #[test]
+    fn vsock_clients_handshaking_at_once_are_bounded() {
+        // Regression: handshaking clients did not count against MAX_CONNECTIONS, so any number
+        // could finish their lines and all become connections.
+        let mut r = rig("handshakes");
+        let clients: Vec<UnixStream> = (0..=MAX_CONNECTIONS)
+            .map(|_| UnixStream::connect(r.socket()).unwrap())
+            .collect();
+        r.pump();
+        assert_eq!(r.dev.usage().handshakes, MAX_CONNECTIONS);
+        let mut last = &clients[MAX_CONNECTIONS];
+        last.set_read_timeout(Some(WAIT)).unwrap();
+        assert_eq!(last.read(&mut [0u8; 1]).unwrap(), 0, "client dropped");
     }
 }
