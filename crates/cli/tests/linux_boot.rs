@@ -81,9 +81,11 @@ fn script() -> String {
     s
 }
 
+/// The one rig boot of this file; a failure is kept too, so every test reports it instead of
+/// booting the rig again.
 fn rig_run() -> &'static RigRun {
-    static RUN: OnceLock<RigRun> = OnceLock::new();
-    RUN.get_or_init(|| {
+    static RUN: OnceLock<Result<RigRun, String>> = OnceLock::new();
+    let run = RUN.get_or_init(|| {
         require_kvm();
         let mut spec = RigSpec::new(bulwark());
         spec.images = vec![GuestImage::new("default", image_dir())];
@@ -96,10 +98,13 @@ fn rig_run() -> &'static RigRun {
             mode: 0o644,
         }];
         spec.cmdline_extra = "loglevel=1".into();
-        let run = run_script(&spec, &script()).unwrap_or_else(|e| panic!("rig: {e}"));
-        assert_eq!(run.status, 0, "rig script failed:\n{}", run.output);
-        run
-    })
+        match run_script(&spec, &script()) {
+            Ok(run) if run.status == 0 => Ok(run),
+            Ok(run) => Err(format!("rig script failed:\n{}", run.output)),
+            Err(e) => Err(format!("rig: {e}")),
+        }
+    });
+    run.as_ref().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Output and exit status of one check.

@@ -13,6 +13,27 @@ const B: &str = "bulwark run --image /images/virtio --no-rig --timeout 300s --me
 const MIB64: u64 = 64 << 20;
 const MIB100: u64 = 100 << 20;
 
+/// The virtio-net check, run by `net_tcp` in a fresh network namespace.
+fn net_script() -> String {
+    format!(
+        "head -c {MIB100} /dev/urandom > /tmp/n; echo host-sent $(sha256sum < /tmp/n); \
+                 printf '#!/bin/sh\\ncat > /tmp/host-data\\nexec 0<&- 1>&- 2>&-\\ni=0\\nwhile [ $i -lt 100 ] && ! nc 10.0.2.2 5002 < /dev/null 2>/dev/null; do sleep 0.2; i=$((i+1)); done\\n' > /tmp/recv; \
+                 chmod 755 /tmp/recv; nc -l -p 5001 -e /tmp/recv & \
+                 {B} --stats --net tap=bwtap0,mac=02:00:00:00:00:02 -- sh -c 'ip link set lo up; \
+                   ip addr add 10.0.2.2/24 dev eth0; ip link set eth0 up; \
+                   echo mac $(cat /sys/class/net/eth0/address); \
+                   echo features $(cat /sys/class/net/eth0/device/features); \
+                   echo guest-got $(nc -l -p 5000 | sha256sum); \
+                   head -c {MIB100} /dev/urandom > /tmp/d; echo guest-sent $(sha256sum < /tmp/d); \
+                   nc 10.0.2.1 5001 < /tmp/d; echo guest-nc=$?; nc -l -p 5002 > /dev/null' > /tmp/net-vm.log 2>&1 & \
+                 i=0; while ! ip link show bwtap0 >/dev/null 2>&1 && [ $i -lt 300 ]; do i=$((i+1)); sleep 0.1; done; \
+                 ip addr add 10.0.2.1/24 dev bwtap0; ip link set bwtap0 up; \
+                 i=0; while [ $i -lt 120 ] && ! ping -c1 -W1 10.0.2.2 >/dev/null 2>&1; do i=$((i+1)); done; \
+                 nc 10.0.2.2 5000 < /tmp/n; wait; \
+                 echo host-got $(sha256sum < /tmp/host-data) bytes=$(wc -c < /tmp/host-data); cat /tmp/net-vm.log"
+    )
+}
+
 fn script() -> String {
     let checks: Vec<(&str, String)> = vec![
         // A random 64 MiB written through /dev/vda by the guest, read back in the guest from
@@ -103,25 +124,9 @@ fn script() -> String {
         // powering off earlier would drop what is still in the guest's socket buffers. The
         // host receives through `nc -e` (busybox nc stops when its own stdin ends), and the
         // receiving program itself makes that connection once it has read everything.
-        (
-            "net_tcp",
-            format!(
-                "head -c {MIB100} /dev/urandom > /tmp/n; echo host-sent $(sha256sum < /tmp/n); \
-                 printf '#!/bin/sh\\ncat > /tmp/host-data\\ni=0\\nwhile [ $i -lt 100 ] && ! nc 10.0.2.2 5002 < /dev/null 2>/dev/null; do sleep 0.2; i=$((i+1)); done\\n' > /tmp/recv; \
-                 chmod 755 /tmp/recv; nc -l -p 5001 -e /tmp/recv & \
-                 {B} --stats --net tap=bwtap0,mac=02:00:00:00:00:02 -- sh -c 'ip link set lo up; \
-                   ip addr add 10.0.2.2/24 dev eth0; ip link set eth0 up; \
-                   echo mac $(cat /sys/class/net/eth0/address); \
-                   echo guest-got $(nc -l -p 5000 | sha256sum); \
-                   head -c {MIB100} /dev/urandom > /tmp/d; echo guest-sent $(sha256sum < /tmp/d); \
-                   nc 10.0.2.1 5001 < /tmp/d; echo guest-nc=$?; nc -l -p 5002 > /dev/null' > /tmp/net-vm.log 2>&1 & \
-                 i=0; while ! ip link show bwtap0 >/dev/null 2>&1 && [ $i -lt 300 ]; do i=$((i+1)); sleep 0.1; done; \
-                 ip addr add 10.0.2.1/24 dev bwtap0; ip link set bwtap0 up; \
-                 i=0; while [ $i -lt 120 ] && ! ping -c1 -W1 10.0.2.2 >/dev/null 2>&1; do i=$((i+1)); done; \
-                 nc 10.0.2.2 5000 < /tmp/n; wait; \
-                 echo host-got $(sha256sum < /tmp/host-data) bytes=$(wc -c < /tmp/host-data); cat /tmp/net-vm.log"
-            ),
-        ),
+        // In a network namespace of its own (unshare -n), so the tap and addresses touch nothing
+        // else even inside the rig's L1.
+        ("net_tcp", "unshare -n sh /tmp/net-test.sh".to_string()),
         (
             "net_bad_tap",
             format!("{B} --net tap=no/slash -- true; {B} --net toolongtapname01 -- true"),
@@ -157,15 +162,21 @@ fn script() -> String {
     let mut s = String::from(
         "cp /images/virtio/vsock_echo /tmp/vsock_echo && chmod 755 /tmp/vsock_echo\nE=/tmp/vsock_echo\n",
     );
+    s.push_str(&format!(
+        "cat > /tmp/net-test.sh <<'NET'\n{}\nNET\n",
+        net_script()
+    ));
     for (name, cmd) in checks {
         s.push_str(&format!("section {name}\n{cmd} 2>&1\necho \"status=$?\"\n"));
     }
     s
 }
 
+/// The one rig boot of this file; a failure is kept too, so every test reports it instead of
+/// booting the rig again.
 fn rig_run() -> &'static RigRun {
-    static RUN: OnceLock<RigRun> = OnceLock::new();
-    RUN.get_or_init(|| {
+    static RUN: OnceLock<Result<RigRun, String>> = OnceLock::new();
+    let run = RUN.get_or_init(|| {
         require_kvm();
         // The default image plus the vsock test tool, which the rig's L1 gets too (in the image
         // directory) for the host side.
@@ -178,10 +189,16 @@ fn rig_run() -> &'static RigRun {
         spec.images = vec![GuestImage::new("virtio", image)];
         spec.cmdline_extra = "loglevel=1".into();
         spec.memory_mib = 2048;
-        let run = run_script(&spec, &script()).unwrap_or_else(|e| panic!("rig: {e}"));
-        assert_eq!(run.status, 0, "rig script failed:\n{}", run.output);
-        run
-    })
+        // Generous: the checks move ~500 MiB through emulated hardware, and the machine may
+        // be busy.
+        spec.timeout = std::time::Duration::from_secs(1800);
+        match run_script(&spec, &script()) {
+            Ok(run) if run.status == 0 => Ok(run),
+            Ok(run) => Err(format!("rig script failed:\n{}", run.output)),
+            Err(e) => Err(format!("rig: {e}")),
+        }
+    });
+    run.as_ref().unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn check(name: &str) -> (String, i32) {
@@ -358,17 +375,23 @@ fn net_tcp_streams_both_ways_over_tap_with_offloads() {
         sum(&out, "guest-sent "),
         "guest → host: {out}"
     );
-    // Segmentation offloads were negotiated: frames in both directions are larger than an
-    // Ethernet MTU on average (TSO from the guest, GSO to it through the tap).
+    // Checksum and segmentation offloads and mergeable buffers were negotiated (the guest's
+    // view of the accepted feature bits: CSUM 0, GUEST_CSUM 1, MAC 5, GUEST_TSO4 7,
+    // HOST_TSO4 11, MRG_RXBUF 15), and the data moved through the device.
+    let features = out
+        .lines()
+        .find_map(|l| l.strip_prefix("features "))
+        .unwrap_or_else(|| panic!("no features line: {out}"))
+        .trim()
+        .as_bytes()
+        .to_vec();
+    for bit in [0, 1, 5, 7, 11, 15] {
+        assert_eq!(features.get(bit), Some(&b'1'), "feature bit {bit}: {out}");
+    }
     let bytes_in = device_counter(&out, "net0", "bytes_in");
     let bytes_out = device_counter(&out, "net0", "bytes_out");
-    let frames = device_counter(&out, "net0", "requests");
     assert!(bytes_in >= 100 << 20 && bytes_out >= 100 << 20, "{out}");
-    assert!(
-        (bytes_in + bytes_out) / frames > 1514,
-        "average frame {} bytes: offloads not in use\n{out}",
-        (bytes_in + bytes_out) / frames
-    );
+    assert!(!out.contains("timed out"), "the guest's job ended by itself: {out}");
 }
 
 #[test]

@@ -24,7 +24,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 mod virtio;
 
-pub use virtio::{virtio_blk, virtio_vsock, virtqueue};
+pub use virtio::{virtio_blk, virtio_net, virtio_vsock, virtqueue};
 
 use crate::abi::{
     ABI_VERSION, DEBUG_CONSOLE_PORT, FAULT_PORT, HOSTCALL_PORT, POSTCODE_PORT, call, errno,
@@ -1000,6 +1000,7 @@ mod tests {
             payload_image(data);
             virtqueue(data);
             virtio_blk(data);
+            virtio_net(data);
             virtio_vsock(data);
         }
     }

@@ -90,3 +90,8 @@ fn virtio_blk_corpus_replays_without_failure() {
 fn virtio_vsock_corpus_replays_without_failure() {
     replay("virtio_vsock", bulwark_monitor::fuzz::virtio_vsock);
 }
+
+#[test]
+fn virtio_net_corpus_replays_without_failure() {
+    replay("virtio_net", bulwark_monitor::fuzz::virtio_net);
+}

@@ -262,7 +262,10 @@ pub fn read_tx_frame(
     Some(frame)
 }
 
-enum Placed {
+/// What became of a received frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placed {
+    /// Delivered; the frame's length without its header.
     Done(usize),
     /// The frame cannot fit the guest's buffers (too big, or unusable buffers): dropped.
     Dropped,
@@ -271,7 +274,7 @@ enum Placed {
 
 /// Writes one received frame (header included) into as many receive buffers as it needs
 /// (one unless `mergeable`), setting `num_buffers`.
-fn place_frame(mem: &GuestMemoryMmap, rx: &mut Queue, frame: &[u8], mergeable: bool) -> Placed {
+pub fn place_frame(mem: &GuestMemoryMmap, rx: &mut Queue, frame: &[u8], mergeable: bool) -> Placed {
     let mut taken: Vec<(u16, Vec<chain::Segment>)> = Vec::new();
     let mut room = 0u64;
     while room < frame.len() as u64 {

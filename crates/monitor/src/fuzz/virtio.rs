@@ -4,10 +4,12 @@
 //! the parent module for the conventions.
 
 mod blk;
+mod net;
 mod virtqueue;
 mod vsock;
 
 pub use blk::virtio_blk;
+pub use net::virtio_net;
 pub use virtqueue::virtqueue;
 pub use vsock::virtio_vsock;
 
