@@ -7,7 +7,7 @@ mod common;
 use std::sync::OnceLock;
 
 use bulwark_image::{ExtraFile, FileSource};
-use bulwark_testrig::{GuestImage, RigRun, RigSpec, run_script};
+use bulwark_testrig::{GuestImage, RigRun, RigSpec};
 use common::*;
 
 const B: &str = "bulwark run --image /images/default --no-rig --timeout 120s";
@@ -85,8 +85,7 @@ fn script() -> String {
 /// booting the rig again.
 fn rig_run() -> &'static RigRun {
     static RUN: OnceLock<Result<RigRun, String>> = OnceLock::new();
-    let run = RUN.get_or_init(|| {
-        require_kvm();
+    rig_once(&RUN, || {
         let mut spec = RigSpec::new(bulwark());
         spec.images = vec![GuestImage::new("default", image_dir())];
         // An ELF that is not a kernel: a function micro-VM payload (no PVH note).
@@ -98,13 +97,8 @@ fn rig_run() -> &'static RigRun {
             mode: 0o644,
         }];
         spec.cmdline_extra = "loglevel=1".into();
-        match run_script(&spec, &script()) {
-            Ok(run) if run.status == 0 => Ok(run),
-            Ok(run) => Err(format!("rig script failed:\n{}", run.output)),
-            Err(e) => Err(format!("rig: {e}")),
-        }
-    });
-    run.as_ref().unwrap_or_else(|e| panic!("{e}"))
+        (spec, script())
+    })
 }
 
 /// Output and exit status of one check.

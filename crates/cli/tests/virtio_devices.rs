@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::OnceLock;
 
-use bulwark_testrig::{GuestImage, RigRun, RigSpec, run_script};
+use bulwark_testrig::{GuestImage, RigRun, RigSpec};
 use common::*;
 
 const B: &str = "bulwark run --image /images/virtio --no-rig --timeout 300s --memory 512M";
@@ -176,8 +176,7 @@ fn script() -> String {
 /// booting the rig again.
 fn rig_run() -> &'static RigRun {
     static RUN: OnceLock<Result<RigRun, String>> = OnceLock::new();
-    let run = RUN.get_or_init(|| {
-        require_kvm();
+    rig_once(&RUN, || {
         // The default image plus the vsock test tool, which the rig's L1 gets too (in the image
         // directory) for the host side.
         let tools = TestDir::new("virtio-tools");
@@ -192,13 +191,8 @@ fn rig_run() -> &'static RigRun {
         // Generous: the checks move ~500 MiB through emulated hardware, and the machine may
         // be busy.
         spec.timeout = std::time::Duration::from_secs(1800);
-        match run_script(&spec, &script()) {
-            Ok(run) if run.status == 0 => Ok(run),
-            Ok(run) => Err(format!("rig script failed:\n{}", run.output)),
-            Err(e) => Err(format!("rig: {e}")),
-        }
-    });
-    run.as_ref().unwrap_or_else(|e| panic!("{e}"))
+        (spec, script())
+    })
 }
 
 fn check(name: &str) -> (String, i32) {
@@ -391,7 +385,10 @@ fn net_tcp_streams_both_ways_over_tap_with_offloads() {
     let bytes_in = device_counter(&out, "net0", "bytes_in");
     let bytes_out = device_counter(&out, "net0", "bytes_out");
     assert!(bytes_in >= 100 << 20 && bytes_out >= 100 << 20, "{out}");
-    assert!(!out.contains("timed out"), "the guest's job ended by itself: {out}");
+    assert!(
+        !out.contains("timed out"),
+        "the guest's job ended by itself: {out}"
+    );
 }
 
 #[test]

@@ -15,7 +15,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
 use super::chain::{self, Segment, Streams, read_stream, stream_len, sub_stream, write_stream};
@@ -559,15 +559,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let c = self.config_space();
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if start < c.len() {
-            let n = data.len().min(c.len() - start);
-            data[..n].copy_from_slice(&c[start..start + n]);
-        }
+        super::read_config_bytes(&self.config_space(), offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {
@@ -578,20 +570,13 @@ impl VirtioDevice for Block {
         &mut self,
         mem: GuestMemoryMmap,
         acked_features: u64,
-        mut queues: Vec<Queue>,
+        queues: Vec<Queue>,
         interrupt: Interrupt,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                got: queues.len(),
-                want: 1,
-            });
-        }
-        let mut q = queues.remove(0);
-        q.set_event_idx(acked_features & super::VIRTIO_RING_F_EVENT_IDX != 0);
+        let q = super::take_queues(queues, 1, acked_features)?.pop();
         self.active = Active {
             mem: Some(mem),
-            queue: Some(q),
+            queue: q,
             interrupt: Some(interrupt),
         };
         Ok(())

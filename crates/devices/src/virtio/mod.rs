@@ -179,6 +179,41 @@ pub enum ActivateError {
     BadQueue(u16),
 }
 
+/// Copies the part of a device's configuration space `config` at `offset` into `data`; bytes
+/// past its end read as zero (a driver may read any offset at any width).
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    if let Ok(start) = usize::try_from(offset)
+        && start < config.len()
+    {
+        let n = data.len().min(config.len() - start);
+        data[..n].copy_from_slice(&config[start..start + n]);
+    }
+}
+
+/// Checks that the driver set up the `want` queues a device needs, and turns on
+/// `VIRTIO_RING_F_EVENT_IDX` handling in each when the driver accepted it.
+pub fn take_queues(
+    queues: Vec<Queue>,
+    want: usize,
+    acked_features: u64,
+) -> Result<Vec<Queue>, ActivateError> {
+    if queues.len() != want {
+        return Err(ActivateError::QueueCount {
+            got: queues.len(),
+            want,
+        });
+    }
+    let event_idx = acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
+    Ok(queues
+        .into_iter()
+        .map(|mut q| {
+            virtio_queue::QueueT::set_event_idx(&mut q, event_idx);
+            q
+        })
+        .collect())
+}
+
 /// A virtio device behind some transport.
 pub trait VirtioDevice: Send {
     /// The virtio device ID (4 = entropy, 2 = block, 1 = network, 19 = vsock).

@@ -362,13 +362,7 @@ impl VirtioDevice for Net {
         c[..6].copy_from_slice(&self.mac);
         c[6..8].copy_from_slice(&1u16.to_le_bytes()); // VIRTIO_NET_S_LINK_UP
         c[8..10].copy_from_slice(&1u16.to_le_bytes()); // max_virtqueue_pairs
-        data.fill(0);
-        if let Ok(start) = usize::try_from(offset)
-            && start < c.len()
-        {
-            let n = data.len().min(c.len() - start);
-            data[..n].copy_from_slice(&c[start..start + n]);
-        }
+        super::read_config_bytes(&c, offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {
@@ -382,18 +376,8 @@ impl VirtioDevice for Net {
         queues: Vec<Queue>,
         interrupt: Interrupt,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 2 {
-            return Err(ActivateError::QueueCount {
-                got: queues.len(),
-                want: 2,
-            });
-        }
-        let event_idx = acked & super::VIRTIO_RING_F_EVENT_IDX != 0;
-        let mut q = queues.into_iter();
-        let (mut rx, mut tx) = (q.next(), q.next());
-        for queue in [&mut rx, &mut tx].into_iter().flatten() {
-            queue.set_event_idx(event_idx);
-        }
+        let mut q = super::take_queues(queues, 2, acked)?.into_iter();
+        let (rx, tx) = (q.next(), q.next());
         // What the guest can take on received frames, the tap may hand it.
         let mut offload = 0;
         if acked & feature::GUEST_CSUM != 0 {

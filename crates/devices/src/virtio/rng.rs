@@ -1,7 +1,7 @@
 //! virtio-rng: the guest's `/dev/hwrng`, fed from the host's getrandom. Every buffer the guest
 //! offers is filled completely with random bytes; read-only buffers are skipped.
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use std::sync::Arc;
@@ -58,20 +58,13 @@ impl VirtioDevice for Rng {
         &mut self,
         mem: GuestMemoryMmap,
         acked_features: u64,
-        mut queues: Vec<Queue>,
+        queues: Vec<Queue>,
         interrupt: Interrupt,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                got: queues.len(),
-                want: 1,
-            });
-        }
-        let mut q = queues.remove(0);
-        q.set_event_idx(acked_features & super::VIRTIO_RING_F_EVENT_IDX != 0);
+        let q = super::take_queues(queues, 1, acked_features)?.pop();
         self.active = Active {
             mem: Some(mem),
-            queue: Some(q),
+            queue: q,
             interrupt: Some(interrupt),
         };
         Ok(())

@@ -908,14 +908,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let c = self.cid.to_le_bytes();
-        data.fill(0);
-        if let Ok(start) = usize::try_from(offset)
-            && start < c.len()
-        {
-            let n = data.len().min(c.len() - start);
-            data[..n].copy_from_slice(&c[start..start + n]);
-        }
+        super::read_config_bytes(&self.cid.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
@@ -923,17 +916,11 @@ impl VirtioDevice for Vsock {
     fn activate(
         &mut self,
         mem: GuestMemoryMmap,
-        _acked_features: u64,
+        acked_features: u64,
         queues: Vec<Queue>,
         interrupt: Interrupt,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 3 {
-            return Err(ActivateError::QueueCount {
-                got: queues.len(),
-                want: 3,
-            });
-        }
-        let mut q = queues.into_iter();
+        let mut q = super::take_queues(queues, 3, acked_features)?.into_iter();
         self.active = Active {
             mem: Some(mem),
             rx: q.next(),
