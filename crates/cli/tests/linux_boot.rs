@@ -93,7 +93,8 @@ fn rig_run() -> &'static RigRun {
         let hello = build_payload(&payloads, "examples/payloads/hello.c");
         spec.files = vec![ExtraFile {
             path: "/payloads/hello.elf".into(),
-            source: FileSource::Host(hello),
+            // Read now: the temporary directory is gone when the rig boots.
+            source: FileSource::Bytes(std::fs::read(&hello).expect("built payload")),
             mode: 0o644,
         }];
         spec.cmdline_extra = "loglevel=1".into();
