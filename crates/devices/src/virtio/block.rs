@@ -19,7 +19,7 @@ use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
 use super::chain::{self, Segment, Streams, read_stream, stream_len, sub_stream, write_stream};
-use super::{ActivateError, DeviceStats, Interrupt, VirtioDevice, serve_queue};
+use super::{ActivateError, DeviceStats, Interrupt, VirtioDevice, serve_device_queue};
 use crate::sys::{self, Direction, falloc};
 
 pub const SECTOR: u64 = 512;
@@ -589,10 +589,8 @@ impl VirtioDevice for Block {
             queue: Some(q),
             interrupt: Some(irq),
         } = &mut active
-            && serve_queue(q, mem, irq, |chain| self.serve(mem, chain)).is_err()
+            && !serve_device_queue(q, mem, irq, &self.stats, |chain| self.serve(mem, chain))
         {
-            DeviceStats::add(&self.stats.broken_queues, 1);
-            irq.device_failed();
             active.queue = None;
         }
         self.active = active;

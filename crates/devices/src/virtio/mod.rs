@@ -22,7 +22,7 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-pub use queue::{QueueBroken, serve_queue};
+pub use queue::{QueueBroken, interrupt_if_wanted, serve_device_queue, serve_queue};
 
 /// `VIRTIO_F_VERSION_1`: the only kind of device bulwark offers.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;

@@ -22,8 +22,8 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::chain::{self, Streams, read_stream, stream_len, sub_stream};
 use super::{
-    ActivateError, DeviceEvents, DeviceStats, HOST_TOKEN_BASE, INT_VRING, Interrupt, VirtioDevice,
-    serve_queue,
+    ActivateError, DeviceEvents, DeviceStats, HOST_TOKEN_BASE, Interrupt, VirtioDevice,
+    interrupt_if_wanted, serve_device_queue,
 };
 use crate::sys;
 
@@ -97,8 +97,9 @@ pub struct Net {
     mac: [u8; 6],
     events: DeviceEvents,
     active: Active,
-    /// A frame (with its header) read from the tap that did not fit the buffers on offer yet.
-    pending: Option<Vec<u8>>,
+    /// The length of a frame (with its header) read from the tap into `buf` that did not fit
+    /// the buffers on offer yet.
+    pending: Option<usize>,
     watching_tap: bool,
     buf: Vec<u8>,
     stats: Arc<DeviceStats>,
@@ -159,16 +160,16 @@ impl Net {
             loop {
                 if self.pending.is_none() {
                     match self.tap.read(&mut self.buf) {
-                        Ok(n) if n > VNET_HDR_LEN => self.pending = Some(self.buf[..n].to_vec()),
+                        Ok(n) if n > VNET_HDR_LEN => self.pending = Some(n),
                         Ok(_) => continue,
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                         Err(_) => break, // WouldBlock (or the tap went away)
                     }
                 }
-                let Some(frame) = self.pending.as_deref() else {
+                let Some(len) = self.pending else {
                     break;
                 };
-                match place_frame(mem, rx, frame, *mergeable) {
+                match place_frame(mem, rx, &self.buf[..len], *mergeable) {
                     Placed::Done(n) => {
                         used = true;
                         DeviceStats::add(&self.stats.requests, 1);
@@ -198,9 +199,8 @@ impl Net {
                 interrupt: Some(irq),
                 ..
             } = &mut active
-            && rx.needs_notification(&*mem).unwrap_or(true)
         {
-            irq.signal(INT_VRING);
+            interrupt_if_wanted(rx, mem, irq);
         }
         let running = active.rx.is_some();
         self.active = active;
@@ -216,9 +216,9 @@ impl Net {
             ..
         } = &mut active
         {
-            let stats = self.stats.clone();
+            let stats = &self.stats;
             let tap = &mut self.tap;
-            let r = serve_queue(tx, mem, irq, |c| {
+            let served = serve_device_queue(tx, mem, irq, stats, |c| {
                 DeviceStats::add(&stats.requests, 1);
                 match read_tx_frame(mem, &chain::descriptors(c)) {
                     Some(frame) => match tap.write(&frame) {
@@ -232,9 +232,7 @@ impl Net {
                 }
                 0
             });
-            if r.is_err() {
-                DeviceStats::add(&self.stats.broken_queues, 1);
-                irq.device_failed();
+            if !served {
                 active.tx = None;
             }
         }

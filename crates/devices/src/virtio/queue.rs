@@ -6,7 +6,7 @@
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::{INT_VRING, Interrupt};
+use super::{DeviceStats, INT_VRING, Interrupt};
 
 /// The queue's rings cannot be used any more (an index past the ring, a used ring outside
 /// guest memory). The device stops serving it until the driver resets the device.
@@ -56,8 +56,36 @@ where
             Err(_) => break Err(QueueBroken),
         }
     };
-    if served > 0 && q.needs_notification(mem).unwrap_or(true) {
-        irq.signal(INT_VRING);
+    if served > 0 {
+        interrupt_if_wanted(q, mem, irq);
     }
     result
+}
+
+/// After the device published used entries outside [`serve_queue`]: raise the queue's
+/// interrupt unless the driver suppressed it (flags, or its used event with EVENT_IDX).
+pub fn interrupt_if_wanted(q: &mut Queue, mem: &GuestMemoryMmap, irq: &Interrupt) {
+    if q.needs_notification(mem).unwrap_or(true) {
+        irq.signal(INT_VRING);
+    }
+}
+
+/// [`serve_queue`] for a device: a broken queue is counted and reported (`NEEDS_RESET`).
+/// Returns `false` when the queue broke; the device then stops using it until a reset.
+pub fn serve_device_queue<F>(
+    q: &mut Queue,
+    mem: &GuestMemoryMmap,
+    irq: &Interrupt,
+    stats: &DeviceStats,
+    handle: F,
+) -> bool
+where
+    F: FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
+{
+    if serve_queue(q, mem, irq, handle).is_ok() {
+        return true;
+    }
+    DeviceStats::add(&stats.broken_queues, 1);
+    irq.device_failed();
+    false
 }

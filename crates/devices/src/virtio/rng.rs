@@ -6,7 +6,7 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 
 use std::sync::Arc;
 
-use super::{ActivateError, DeviceStats, Interrupt, VirtioDevice, serve_queue};
+use super::{ActivateError, DeviceStats, Interrupt, VirtioDevice, serve_device_queue};
 
 /// Most bytes handed out per request (Linux asks for at most a page or so).
 const MAX_REQUEST: u32 = 64 * 1024;
@@ -80,15 +80,15 @@ impl VirtioDevice for Rng {
             return;
         };
         let mut buf = Vec::new();
-        let (mut requests, mut bytes, mut bad) = (0u64, 0u64, 0u64);
-        let served = serve_queue(q, mem, irq, |chain| {
+        let stats = &self.stats;
+        let served = serve_device_queue(q, mem, irq, stats, |chain| {
             let mut written = 0u32;
             for desc in chain.writable() {
                 let len = desc.len().min(MAX_REQUEST - written);
                 buf.resize(len as usize, 0);
                 if getrandom::fill(&mut buf).is_err() || mem.write_slice(&buf, desc.addr()).is_err()
                 {
-                    bad += 1;
+                    DeviceStats::add(&stats.bad_requests, 1);
                     break;
                 }
                 written += len;
@@ -96,16 +96,11 @@ impl VirtioDevice for Rng {
                     break;
                 }
             }
-            requests += 1;
-            bytes += u64::from(written);
+            DeviceStats::add(&stats.requests, 1);
+            DeviceStats::add(&stats.bytes_in, u64::from(written));
             written
         });
-        DeviceStats::add(&self.stats.requests, requests);
-        DeviceStats::add(&self.stats.bytes_in, bytes);
-        DeviceStats::add(&self.stats.bad_requests, bad);
-        if served.is_err() {
-            DeviceStats::add(&self.stats.broken_queues, 1);
-            irq.device_failed();
+        if !served {
             self.active.queue = None;
         }
     }
