@@ -139,11 +139,17 @@ struct VirtioSpec {
 }
 
 impl VirtioSpec {
-    fn new(name: String, device: Box<dyn VirtioDevice>) -> Result<Self, VmError> {
+    /// Makes the device's event set and the device (which may register host fds in it).
+    fn build(
+        name: String,
+        make: impl FnOnce(&DeviceEvents) -> Result<Box<dyn VirtioDevice>, LinuxError>,
+    ) -> Result<Self, VmError> {
+        let events = DeviceEvents::new().map_err(os("creating a device's epoll set"))?;
+        let device = make(&events)?;
         Ok(Self {
             name,
             device,
-            events: DeviceEvents::new().map_err(os("creating a device's epoll set"))?,
+            events,
         })
     }
 }
@@ -152,28 +158,23 @@ impl VirtioSpec {
 fn virtio_devices(cfg: &LinuxVmConfig) -> Result<Vec<VirtioSpec>, VmError> {
     let mut specs = Vec::new();
     for (i, d) in cfg.drives.iter().enumerate() {
-        let dev = Block::open(d).map_err(LinuxError::from)?;
-        specs.push(VirtioSpec::new(format!("blk{i}"), Box::new(dev))?);
+        specs.push(VirtioSpec::build(format!("blk{i}"), |_| {
+            Ok(Box::new(Block::open(d)?))
+        })?);
     }
     for (i, n) in cfg.nets.iter().enumerate() {
-        let events = DeviceEvents::new().map_err(os("creating a device's epoll set"))?;
-        let dev = Net::new(n, events.clone()).map_err(LinuxError::from)?;
-        specs.push(VirtioSpec {
-            name: format!("net{i}"),
-            device: Box::new(dev),
-            events,
-        });
+        specs.push(VirtioSpec::build(format!("net{i}"), |ev| {
+            Ok(Box::new(Net::new(n, ev.clone())?))
+        })?);
     }
     if let Some(v) = &cfg.vsock {
-        let events = DeviceEvents::new().map_err(os("creating a device's epoll set"))?;
-        let dev = Vsock::new(v, events.clone()).map_err(LinuxError::from)?;
-        specs.push(VirtioSpec {
-            name: "vsock".into(),
-            device: Box::new(dev),
-            events,
-        });
+        specs.push(VirtioSpec::build("vsock".into(), |ev| {
+            Ok(Box::new(Vsock::new(v, ev.clone())?))
+        })?);
     }
-    specs.push(VirtioSpec::new("rng".into(), Box::new(Rng::new()))?);
+    specs.push(VirtioSpec::build("rng".into(), |_| {
+        Ok(Box::new(Rng::new()))
+    })?);
     if specs.len() > VIRTIO_IRQS.len() {
         return Err(LinuxError::TooManyDevices(specs.len()).into());
     }
