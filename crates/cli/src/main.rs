@@ -5,6 +5,7 @@ mod agent;
 mod config;
 mod image_args;
 mod logging;
+mod monitor;
 mod run;
 mod tools;
 
@@ -54,9 +55,22 @@ enum Command {
     /// Ask a running guest's agent: `bulwark agent ps --vsock /run/vm.vsock`.
     #[command(subcommand)]
     Agent(agent::AgentCommand),
+    /// Manage VMs through bulwarkd: create, start, pause, snapshot, console, ...
+    #[command(subcommand)]
+    Vm(VmCommandStub),
+    /// The monitor of one VM under bulwarkd (started by the daemon, not by people).
+    #[command(hide = true)]
+    Monitor(monitor::MonitorArgs),
 }
 
-#[derive(Args, Debug)]
+/// `bulwark vm ...` runs in bulwark-tools; this only lets `--help` list it.
+#[derive(Subcommand, Debug)]
+enum VmCommandStub {
+    #[command(external_subcommand)]
+    Any(Vec<String>),
+}
+
+#[derive(Args, Debug, Default)]
 pub(crate) struct RunArgs {
     /// Payload file: a flat binary (entered at its first byte) or a static ELF.
     #[arg(long, conflicts_with_all = ["kernel", "image"])]
@@ -183,6 +197,12 @@ fn main() -> ExitCode {
         // Tooling lives in a separate binary, so the code that downloads packages and drives
         // QEMU is not part of the monitor that runs VMs.
         Command::Image(_) | Command::Rig(_) => tools::exec(std::env::args().skip(1).collect()),
+        Command::Vm(VmCommandStub::Any(rest)) => {
+            let mut args = vec!["vm".to_string()];
+            args.extend(rest.iter().cloned());
+            tools::exec(args)
+        }
+        Command::Monitor(args) => monitor::run(args, cli.verbose > 0),
         Command::Payload(cmd) => match payload(cmd) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -32,12 +32,12 @@ use bulwark_image::{
 const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off";
 /// The line the guest image's init prints with its job's exit status.
 pub const JOB_STATUS_MARKER: &str = "bulwark-guest: exit status ";
-const DEFAULT_LINUX_MEMORY: u64 = 256 << 20;
+use bulwark_spec::DEFAULT_LINUX_MEMORY;
 /// Tells the guest image's /init to switch to the root drive.
 const ROOT_ARG: &str = "bulwark.root=/dev/vda";
 
 /// What to run.
-enum VmSpec {
+pub(crate) enum VmSpec {
     Function(FunctionVmConfig),
     Linux(LinuxVmConfig),
 }
@@ -90,6 +90,15 @@ fn vm_spec(args: &RunArgs, verbose: bool) -> anyhow::Result<VmSpec> {
         Some(p) => FileConfig::load(p)?,
         None => FileConfig::default(),
     };
+    vm_spec_from(args, file, verbose)
+}
+
+/// Merges flags over a loaded spec over defaults.
+pub(crate) fn vm_spec_from(
+    args: &RunArgs,
+    file: FileConfig,
+    verbose: bool,
+) -> anyhow::Result<VmSpec> {
     let size = |flag: Option<u64>, file: &Option<String>, default: u64| -> anyhow::Result<u64> {
         Ok(match (flag, file) {
             (Some(v), _) => v,
@@ -157,7 +166,15 @@ fn vm_spec(args: &RunArgs, verbose: bool) -> anyhow::Result<VmSpec> {
             Ok(VmSpec::Linux(LinuxVmConfig {
                 kernel: read(&kernel, "kernel")?,
                 initrd: initrd.map(|p| read(&p, "initrd")).transpose()?,
-                cmdline: linux_cmdline(extra.as_deref(), &args.command, !verbose)?,
+                cmdline: linux_cmdline(
+                    extra.as_deref(),
+                    if args.command.is_empty() {
+                        file.command.as_deref().unwrap_or_default()
+                    } else {
+                        &args.command
+                    },
+                    !verbose,
+                )?,
                 memory: size(args.memory, &file.memory, DEFAULT_LINUX_MEMORY)?,
                 vcpus,
                 timeout,
@@ -222,34 +239,35 @@ fn nets(args: &RunArgs, file: &FileConfig) -> Result<Vec<NetConfig>, ConfigError
         .collect()
 }
 
+/// The process exit status for how a VM ended (see `bulwark run --help`).
+pub(crate) fn exit_status(report: &RunReport) -> u8 {
+    match &report.reason {
+        StopReason::Exited(status) => *status as u8,
+        StopReason::PowerOff | StopReason::Reboot => report
+            .console_marker
+            .as_deref()
+            .and_then(|s| s.parse::<u8>().ok())
+            .unwrap_or(0),
+        StopReason::Timeout(_) => EXIT_TIMEOUT,
+        StopReason::ConsoleQuit => EXIT_QUIT,
+        _ => EXIT_CRASH,
+    }
+}
+
 fn exit_code(report: &RunReport) -> ExitCode {
     match &report.reason {
-        StopReason::Exited(status) => ExitCode::from(*status as u8),
-        StopReason::PowerOff | StopReason::Reboot => {
-            // A guest image reports its job's status on the console before powering off.
-            let job = report
-                .console_marker
-                .as_deref()
-                .and_then(|s| s.parse::<u8>().ok());
-            ExitCode::from(job.unwrap_or(0))
-        }
-        StopReason::Timeout(_) => {
-            eprintln!("bulwark: {}", report.reason);
-            ExitCode::from(EXIT_TIMEOUT)
-        }
-        StopReason::ConsoleQuit => {
-            eprintln!("\r\nbulwark: {}", report.reason);
-            ExitCode::from(EXIT_QUIT)
-        }
+        StopReason::Exited(_) | StopReason::PowerOff | StopReason::Reboot => {}
+        StopReason::Timeout(_) => eprintln!("bulwark: {}", report.reason),
+        StopReason::ConsoleQuit => eprintln!("\r\nbulwark: {}", report.reason),
         other => {
             eprintln!("bulwark: {other}");
             let (code, n) = report.stats.postcode;
             if n > 0 {
                 eprintln!("bulwark: last POST code {code:#x}");
             }
-            ExitCode::from(EXIT_CRASH)
         }
     }
+    ExitCode::from(exit_status(report))
 }
 
 pub fn run(args: &RunArgs, verbose: bool) -> ExitCode {

@@ -12,7 +12,7 @@ use bulwark_devices::console::ConsoleSink;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::abi::{call, errno};
-use crate::input::ConsoleInput;
+use crate::input::{ConsoleInput, InputRead};
 use crate::payload::Layout;
 
 /// Data is moved in chunks of this size, so a huge buffer costs no huge allocation.
@@ -34,6 +34,8 @@ pub enum HostCallResult {
     Return(u64),
     /// The payload asked to exit with this status.
     Exit(u32),
+    /// No input yet: the vCPU waits outside the guest and makes the call again.
+    WouldBlock,
     /// The VM is stopping; abandon the call.
     Stopped,
 }
@@ -72,6 +74,14 @@ impl HostCalls {
         }
     }
 
+    /// Waits (at most `timeout`) for console input after a read found none.
+    pub fn wait_for_input(&self, timeout: std::time::Duration) {
+        match &self.input {
+            InputSource::Queue(q) => q.wait(timeout),
+            InputSource::DirectStdin => {}
+        }
+    }
+
     fn write(&self, mem: &GuestMemoryMmap, fd: u64, ptr: u64, len: u64) -> HostCallResult {
         let sink = match fd {
             1 => &self.stdout,
@@ -105,9 +115,10 @@ impl HostCalls {
         }
         let mut buf = vec![0u8; CHUNK.min(len as usize)];
         let n = match &self.input {
-            InputSource::Queue(q) => match q.read(&mut buf, stop) {
-                Some(n) => n,
-                None => return HostCallResult::Stopped,
+            InputSource::Queue(q) => match q.try_read(&mut buf, stop) {
+                InputRead::Bytes(n) => n,
+                InputRead::Stopped => return HostCallResult::Stopped,
+                InputRead::WouldBlock => return HostCallResult::WouldBlock,
             },
             InputSource::DirectStdin => match std::io::stdin().lock().read(&mut buf) {
                 Ok(n) => n,

@@ -1,5 +1,6 @@
 //! Console input for payloads: the event loop fills a queue from stdin; the `read` host call
-//! drains it, blocking its vCPU until bytes arrive, input ends, or the VM stops.
+//! drains it; a vCPU whose read finds nothing waits outside the guest (where it can also be
+//! paused) until bytes arrive, input ends, or the VM stops.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -54,32 +55,44 @@ impl ConsoleInput {
             < INPUT_BUFFER_LIMIT
     }
 
-    /// Moves up to `out.len()` bytes into `out`. Blocks until at least one byte is there, input
-    /// ended (returns 0) or `stop` is set (returns `None`).
-    pub fn read(&self, out: &mut [u8], stop: &AtomicBool) -> Option<usize> {
+    /// Moves up to `out.len()` bytes into `out` without blocking: 0 bytes means input ended.
+    pub fn try_read(&self, out: &mut [u8], stop: &AtomicBool) -> InputRead {
+        if stop.load(Ordering::Acquire) {
+            return InputRead::Stopped;
+        }
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            if stop.load(Ordering::Acquire) {
-                return None;
+        if !s.buf.is_empty() || out.is_empty() {
+            let n = out.len().min(s.buf.len());
+            for (o, b) in out.iter_mut().zip(s.buf.drain(..n)) {
+                *o = b;
             }
-            if !s.buf.is_empty() || out.is_empty() {
-                let n = out.len().min(s.buf.len());
-                for (o, b) in out.iter_mut().zip(s.buf.drain(..n)) {
-                    *o = b;
-                }
-                return Some(n);
-            }
-            if s.eof {
-                return Some(0);
-            }
-            // The timeout is a safety net: `wake` is the normal way out.
-            s = self
-                .cond
-                .wait_timeout(s, Duration::from_millis(100))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            return InputRead::Bytes(n);
+        }
+        if s.eof {
+            return InputRead::Bytes(0);
+        }
+        InputRead::WouldBlock
+    }
+
+    /// Waits until input is there, input ended, [`ConsoleInput::wake`] is called, or `timeout`
+    /// passes (a safety net: `wake` is the normal way out). The caller then re-checks.
+    pub fn wait(&self, timeout: Duration) {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.buf.is_empty() && !s.eof {
+            let _ = self.cond.wait_timeout(s, timeout);
         }
     }
+}
+
+/// What [`ConsoleInput::try_read`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InputRead {
+    /// This many bytes were read (0: input ended).
+    Bytes(usize),
+    /// The VM is stopping.
+    Stopped,
+    /// Nothing yet: wait and try again.
+    WouldBlock,
 }
 
 #[cfg(test)]
@@ -88,33 +101,32 @@ mod tests {
     use std::sync::Arc;
 
     #[test]
-    fn input_read_blocks_until_push_then_eof() {
+    fn input_try_read_drains_then_reports_eof_and_stop() {
         let input = Arc::new(ConsoleInput::new());
-        let stop = Arc::new(AtomicBool::new(false));
-        let (i2, s2) = (input.clone(), stop.clone());
-        let reader = std::thread::spawn(move || {
-            let mut b = [0u8; 3];
-            let n = i2.read(&mut b, &s2).unwrap();
-            b[..n].to_vec()
-        });
+        let stop = AtomicBool::new(false);
+        let mut b = [0u8; 3];
+        assert_eq!(input.try_read(&mut b, &stop), InputRead::WouldBlock);
+        let i2 = input.clone();
+        let waiter = std::thread::spawn(move || i2.wait(Duration::from_secs(30)));
         std::thread::sleep(Duration::from_millis(20));
         assert!(
-            !reader.is_finished(),
-            "reader blocks while the queue is empty"
+            !waiter.is_finished(),
+            "wait blocks while the queue is empty"
         );
         input.push(b"hello");
-        assert_eq!(reader.join().unwrap(), b"hel");
+        waiter.join().unwrap();
+        assert_eq!(input.try_read(&mut b, &stop), InputRead::Bytes(3));
+        assert_eq!(&b, b"hel");
         let mut rest = [0u8; 8];
-        assert_eq!(input.read(&mut rest, &stop), Some(2));
+        assert_eq!(input.try_read(&mut rest, &stop), InputRead::Bytes(2));
         assert_eq!(&rest[..2], b"lo");
         input.close();
-        assert_eq!(input.read(&mut rest, &stop), Some(0), "eof after drain");
-    }
-
-    #[test]
-    fn input_read_returns_none_when_stopped() {
-        let input = ConsoleInput::new();
-        let stop = AtomicBool::new(true);
-        assert_eq!(input.read(&mut [0u8; 4], &stop), None);
+        assert_eq!(
+            input.try_read(&mut rest, &stop),
+            InputRead::Bytes(0),
+            "eof after drain"
+        );
+        stop.store(true, Ordering::Release);
+        assert_eq!(input.try_read(&mut rest, &stop), InputRead::Stopped);
     }
 }

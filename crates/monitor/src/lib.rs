@@ -13,6 +13,7 @@ pub mod hostcall;
 pub mod input;
 pub mod kvm;
 pub mod linux;
+pub mod managed;
 pub mod memory;
 pub mod outcome;
 pub mod payload;

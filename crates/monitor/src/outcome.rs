@@ -99,6 +99,8 @@ pub enum StopReason {
     ConsoleQuit,
     /// The `--timeout` ran out.
     Timeout(Duration),
+    /// The control plane ended the VM (kill, or a shutdown that timed out).
+    Killed,
     /// A monitor-side failure while the guest ran (a bug; the VM is stopped).
     Monitor(String),
 }
@@ -175,6 +177,7 @@ impl fmt::Display for StopReason {
             StopReason::ConsoleQuit => write!(f, "stopped from the console (Ctrl-A x)"),
             StopReason::Timeout(d) => write!(f, "timed out after {:.3}s", d.as_secs_f64()),
             StopReason::Monitor(m) => write!(f, "monitor error: {m}"),
+            StopReason::Killed => write!(f, "killed through the control plane"),
         }
     }
 }

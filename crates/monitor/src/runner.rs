@@ -17,6 +17,7 @@ use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 use crate::control::VmControl;
 use crate::exit::Buses;
 use crate::input::ConsoleInput;
+use crate::managed::{LoopCtx, ManagedServer};
 use crate::outcome::{RunReport, StopReason, VmStats};
 use crate::vcpu::{Vcpu, VcpuCounters};
 use crate::vm::{ConsoleIn, VmError, os};
@@ -128,6 +129,7 @@ impl Console {
                 c.close_when_drained = true;
                 true
             }
+            ConsoleIn::Managed => true,
             ConsoleIn::Stdin => {
                 let ev = EpollEvent::new(EventSet::IN, TOKEN_STDIN);
                 match c.epoll.ctl(ControlOperation::Add, libc::STDIN_FILENO, ev) {
@@ -201,8 +203,23 @@ impl Console {
         }
     }
 
-    /// Waits for the VM to stop, feeding input and enforcing the timeout.
-    pub fn run(&mut self, control: &VmControl, timeout: Option<Duration>, started: Instant) {
+    /// Waits for the VM to stop, feeding input, enforcing the timeout, and serving the managed
+    /// sockets if there are any.
+    pub fn run(
+        &mut self,
+        control: &VmControl,
+        timeout: Option<Duration>,
+        started: Instant,
+        mut managed: Option<ManagedLoop<'_>>,
+    ) {
+        if let Some(m) = &managed
+            && let Err(e) = m.server.register(&self.epoll)
+        {
+            control.stop(StopReason::Monitor(format!(
+                "cannot watch the control sockets: {e}"
+            )));
+            return;
+        }
         let deadline = timeout.map(|t| started + t);
         let mut events = [EpollEvent::default(); 16];
         let mut buf = vec![0u8; 16 * 1024];
@@ -244,8 +261,33 @@ impl Console {
             if stdin_ready && self.watch_stdin && self.pending.is_empty() {
                 self.read_stdin(&mut buf, control);
             }
+            if let Some(m) = managed.as_mut() {
+                let had = self.pending.len();
+                let mut ctx = LoopCtx {
+                    epoll: &self.epoll,
+                    control,
+                    live: m.live,
+                    kick: m.kick,
+                    input: &mut self.pending,
+                };
+                for e in &events[..n] {
+                    if e.data() >= crate::managed::TOKEN_BASE {
+                        m.server.handle(e.data(), &mut ctx);
+                    }
+                }
+                if self.pending.len() != had {
+                    self.flush_pending();
+                }
+            }
         }
     }
+}
+
+/// The managed sockets as the event loop drives them.
+pub struct ManagedLoop<'a> {
+    pub server: &'a mut ManagedServer,
+    pub live: &'a [crate::vcpu::VcpuLive],
+    pub kick: &'a dyn Fn(),
 }
 
 /// Runs a built VM to its end: one thread per vCPU fd, the event loop on this thread until the
@@ -256,6 +298,7 @@ pub fn run_to_end(
     console: &mut Console,
     timeout: Option<Duration>,
     started: Instant,
+    managed: Option<&mut ManagedServer>,
 ) -> Result<VcpuCounters, VmError> {
     let vcpus = fds
         .into_iter()
@@ -271,7 +314,17 @@ pub fn run_to_end(
         setup_us = started.elapsed().as_micros() as u64,
         "VM running"
     );
-    console.run(&ctx.control, timeout, started);
+    let kick = || {
+        for h in handles.iter().filter(|h| !h.is_finished()) {
+            let _ = h.kill(SIGRTMIN());
+        }
+    };
+    let managed = managed.map(|server| ManagedLoop {
+        server,
+        live: &ctx.live,
+        kick: &kick,
+    });
+    console.run(&ctx.control, timeout, started, managed);
     Ok(stop_vcpus(handles))
 }
 

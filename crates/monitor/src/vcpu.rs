@@ -1,6 +1,7 @@
 //! The vCPU thread: run, take the exit, dispatch, repeat until the VM stops.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use kvm_bindings::{KVM_EXIT_INTERNAL_ERROR, kvm_regs};
 use kvm_ioctls::{SyncReg, VcpuFd};
@@ -24,6 +25,45 @@ pub struct VcpuContext {
     /// KVM copies the general registers into `kvm_run` on every exit (`KVM_CAP_SYNC_REGS`), so
     /// host calls need no `KVM_GET_REGS`/`KVM_SET_REGS` round trips.
     pub sync_regs: bool,
+    /// One entry per vCPU, updated as it runs, read by the control channel.
+    pub live: Vec<VcpuLive>,
+}
+
+/// A vCPU's counters while it runs, and its thread id (for its CPU time).
+#[derive(Debug, Default)]
+pub struct VcpuLive {
+    pub exits: AtomicU64,
+    pub io: AtomicU64,
+    pub mmio: AtomicU64,
+    pub hostcalls: AtomicU64,
+    pub tid: AtomicU32,
+}
+
+impl VcpuLive {
+    pub fn for_vcpus(n: u32) -> Vec<Self> {
+        (0..n).map(|_| Self::default()).collect()
+    }
+
+    pub fn counters(&self) -> VcpuCounters {
+        VcpuCounters {
+            exits: self.exits.load(Ordering::Relaxed),
+            io: self.io.load(Ordering::Relaxed),
+            mmio: self.mmio.load(Ordering::Relaxed),
+            hostcalls: self.hostcalls.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The counters of all vCPUs, summed.
+pub fn sum_counters(live: &[VcpuLive]) -> VcpuCounters {
+    live.iter()
+        .map(VcpuLive::counters)
+        .fold(VcpuCounters::default(), |a, b| VcpuCounters {
+            exits: a.exits + b.exits,
+            io: a.io + b.io,
+            mmio: a.mmio + b.mmio,
+            hostcalls: a.hostcalls + b.hostcalls,
+        })
 }
 
 /// Per-vCPU exit counters, summed when the VM ends.
@@ -33,6 +73,14 @@ pub struct VcpuCounters {
     pub io: u64,
     pub mmio: u64,
     pub hostcalls: u64,
+}
+
+/// Where a host call left the vCPU.
+enum HostCallStep {
+    Done,
+    Stop(StopReason),
+    /// Nothing to read yet; make the call again.
+    WouldBlock,
 }
 
 #[derive(Debug)]
@@ -45,7 +93,18 @@ pub struct Vcpu {
 impl Vcpu {
     /// Runs until this vCPU or another stops the VM.
     pub fn run(mut self) -> VcpuCounters {
-        let mut n = VcpuCounters::default();
+        let ctx = self.ctx.clone();
+        let Some(live) = ctx.live.get(self.index as usize) else {
+            self.stop(StopReason::Monitor(format!(
+                "vCPU {} has no counters",
+                self.index
+            )));
+            return VcpuCounters::default();
+        };
+        // SAFETY: gettid takes no arguments and cannot fail.
+        live.tid
+            .store(unsafe { libc::gettid() } as u32, Ordering::Relaxed);
+        let bump = |c: &AtomicU64| c.fetch_add(1, Ordering::Relaxed);
         let run_page: *const kvm_bindings::kvm_run = self.fd.get_kvm_run();
         let io_size = || {
             // SAFETY: `run_page` is this vCPU's kvm_run mapping, live as long as `self.fd`; the
@@ -55,16 +114,35 @@ impl Vcpu {
             // member of the exit union; its fields are plain integers.
             usize::from(unsafe { run.__bindgen_anon_1.io.size })
         };
-        while !self.ctx.control.is_stopping() {
+        // A host call that found nothing to read yet: made again, outside the guest, until it
+        // completes (the vCPU can be paused meanwhile).
+        let mut pending: Option<u32> = None;
+        while !ctx.control.is_stopping() {
+            ctx.control.park_if_paused(&mut || {});
+            if let Some(nr) = pending {
+                match self.host_call(nr) {
+                    HostCallStep::Done => pending = None,
+                    HostCallStep::Stop(reason) => {
+                        self.stop(reason);
+                        break;
+                    }
+                    HostCallStep::WouldBlock => {
+                        if let Some(hc) = &ctx.hostcalls {
+                            hc.wait_for_input(std::time::Duration::from_millis(100));
+                        }
+                    }
+                }
+                continue;
+            }
             let action = match self.fd.run() {
                 Ok(exit) => {
                     let exit = Exit::from_kvm(exit, io_size);
-                    n.exits += 1;
+                    bump(&live.exits);
                     match exit {
-                        Exit::IoIn { .. } | Exit::IoOut { .. } => n.io += 1,
-                        Exit::MmioRead { .. } | Exit::MmioWrite { .. } => n.mmio += 1,
-                        _ => {}
-                    }
+                        Exit::IoIn { .. } | Exit::IoOut { .. } => bump(&live.io),
+                        Exit::MmioRead { .. } | Exit::MmioWrite { .. } => bump(&live.mmio),
+                        _ => 0,
+                    };
                     dispatch(exit, &self.ctx.buses)
                 }
                 Err(e) if matches!(e.errno(), libc::EINTR | libc::EAGAIN) => continue,
@@ -79,10 +157,14 @@ impl Vcpu {
             match action {
                 ExitAction::Resume => {}
                 ExitAction::HostCall(nr) => {
-                    n.hostcalls += 1;
-                    if let Some(reason) = self.host_call(nr) {
-                        self.stop(reason);
-                        break;
+                    bump(&live.hostcalls);
+                    match self.host_call(nr) {
+                        HostCallStep::Done => {}
+                        HostCallStep::Stop(reason) => {
+                            self.stop(reason);
+                            break;
+                        }
+                        HostCallStep::WouldBlock => pending = Some(nr),
                     }
                 }
                 ExitAction::FaultReport(_) => {
@@ -103,7 +185,7 @@ impl Vcpu {
                 }
             }
         }
-        n
+        live.counters()
     }
 
     fn stop(&self, reason: StopReason) {
@@ -135,28 +217,36 @@ impl Vcpu {
         self.regs().map(|r| r.rip).unwrap_or(0)
     }
 
-    /// Serves a host call; `Some` if it ends the VM.
-    fn host_call(&mut self, nr: u32) -> Option<StopReason> {
+    /// Serves a host call.
+    fn host_call(&mut self, nr: u32) -> HostCallStep {
         let mut regs = match self.regs() {
             Ok(r) => r,
-            Err(e) => return Some(StopReason::Monitor(format!("KVM_GET_REGS failed: {e}"))),
+            Err(e) => {
+                return HostCallStep::Stop(StopReason::Monitor(format!(
+                    "KVM_GET_REGS failed: {e}"
+                )));
+            }
         };
         let args = [regs.rdi, regs.rsi, regs.rdx];
         let ctx = self.ctx.clone();
         let Some(hostcalls) = &ctx.hostcalls else {
-            return None; // no ABI: the port is an ordinary unused port (never reached)
+            return HostCallStep::Done; // no ABI: the port is an ordinary unused port
         };
         match hostcalls.handle(&ctx.mem, nr, args, ctx.control.flag()) {
             HostCallResult::Return(v) => {
                 regs.rax = v;
-                self.set_regs(&regs)
-                    .err()
-                    .map(|e| StopReason::Monitor(format!("KVM_SET_REGS failed: {e}")))
+                match self.set_regs(&regs) {
+                    Ok(()) => HostCallStep::Done,
+                    Err(e) => {
+                        HostCallStep::Stop(StopReason::Monitor(format!("KVM_SET_REGS failed: {e}")))
+                    }
+                }
             }
-            HostCallResult::Exit(status) => Some(StopReason::Exited(status)),
+            HostCallResult::Exit(status) => HostCallStep::Stop(StopReason::Exited(status)),
+            HostCallResult::WouldBlock => HostCallStep::WouldBlock,
             // Another thread stopped the VM; its reason stands.
             HostCallResult::Stopped => {
-                Some(StopReason::Monitor("stopped during a host call".into()))
+                HostCallStep::Stop(StopReason::Monitor("stopped during a host call".into()))
             }
         }
     }

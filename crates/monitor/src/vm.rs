@@ -23,6 +23,7 @@ use crate::exit::Buses;
 use crate::hostcall::{HostCalls, InputSource};
 use crate::input::ConsoleInput;
 use crate::kvm::{self, KvmError};
+use crate::managed::{HubWriter, ManagedServer, ManagedSetup, VmView};
 use crate::memory::{GuestRam, MemoryError};
 use crate::outcome::RunReport;
 use crate::payload::layout::INFO_DEVICE_ADDR;
@@ -77,6 +78,8 @@ pub enum ConsoleIn {
     Stdin,
     /// Fixed bytes, then end of input.
     Bytes(Vec<u8>),
+    /// Only what console-socket clients type (a monitor run by bulwarkd); input never ends.
+    Managed,
 }
 
 /// Where console output goes.
@@ -84,6 +87,8 @@ pub struct ConsoleIo {
     pub stdout: Box<dyn Write + Send>,
     pub stderr: Box<dyn Write + Send>,
     pub input: ConsoleIn,
+    /// The control and console sockets of a monitor run by bulwarkd.
+    pub managed: Option<ManagedSetup>,
 }
 
 impl std::fmt::Debug for ConsoleIo {
@@ -101,7 +106,20 @@ impl ConsoleIo {
             stdout: Box::new(io::stdout()),
             stderr: Box::new(io::stderr()),
             input: ConsoleIn::Stdin,
+            managed: None,
         }
+    }
+
+    /// A monitor run by bulwarkd: console output goes to the scroll-back ring that
+    /// `console.sock` clients read, input comes from them, and `control.sock` takes requests.
+    pub fn managed(dir: &std::path::Path) -> Result<Self, crate::managed::ManagedError> {
+        let setup = ManagedSetup::bind(dir)?;
+        Ok(Self {
+            stdout: Box::new(HubWriter(setup.hub.clone())),
+            stderr: Box::new(HubWriter(setup.hub.clone())),
+            input: ConsoleIn::Managed,
+            managed: Some(setup),
+        })
     }
 }
 
@@ -265,7 +283,7 @@ fn create_vcpus(
 
 /// Runs a function micro-VM to its end. Errors are set-up failures; how the guest ended —
 /// including faults and timeouts — is in the report.
-pub fn run_function(cfg: &FunctionVmConfig, io: ConsoleIo) -> Result<RunReport, VmError> {
+pub fn run_function(cfg: &FunctionVmConfig, mut io: ConsoleIo) -> Result<RunReport, VmError> {
     let started = Instant::now();
     let layout = Layout::new(cfg.memory, cfg.vcpus).map_err(PayloadError::from)?;
     let spec = PayloadSpec {
@@ -295,7 +313,22 @@ pub fn run_function(cfg: &FunctionVmConfig, io: ConsoleIo) -> Result<RunReport, 
         InputSource::DirectStdin
     };
 
+    let managed_setup = io.managed.take();
     let devices = build_devices(cfg, io, ram.memory())?;
+    let mut managed = managed_setup.map(|setup| {
+        ManagedServer::new(
+            setup,
+            VmView {
+                kind: "function",
+                vcpus: cfg.vcpus,
+                memory: cfg.memory,
+                started,
+                console: devices.stdout.clone(),
+                devices: devices.virtio.clone(),
+                power_button: None,
+            },
+        )
+    });
     let buses = Arc::new(devices.buses);
     let ctx = Arc::new(VcpuContext {
         buses: buses.clone(),
@@ -310,8 +343,16 @@ pub fn run_function(cfg: &FunctionVmConfig, io: ConsoleIo) -> Result<RunReport, 
         control: control.clone(),
         software_virtualization: kvm::is_software_virtualization(),
         sync_regs,
+        live: crate::vcpu::VcpuLive::for_vcpus(cfg.vcpus),
     });
-    let counters = run_to_end(vcpu_fds, &ctx, &mut console, cfg.timeout, started)?;
+    let counters = run_to_end(
+        vcpu_fds,
+        &ctx,
+        &mut console,
+        cfg.timeout,
+        started,
+        managed.as_mut(),
+    )?;
     let mut report = report(
         &control,
         counters,

@@ -35,6 +35,7 @@ use crate::control::VmControl;
 use crate::exit::Buses;
 use crate::input::ConsoleInput;
 use crate::kvm::{self, KvmError};
+use crate::managed::{ManagedServer, VmView};
 use crate::memory::GuestRam;
 use crate::outcome::{RunReport, StopReason};
 use crate::runner::{
@@ -363,7 +364,12 @@ pub fn run_linux(cfg: &LinuxVmConfig, io: ConsoleIo) -> Result<RunReport, VmErro
     boot::write_cmdline(mem, &cfg.cmdline).map_err(LinuxError::from)?;
 
     let control = Arc::new(VmControl::new(Arc::new(ConsoleInput::new())).map_err(os("eventfd"))?);
-    let ConsoleIo { stdout, input, .. } = io;
+    let ConsoleIo {
+        stdout,
+        input,
+        managed: managed_setup,
+        ..
+    } = io;
     let (platform, devices) = platform_devices(cfg, stdout, &control, &vm, mem)?;
     let tables = acpi::build(ACPI_START, cfg.vcpus, &devices);
     if tables.len() as u64 > ACPI_END - ACPI_START {
@@ -428,7 +434,7 @@ pub fn run_linux(cfg: &LinuxVmConfig, io: ConsoleIo) -> Result<RunReport, VmErro
     let raw = match input {
         crate::vm::ConsoleIn::Stdin => crate::tty::RawTerminal::enable_if_tty()
             .map_err(os("putting the terminal in raw mode"))?,
-        crate::vm::ConsoleIn::Bytes(_) => None,
+        crate::vm::ConsoleIn::Bytes(_) | crate::vm::ConsoleIn::Managed => None,
     };
     let mut console = if raw.is_some() {
         console.with_escape()
@@ -443,8 +449,30 @@ pub fn run_linux(cfg: &LinuxVmConfig, io: ConsoleIo) -> Result<RunReport, VmErro
         control: control.clone(),
         software_virtualization: kvm::is_software_virtualization(),
         sync_regs,
+        live: crate::vcpu::VcpuLive::for_vcpus(cfg.vcpus),
     });
-    let counters = run_to_end(fds, &ctx, &mut console, cfg.timeout, started)?;
+    let mut managed = managed_setup.map(|setup| {
+        ManagedServer::new(
+            setup,
+            VmView {
+                kind: "linux",
+                vcpus: cfg.vcpus,
+                memory: cfg.memory,
+                started,
+                console: platform.stdout.clone(),
+                devices: platform.virtio.clone(),
+                power_button: None,
+            },
+        )
+    });
+    let counters = run_to_end(
+        fds,
+        &ctx,
+        &mut console,
+        cfg.timeout,
+        started,
+        managed.as_mut(),
+    )?;
     let mut report = report(
         &control,
         counters,

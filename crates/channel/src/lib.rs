@@ -1,0 +1,361 @@
+//! The control channel between bulwarkd and one VM monitor.
+//!
+//! The monitor listens on `control.sock` in its VM directory; bulwarkd connects, sends one
+//! [`Request`] at a time and reads one [`Response`] for each. The message set is closed: what
+//! the control plane can ask a monitor is exactly this enum, and none of it reads or writes
+//! guest memory (a snapshot request names a file and carries the owner's key; the monitor
+//! writes ciphertext there itself).
+//!
+//! # Wire format (version 1)
+//!
+//! ```text
+//! frame = len:u32-le  version:u8  body        len = 1 + body length, at most MAX_FRAME_LEN
+//! body  = one JSON object (UTF-8), a Request or a Response; unknown fields are refused
+//! ```
+//!
+//! A frame with another version byte is refused with [`ChannelError::Version`] before its body
+//! is looked at. Decoding never panics and never allocates more than the bytes that arrived.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+/// The version byte of every frame this build writes and the only one it reads.
+pub const CHANNEL_VERSION: u8 = 1;
+/// Largest accepted frame (version byte + body).
+pub const MAX_FRAME_LEN: usize = 1 << 20;
+/// The monitor's control socket, in its VM directory.
+pub const CONTROL_SOCKET: &str = "control.sock";
+/// The monitor's console socket, in its VM directory: output (scroll-back first) to every
+/// client, input from every client.
+pub const CONSOLE_SOCKET: &str = "console.sock";
+/// Where the monitor writes how its VM ended, in its VM directory.
+pub const EXIT_FILE: &str = "exit.json";
+/// The VM spec the monitor runs, in its VM directory.
+pub const SPEC_FILE: &str = "spec.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    #[error("control channel I/O failed")]
+    Io(#[from] io::Error),
+    #[error("the peer closed the control channel")]
+    Closed,
+    #[error(
+        "control channel version {found} is not the version {CHANNEL_VERSION} this bulwark speaks; run bulwarkd and the monitors from the same release"
+    )]
+    Version { found: u8 },
+    #[error("control channel frame of {0} bytes is empty or larger than {MAX_FRAME_LEN}")]
+    FrameSize(usize),
+    #[error("malformed control channel message: {0}")]
+    Malformed(String),
+}
+
+/// What bulwarkd may ask a monitor.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    tag = "op",
+    content = "args",
+    rename_all = "snake_case",
+    deny_unknown_fields
+)]
+pub enum Request {
+    /// State, sizes, uptime and counters.
+    Describe,
+    /// Stop the vCPUs where they are; devices keep their state.
+    Pause,
+    /// Let paused vCPUs run again.
+    Resume,
+    /// Ask the guest to power off (ACPI power button); the monitor exits when it does.
+    Shutdown,
+    /// End the VM now.
+    Kill,
+    /// Write the whole VM state to `path`, encrypted with a fresh data key wrapped by `key`
+    /// (64 hex digits, the owner's). The VM is paused while it is written and then resumed
+    /// unless `leave_paused`.
+    Snapshot {
+        path: String,
+        key: String,
+        #[serde(default)]
+        leave_paused: bool,
+    },
+}
+
+/// Run state as the monitor sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    Running,
+    Paused,
+    /// A stop was requested or the guest ended; the monitor is on its way out.
+    Stopping,
+}
+
+/// Exit counters summed over the vCPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExitCounts {
+    pub total: u64,
+    pub io: u64,
+    pub mmio: u64,
+    pub hostcalls: u64,
+}
+
+/// One device's counters, by name (`blk0`, `net0`, ...).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceInfo {
+    pub name: String,
+    pub counters: BTreeMap<String, u64>,
+}
+
+/// A running VM as its monitor reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmInfo {
+    pub state: RunState,
+    /// `function` or `linux`.
+    pub kind: String,
+    pub vcpus: u32,
+    pub memory: u64,
+    pub uptime_ms: u64,
+    /// Time the vCPU threads spent on a CPU, summed.
+    pub vcpu_time_ns: u64,
+    pub exits: ExitCounts,
+    pub console_bytes: u64,
+    pub devices: Vec<DeviceInfo>,
+    /// The monitor's process id.
+    pub pid: u32,
+}
+
+/// What a monitor answers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    tag = "result",
+    content = "value",
+    rename_all = "snake_case",
+    deny_unknown_fields
+)]
+pub enum Response {
+    Ok,
+    Info(VmInfo),
+    /// A snapshot was written: its size and how long the VM was paused for it.
+    Snapshot {
+        bytes: u64,
+        paused_ms: u64,
+    },
+    /// The request cannot be served; `code` is stable (see [`error_code`]).
+    Error {
+        code: String,
+        message: String,
+    },
+}
+
+/// Stable error codes a monitor returns.
+pub mod error_code {
+    /// The request does not fit the VM's state (resume a running VM).
+    pub const WRONG_STATE: &str = "wrong_state";
+    /// The VM cannot do this (power button on a VM without ACPI).
+    pub const UNSUPPORTED: &str = "unsupported";
+    /// The request's arguments are wrong (a malformed key).
+    pub const INVALID: &str = "invalid_request";
+    /// The monitor failed serving it (a write error).
+    pub const FAILED: &str = "failed";
+}
+
+impl Response {
+    pub fn error(code: &str, message: impl Into<String>) -> Self {
+        Self::Error {
+            code: code.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Encodes one message as a frame.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    // Serializing these plain types cannot fail.
+    let body = serde_json::to_vec(msg).unwrap_or_default();
+    let mut out = Vec::with_capacity(5 + body.len());
+    out.extend_from_slice(&((body.len() + 1) as u32).to_le_bytes());
+    out.push(CHANNEL_VERSION);
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Decodes a frame's bytes after the length field (version byte and body).
+pub fn decode<T: for<'de> Deserialize<'de>>(frame: &[u8]) -> Result<T, ChannelError> {
+    let (&version, body) = frame.split_first().ok_or(ChannelError::FrameSize(0))?;
+    if version != CHANNEL_VERSION {
+        return Err(ChannelError::Version { found: version });
+    }
+    serde_json::from_slice(body).map_err(|e| ChannelError::Malformed(e.to_string()))
+}
+
+/// Writes one message.
+pub fn write_message<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<(), ChannelError> {
+    w.write_all(&encode(msg))?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Reads one frame (version byte and body), refusing oversized frames before reading them.
+pub fn read_frame(r: &mut impl Read) -> Result<Vec<u8>, ChannelError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(ChannelError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len == 0 || len > MAX_FRAME_LEN {
+        return Err(ChannelError::FrameSize(len));
+    }
+    let mut frame = Vec::new();
+    r.take(len as u64).read_to_end(&mut frame)?;
+    if frame.len() != len {
+        return Err(ChannelError::Closed);
+    }
+    Ok(frame)
+}
+
+/// Reads and decodes one message.
+pub fn read_message<T: for<'de> Deserialize<'de>>(r: &mut impl Read) -> Result<T, ChannelError> {
+    decode(&read_frame(r)?)
+}
+
+/// Incremental frame assembly for a non-blocking reader (the monitor's event loop).
+#[derive(Debug, Default)]
+pub struct FrameBuffer {
+    buf: Vec<u8>,
+}
+
+impl FrameBuffer {
+    /// Adds bytes that arrived.
+    pub fn extend(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    /// Takes the next complete frame, if one has arrived. A bad length is an error and the
+    /// connection should be closed.
+    pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>, ChannelError> {
+        let Some(len) = self.buf.get(..4) else {
+            return Ok(None);
+        };
+        let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        if len == 0 || len > MAX_FRAME_LEN {
+            return Err(ChannelError::FrameSize(len));
+        }
+        if self.buf.len() < 4 + len {
+            return Ok(None);
+        }
+        let frame = self.buf[4..4 + len].to_vec();
+        self.buf.drain(..4 + len);
+        Ok(Some(frame))
+    }
+}
+
+/// A blocking client of one monitor's control socket.
+#[derive(Debug)]
+pub struct Client {
+    stream: std::os::unix::net::UnixStream,
+}
+
+impl Client {
+    /// Connects to `control.sock`; `timeout` bounds each request.
+    pub fn connect(
+        path: &std::path::Path,
+        timeout: std::time::Duration,
+    ) -> Result<Self, ChannelError> {
+        let stream = std::os::unix::net::UnixStream::connect(path)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        Ok(Self { stream })
+    }
+
+    /// Sends one request and waits for its answer.
+    pub fn call(&mut self, req: &Request) -> Result<Response, ChannelError> {
+        write_message(&mut self.stream, req)?;
+        read_message(&mut self.stream)
+    }
+
+    /// Changes how long one request may take (snapshots of large guests take a while).
+    pub fn set_timeout(&self, timeout: std::time::Duration) -> Result<(), ChannelError> {
+        self.stream.set_read_timeout(Some(timeout))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_through_frames() {
+        let reqs = [
+            Request::Describe,
+            Request::Pause,
+            Request::Resume,
+            Request::Shutdown,
+            Request::Kill,
+            Request::Snapshot {
+                path: "/x".into(),
+                key: "00".repeat(32),
+                leave_paused: true,
+            },
+        ];
+        for r in reqs {
+            let f = encode(&r);
+            let back: Request = read_message(&mut f.as_slice()).unwrap();
+            assert_eq!(back, r);
+        }
+    }
+
+    #[test]
+    fn decode_wrong_version_unknown_field_and_sizes_are_refused() {
+        let mut f = encode(&Request::Pause);
+        f[4] = 2;
+        assert!(matches!(
+            read_message::<Request>(&mut f.as_slice()),
+            Err(ChannelError::Version { found: 2 })
+        ));
+        let body = br#"{"op":"pause","extra":1}"#;
+        let mut f = ((body.len() + 1) as u32).to_le_bytes().to_vec();
+        f.push(CHANNEL_VERSION);
+        f.extend_from_slice(body);
+        assert!(matches!(
+            read_message::<Request>(&mut f.as_slice()),
+            Err(ChannelError::Malformed(_))
+        ));
+        let huge = ((MAX_FRAME_LEN + 1) as u32).to_le_bytes();
+        assert!(matches!(
+            read_message::<Request>(&mut huge.as_slice()),
+            Err(ChannelError::FrameSize(_))
+        ));
+        let mut short = encode(&Request::Describe);
+        short.pop();
+        assert!(matches!(
+            read_message::<Request>(&mut short.as_slice()),
+            Err(ChannelError::Closed)
+        ));
+    }
+
+    #[test]
+    fn frame_buffer_assembles_split_frames() {
+        let mut all = encode(&Request::Pause);
+        all.extend(encode(&Request::Resume));
+        let mut fb = FrameBuffer::default();
+        let mut got = Vec::new();
+        for b in &all {
+            fb.extend(std::slice::from_ref(b));
+            while let Some(f) = fb.next_frame().unwrap() {
+                got.push(decode::<Request>(&f).unwrap());
+            }
+        }
+        assert_eq!(got, vec![Request::Pause, Request::Resume]);
+        let mut bad = FrameBuffer::default();
+        bad.extend(&[0, 0, 0, 0]);
+        assert!(bad.next_frame().is_err());
+    }
+}

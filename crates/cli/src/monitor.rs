@@ -1,0 +1,103 @@
+//! `bulwark monitor --dir DIR`: the monitor of one VM under bulwarkd.
+//!
+//! The daemon writes the VM's spec to `DIR/spec.json` and starts this in its own process
+//! group, so the VM outlives the daemon. The monitor serves `control.sock` and `console.sock`
+//! in DIR while the VM runs, and writes `DIR/exit.json` when it ends — the daemon reads it
+//! even if it was not running at that moment.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use bulwark_channel::{EXIT_FILE, SPEC_FILE};
+use bulwark_monitor::{ConsoleIo, RunReport};
+use bulwark_spec::FileConfig;
+use clap::Args;
+use serde::Serialize;
+
+use crate::RunArgs;
+use crate::run::{VmSpec, exit_status, vm_spec_from};
+
+#[derive(Args, Debug)]
+pub(crate) struct MonitorArgs {
+    /// The VM's directory, holding spec.json.
+    #[arg(long)]
+    dir: PathBuf,
+}
+
+/// `exit.json`: how the VM ended.
+#[derive(Debug, Serialize)]
+struct ExitRecord {
+    /// What ended the VM, in words.
+    reason: String,
+    /// The status `bulwark run` would have exited with.
+    status: u8,
+    /// Whether the guest ended the way it meant to (exit, poweroff, reboot).
+    clean: bool,
+    /// Set when the VM could not start at all.
+    setup_error: bool,
+    elapsed_ms: u64,
+    exits: u64,
+}
+
+fn write_exit(dir: &Path, rec: &ExitRecord) {
+    let path = dir.join(EXIT_FILE);
+    let tmp = dir.join(format!("{EXIT_FILE}.tmp"));
+    let text = serde_json::to_vec_pretty(rec).unwrap_or_default();
+    if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path)) {
+        eprintln!("bulwark monitor: cannot write {}: {e}", path.display());
+    }
+}
+
+fn start(dir: &Path, verbose: bool) -> anyhow::Result<RunReport> {
+    let text = std::fs::read_to_string(dir.join(SPEC_FILE))?;
+    let file = FileConfig::from_json(&text)?;
+    file.check()?;
+    let spec = vm_spec_from(&RunArgs::default(), file, verbose)?;
+    if matches!(spec, VmSpec::Linux(_)) && bulwark_monitor::kvm::is_software_virtualization() {
+        anyhow::bail!(
+            "this host's KVM is software virtualization (kvm_pvm), which cannot run Linux guests in useful time; run bulwarkd on a host with VT-x or AMD-V, or inside `bulwark rig`"
+        );
+    }
+    let io = ConsoleIo::managed(dir)?;
+    Ok(match &spec {
+        VmSpec::Function(cfg) => bulwark_monitor::run_function(cfg, io)?,
+        VmSpec::Linux(cfg) => bulwark_monitor::run_linux(cfg, io)?,
+    })
+}
+
+pub(crate) fn run(args: &MonitorArgs, verbose: bool) -> ExitCode {
+    let _ = std::fs::remove_file(args.dir.join(EXIT_FILE));
+    match start(&args.dir, verbose) {
+        Ok(report) => {
+            let status = exit_status(&report);
+            write_exit(
+                &args.dir,
+                &ExitRecord {
+                    reason: report.reason.to_string(),
+                    status,
+                    clean: report.reason.is_clean_exit(),
+                    setup_error: false,
+                    elapsed_ms: report.elapsed.as_millis() as u64,
+                    exits: report.stats.exits,
+                },
+            );
+            ExitCode::from(status)
+        }
+        Err(e) => {
+            let reason = format!("{e:#}");
+            eprintln!("bulwark monitor: {reason}");
+            write_exit(
+                &args.dir,
+                &ExitRecord {
+                    reason,
+                    status: 125,
+                    clean: false,
+                    setup_error: true,
+                    elapsed_ms: 0,
+                    exits: 0,
+                },
+            );
+            ExitCode::from(125)
+        }
+    }
+}
