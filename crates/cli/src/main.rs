@@ -56,18 +56,19 @@ enum Command {
     #[command(subcommand)]
     Agent(agent::AgentCommand),
     /// Manage VMs through bulwarkd: create, start, pause, snapshot, console, ...
-    #[command(subcommand)]
-    Vm(VmCommandStub),
+    #[command(disable_help_flag = true)]
+    Vm(VmPassThrough),
     /// The monitor of one VM under bulwarkd (started by the daemon, not by people).
     #[command(hide = true)]
     Monitor(monitor::MonitorArgs),
 }
 
-/// `bulwark vm ...` runs in bulwark-tools; this only lets `--help` list it.
-#[derive(Subcommand, Debug)]
-enum VmCommandStub {
-    #[command(external_subcommand)]
-    Any(Vec<String>),
+/// `bulwark vm ...` runs in bulwark-tools; this only lets `--help` list it and passes every
+/// argument (options before the subcommand, such as `--socket`, too) through.
+#[derive(Args, Debug)]
+struct VmPassThrough {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    rest: Vec<String>,
 }
 
 #[derive(Args, Debug, Default)]
@@ -197,7 +198,7 @@ fn main() -> ExitCode {
         // Tooling lives in a separate binary, so the code that downloads packages and drives
         // QEMU is not part of the monitor that runs VMs.
         Command::Image(_) | Command::Rig(_) => tools::exec(std::env::args().skip(1).collect()),
-        Command::Vm(VmCommandStub::Any(rest)) => {
+        Command::Vm(VmPassThrough { rest }) => {
             let mut args = vec!["vm".to_string()];
             args.extend(rest.iter().cloned());
             tools::exec(args)

@@ -1,5 +1,6 @@
-//! `bulwark-tools`: guest image building and the nested test rig. `bulwark image ...` and
-//! `bulwark rig ...` hand over to this binary (see `crates/cli/src/tools.rs`).
+//! `bulwark-tools`: guest image building, the nested test rig and the bulwarkd client.
+//! `bulwark image ...`, `bulwark rig ...` and `bulwark vm ...` hand over to this
+//! binary (see `crates/cli/src/tools.rs`).
 #![forbid(unsafe_code)]
 
 #[path = "../config.rs"]
@@ -11,6 +12,8 @@ mod image;
 mod image_args;
 #[path = "../logging.rs"]
 mod logging;
+#[path = "../vm.rs"]
+mod vm;
 
 use std::process::ExitCode;
 
@@ -34,6 +37,8 @@ enum Command {
     Image(image_args::ImageCommand),
     /// Run a bulwark command inside the nested test rig.
     Rig(image_args::RigArgs),
+    /// Manage VMs through bulwarkd.
+    Vm(vm::VmArgs),
     /// Run a `bulwark run` argument list inside the rig (used by `bulwark run` on
     /// software-virtualization hosts).
     #[command(hide = true)]
@@ -48,6 +53,7 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Image(cmd) => image::image(&cmd),
         Command::Rig(args) => image::rig(&args),
+        Command::Vm(args) => vm::vm(args),
         Command::RerunInRig { argv } => {
             let image = image_arg(&argv);
             image::rerun_in_rig(&argv, image.as_deref())

@@ -1,0 +1,497 @@
+//! `bulwark vm ...`: the client of bulwarkd's REST API (runs in bulwark-tools, so the HTTP
+//! stack never maps into the monitor binary).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use bulwark_control::client::{ApiClient, ClientError};
+use bulwark_spec::FileConfig;
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Default API socket.
+const DEFAULT_SOCKET: &str = "/var/lib/bulwark/bulwarkd.sock";
+
+#[derive(Args, Debug)]
+pub(crate) struct VmArgs {
+    /// bulwarkd's socket [env BULWARK_SOCKET; default /var/lib/bulwark/bulwarkd.sock].
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    /// API token: the operator's or the VM owner's [env BULWARK_TOKEN].
+    #[arg(long, global = true, conflicts_with = "token_file")]
+    token: Option<String>,
+    /// File holding the API token (such as STATE_DIR/operator.token).
+    #[arg(long, global = true)]
+    token_file: Option<PathBuf>,
+    #[command(subcommand)]
+    command: VmCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum VmCommand {
+    /// Record a new VM from a config file or a payload.
+    Create {
+        name: String,
+        /// The VM spec, as for `bulwark run --config` (relative paths are resolved).
+        #[arg(long, conflicts_with = "payload")]
+        config: Option<PathBuf>,
+        /// A function micro-VM's payload.
+        #[arg(long)]
+        payload: Option<PathBuf>,
+        /// Guest memory (with --payload): 16M, 1G.
+        #[arg(long)]
+        memory: Option<String>,
+        /// vCPUs (with --payload).
+        #[arg(long)]
+        vcpus: Option<u32>,
+        /// The payload's argument string (with --payload).
+        #[arg(long)]
+        arg: Option<String>,
+        /// The owner's token; one is generated and printed once if absent.
+        #[arg(long)]
+        owner_token: Option<String>,
+    },
+    /// Start a VM's monitor.
+    Start { name: String },
+    /// Pause a running VM.
+    Pause { name: String },
+    /// Resume a paused VM.
+    Resume { name: String },
+    /// Power button, then kill after the timeout.
+    Stop {
+        name: String,
+        /// How long the guest gets to power off: 30s, 500ms.
+        #[arg(long, value_parser = bulwark_spec::parse_duration)]
+        timeout: Option<Duration>,
+    },
+    /// End a VM now.
+    Kill { name: String },
+    /// Remove a VM (with --force even while it runs).
+    Delete {
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// List VMs.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one VM.
+    Describe {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Attach to a VM's console (Ctrl-A d detaches on a terminal).
+    Console { name: String },
+    /// Run a command in a Linux guest through its agent; exits with the command's status.
+    Exec {
+        name: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// List a Linux guest's processes.
+    Ps { name: String },
+    /// Write an encrypted snapshot of a running VM.
+    Snapshot {
+        name: String,
+        /// File with the owner's key (64 hex digits).
+        #[arg(long)]
+        key_file: PathBuf,
+        /// Snapshot name [default: snap-<time>].
+        #[arg(long = "name")]
+        snapshot: Option<String>,
+    },
+    /// Start a stopped VM from one of its snapshots.
+    Restore {
+        name: String,
+        #[arg(long)]
+        snapshot: String,
+        #[arg(long)]
+        key_file: PathBuf,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+enum VmCliError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn read_trimmed(path: &Path) -> Result<String, VmCliError> {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .map_err(|source| VmCliError::Read {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+fn token(args: &VmArgs) -> Result<Option<String>, VmCliError> {
+    if let Some(t) = &args.token {
+        return Ok(Some(t.clone()));
+    }
+    if let Some(f) = &args.token_file {
+        return read_trimmed(f).map(Some);
+    }
+    Ok(std::env::var("BULWARK_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty()))
+}
+
+fn absolute(p: &Path) -> Result<PathBuf, VmCliError> {
+    std::path::absolute(p).map_err(|source| VmCliError::Read {
+        path: p.to_path_buf(),
+        source,
+    })
+}
+
+fn create_body(cmd: &VmCommand) -> Result<Value, VmCliError> {
+    let VmCommand::Create {
+        name,
+        config,
+        payload,
+        memory,
+        vcpus,
+        arg,
+        owner_token,
+    } = cmd
+    else {
+        return Err(VmCliError::Usage("not a create command".into()));
+    };
+    let spec = match (config, payload) {
+        (Some(c), None) => {
+            FileConfig::load(&absolute(c)?).map_err(|e| VmCliError::Usage(e.to_string()))?
+        }
+        (None, Some(p)) => FileConfig {
+            payload: Some(absolute(p)?),
+            memory: memory.clone(),
+            vcpus: *vcpus,
+            arg: arg.clone(),
+            ..FileConfig::default()
+        },
+        _ => {
+            return Err(VmCliError::Usage(
+                "give --config FILE.toml or --payload FILE".into(),
+            ));
+        }
+    };
+    let mut body = json!({ "name": name, "spec": spec });
+    if let Some(t) = owner_token {
+        body["owner_token"] = json!(t);
+    }
+    Ok(body)
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn fmt_bytes(v: &Value) -> String {
+    v.as_u64()
+        .map(|b| format!("{}M", b >> 20))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn fmt_uptime(v: &Value) -> String {
+    v.as_u64()
+        .map(|ms| format!("{}s", ms / 1000))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+async fn run(args: VmArgs) -> Result<ExitCode, VmCliError> {
+    let socket = args
+        .socket
+        .clone()
+        .or_else(|| std::env::var_os("BULWARK_SOCKET").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+    let client = ApiClient::new(&socket, token(&args)?);
+    let vm = |n: &str, rest: &str| format!("/v1/vms/{n}{rest}");
+    match &args.command {
+        c @ VmCommand::Create { name, .. } => {
+            let v = client
+                .call("POST", "/v1/vms", Some(&create_body(c)?))
+                .await?;
+            println!("created {name} (id {})", s(&v["id"]));
+            if let Some(t) = v["owner_token"].as_str() {
+                println!("owner token (shown once, keep it): {t}");
+            }
+        }
+        VmCommand::Start { name } => {
+            let v = client.call("POST", &vm(name, "/start"), None).await?;
+            println!("{name}: {}", s(&v["state"]));
+        }
+        VmCommand::Pause { name } | VmCommand::Resume { name } => {
+            let action = if matches!(args.command, VmCommand::Pause { .. }) {
+                "/pause"
+            } else {
+                "/resume"
+            };
+            let v = client.call("POST", &vm(name, action), None).await?;
+            println!("{name}: {}", s(&v["state"]));
+        }
+        VmCommand::Stop { name, timeout } => {
+            let body = timeout.map(|t| json!({ "timeout_ms": t.as_millis() as u64 }));
+            let v = client
+                .call("POST", &vm(name, "/stop"), body.as_ref())
+                .await?;
+            println!(
+                "{name}: {} ({}; {})",
+                s(&v["state"]),
+                s(&v["stopped_by"]),
+                s(&v["reason"])
+            );
+        }
+        VmCommand::Kill { name } => {
+            let v = client.call("POST", &vm(name, "/kill"), None).await?;
+            println!("{name}: {} ({})", s(&v["state"]), s(&v["reason"]));
+        }
+        VmCommand::Delete { name, force } => {
+            let q = if *force { "?force=true" } else { "" };
+            client.call("DELETE", &vm(name, q), None).await?;
+            println!("{name}: deleted");
+        }
+        VmCommand::List { json } => {
+            let v = client.call("GET", "/v1/vms", None).await?;
+            if *json {
+                print_json(&v);
+            } else {
+                println!(
+                    "{:<24} {:<9} {:<9} {:>5} {:>8} {:>8}",
+                    "NAME", "STATE", "KIND", "VCPUS", "MEMORY", "UPTIME"
+                );
+                for x in v["vms"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<24} {:<9} {:<9} {:>5} {:>8} {:>8}",
+                        s(&x["name"]),
+                        s(&x["state"]),
+                        s(&x["kind"]),
+                        s(&x["vcpus"]),
+                        fmt_bytes(&x["memory"]),
+                        fmt_uptime(&x["uptime_ms"])
+                    );
+                }
+            }
+        }
+        VmCommand::Describe { name, json } => {
+            let v = client.call("GET", &vm(name, ""), None).await?;
+            if *json {
+                print_json(&v);
+            } else {
+                for (k, val) in [
+                    ("name", s(&v["name"])),
+                    ("id", s(&v["id"])),
+                    ("state", s(&v["state"])),
+                    ("kind", s(&v["kind"])),
+                    ("vcpus", s(&v["vcpus"])),
+                    ("memory", fmt_bytes(&v["memory"])),
+                    ("uptime", fmt_uptime(&v["uptime_ms"])),
+                    ("monitor pid", s(&v["monitor"]["pid"])),
+                    ("reason", s(&v["reason"])),
+                ] {
+                    println!("{k:<12} {val}");
+                }
+            }
+        }
+        VmCommand::Console { name } => return console(&client, name).await,
+        VmCommand::Exec { name, command } => {
+            let v = client
+                .call(
+                    "POST",
+                    &vm(name, "/exec"),
+                    Some(&json!({ "argv": command })),
+                )
+                .await?;
+            print!("{}", v["stdout"].as_str().unwrap_or(""));
+            eprint!("{}", v["stderr"].as_str().unwrap_or(""));
+            let _ = std::io::stdout().flush();
+            let status = v["status"].as_i64().unwrap_or(1);
+            return Ok(ExitCode::from(status.clamp(0, 255) as u8));
+        }
+        VmCommand::Ps { name } => {
+            let v = client.call("GET", &vm(name, "/ps"), None).await?;
+            println!("{:>7} {:>7} {:>6} S COMMAND", "PID", "PPID", "UID");
+            for p in v["procs"].as_array().into_iter().flatten() {
+                println!(
+                    "{:>7} {:>7} {:>6} {} {}",
+                    s(&p["pid"]),
+                    s(&p["ppid"]),
+                    s(&p["uid"]),
+                    s(&p["state"]),
+                    s(&p["comm"]).escape_debug()
+                );
+            }
+        }
+        VmCommand::Snapshot {
+            name,
+            key_file,
+            snapshot,
+        } => {
+            let mut body = json!({ "key": read_trimmed(key_file)? });
+            if let Some(sn) = snapshot {
+                body["name"] = json!(sn);
+            }
+            let v = client
+                .call("POST", &vm(name, "/snapshot"), Some(&body))
+                .await?;
+            println!(
+                "{name}: snapshot {} written ({} bytes, paused {} ms)",
+                s(&v["name"]),
+                s(&v["bytes"]),
+                s(&v["paused_ms"])
+            );
+        }
+        VmCommand::Restore {
+            name,
+            snapshot,
+            key_file,
+        } => {
+            let body = json!({ "snapshot": snapshot, "key": read_trimmed(key_file)? });
+            let v = client
+                .call("POST", &vm(name, "/restore"), Some(&body))
+                .await?;
+            println!("{name}: {}", s(&v["state"]));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Finds `Ctrl-A d` in terminal input, across reads.
+#[derive(Debug, Default)]
+struct DetachFilter {
+    armed: bool,
+}
+
+impl DetachFilter {
+    /// The bytes to send, and whether the user detached.
+    fn filter(&mut self, data: &[u8]) -> (Vec<u8>, bool) {
+        const ESCAPE: u8 = 0x01;
+        let mut out = Vec::with_capacity(data.len());
+        for &b in data {
+            if self.armed {
+                self.armed = false;
+                match b {
+                    b'd' => return (out, true),
+                    ESCAPE => out.push(ESCAPE),
+                    other => out.extend([ESCAPE, other]),
+                }
+            } else if b == ESCAPE {
+                self.armed = true;
+            } else {
+                out.push(b);
+            }
+        }
+        (out, false)
+    }
+}
+
+/// Splices stdin/stdout with the console until the connection ends (or Ctrl-A d on a
+/// terminal). At the end of stdin the sending half closes and output is read to the end.
+async fn console(client: &ApiClient, name: &str) -> Result<ExitCode, VmCliError> {
+    let conn = client.console(name).await?;
+    let raw = bulwark_monitor::tty::RawTerminal::enable_if_tty()
+        .ok()
+        .flatten();
+    let tty = raw.is_some();
+    if tty {
+        eprint!("[bulwark: attached to {name}; Ctrl-A d detaches]\r\n");
+    }
+    let (mut rd, mut wr) = tokio::io::split(conn);
+    let mut stdin = tokio::io::stdin();
+    let mut stdout = tokio::io::stdout();
+    let mut filter = DetachFilter::default();
+    let mut inbuf = vec![0u8; 4096];
+    let mut outbuf = vec![0u8; 16 * 1024];
+    let mut stdin_open = true;
+    loop {
+        tokio::select! {
+            n = stdin.read(&mut inbuf), if stdin_open => match n {
+                Ok(0) | Err(_) => {
+                    stdin_open = false;
+                    let _ = wr.shutdown().await;
+                }
+                Ok(n) => {
+                    let (data, detach) = if tty { filter.filter(&inbuf[..n]) } else { (inbuf[..n].to_vec(), false) };
+                    if wr.write_all(&data).await.is_err() {
+                        break;
+                    }
+                    if detach {
+                        break;
+                    }
+                }
+            },
+            n = rd.read(&mut outbuf) => match n {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if stdout.write_all(&outbuf[..n]).await.is_err() {
+                        break;
+                    }
+                    let _ = stdout.flush().await;
+                }
+            },
+        }
+    }
+    drop(raw);
+    if tty {
+        eprintln!("\n[bulwark: detached from {name}]");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `bulwark vm ...`.
+pub(crate) fn vm(args: VmArgs) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bulwark vm: cannot start the runtime: {e}");
+            return ExitCode::from(125);
+        }
+    };
+    let code = match rt.block_on(run(args)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("bulwark vm: {e}");
+            ExitCode::FAILURE
+        }
+    };
+    // The stdin reader may sit in a blocking read; do not wait for it.
+    rt.shutdown_background();
+    code
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detach_filter_detaches_on_ctrl_a_d_only() {
+        let mut f = DetachFilter::default();
+        assert_eq!(f.filter(b"ls\r"), (b"ls\r".to_vec(), false));
+        assert_eq!(f.filter(&[1, 1]), (vec![1], false));
+        assert_eq!(f.filter(&[1]), (vec![], false));
+        assert_eq!(f.filter(b"d"), (vec![], true));
+        assert_eq!(f.filter(&[1, b'x']), (vec![1, b'x'], false));
+    }
+}
