@@ -5,6 +5,7 @@
 //! in DIR while the VM runs, and writes `DIR/exit.json` when it ends — the daemon reads it
 //! even if it was not running at that moment.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -22,6 +23,13 @@ pub(crate) struct MonitorArgs {
     /// The VM's directory, holding spec.json.
     #[arg(long)]
     dir: PathBuf,
+    /// Resume the VM from this sealed snapshot instead of booting it (its spec replaces
+    /// spec.json). The owner's key is read from stdin.
+    #[arg(long, requires = "key_stdin")]
+    restore: Option<PathBuf>,
+    /// Read the owner's key (64 hex digits) from stdin.
+    #[arg(long)]
+    key_stdin: bool,
 }
 
 /// `exit.json`: how the VM ended.
@@ -48,6 +56,34 @@ fn write_exit(dir: &Path, rec: &ExitRecord) {
     }
 }
 
+/// Reads the owner's key from stdin: 64 hex digits and an optional newline.
+fn key_from_stdin() -> anyhow::Result<bulwark_seal::OwnerKey> {
+    let mut text = String::new();
+    std::io::Read::take(std::io::stdin(), 256).read_to_string(&mut text)?;
+    Ok(bulwark_seal::OwnerKey::from_hex(text.trim())?)
+}
+
+/// Writes `text` to `path` through a temporary file and a rename.
+fn write_atomic(path: &Path, text: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+fn restore(dir: &Path, file: &Path, verbose: bool) -> anyhow::Result<RunReport> {
+    let key = key_from_stdin()?;
+    // The whole file is authenticated before anything in it is used.
+    let snapshot = bulwark_monitor::snapshot::Restore::open(file, &key)?;
+    let spec = FileConfig::from_json(&snapshot.header.spec)?;
+    spec.check()?;
+    write_atomic(&dir.join(SPEC_FILE), snapshot.header.spec.as_bytes())?;
+    let VmSpec::Function(cfg) = vm_spec_from(&RunArgs::default(), spec, verbose)? else {
+        anyhow::bail!("restoring Linux guests is not supported yet; only function micro-VMs");
+    };
+    let io = ConsoleIo::managed(dir)?;
+    Ok(bulwark_monitor::restore_function(&cfg, snapshot, io)?)
+}
+
 fn start(dir: &Path, verbose: bool) -> anyhow::Result<RunReport> {
     let text = std::fs::read_to_string(dir.join(SPEC_FILE))?;
     let file = FileConfig::from_json(&text)?;
@@ -67,7 +103,11 @@ fn start(dir: &Path, verbose: bool) -> anyhow::Result<RunReport> {
 
 pub(crate) fn run(args: &MonitorArgs, verbose: bool) -> ExitCode {
     let _ = std::fs::remove_file(args.dir.join(EXIT_FILE));
-    match start(&args.dir, verbose) {
+    let result = match &args.restore {
+        Some(file) => restore(&args.dir, file, verbose),
+        None => start(&args.dir, verbose),
+    };
+    match result {
         Ok(report) => {
             let status = exit_status(&report);
             write_exit(

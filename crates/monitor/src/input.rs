@@ -45,6 +45,12 @@ impl ConsoleInput {
         self.cond.notify_all();
     }
 
+    /// A copy of the input not yet read (for snapshots).
+    pub fn pending(&self) -> Vec<u8> {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.buf.iter().copied().collect()
+    }
+
     /// Whether the queue has room for more host input.
     pub fn has_room(&self) -> bool {
         self.state

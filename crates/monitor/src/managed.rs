@@ -27,7 +27,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::control::VmControl;
 use crate::outcome::StopReason;
-use crate::vcpu::{VcpuLive, sum_counters};
+use crate::snapshot::cpu::VcpuState;
+use crate::snapshot::{Header, RecordWriter, SNAPSHOT_FORMAT, SnapshotError, SnapshotSource};
+use crate::vcpu::{VcpuContext, sum_counters};
 
 /// Console output kept for clients that attach later.
 pub const SCROLLBACK: usize = 256 * 1024;
@@ -176,6 +178,8 @@ pub struct VmView {
     pub devices: Vec<(String, Arc<MmioTransport>)>,
     /// Presses the ACPI power button, for VMs that have one.
     pub power_button: Option<Box<dyn Fn() + Send>>,
+    /// How this VM's state is saved, for VMs that can be snapshotted.
+    pub snapshot: Option<Box<dyn SnapshotSource>>,
 }
 
 enum ClientKind {
@@ -203,7 +207,7 @@ pub struct ManagedServer {
 pub struct LoopCtx<'a> {
     pub epoll: &'a Epoll,
     pub control: &'a VmControl,
-    pub live: &'a [VcpuLive],
+    pub vcpu: &'a VcpuContext,
     /// Kicks every vCPU thread out of `KVM_RUN`.
     pub kick: &'a dyn Fn(),
     /// Console input from clients goes here.
@@ -439,11 +443,9 @@ impl ManagedServer {
                 if control.is_paused() {
                     return Response::error(error_code::WRONG_STATE, "the VM is already paused");
                 }
-                control.request_pause();
-                if control.wait_parked(self.view.vcpus, PAUSE_WAIT, ctx.kick) {
+                if self.pause(ctx) {
                     Response::Ok
                 } else {
-                    control.resume();
                     Response::error(
                         error_code::FAILED,
                         "the vCPUs did not stop within 5 s; the VM keeps running",
@@ -477,15 +479,158 @@ impl ManagedServer {
                 control.stop(StopReason::Killed);
                 Response::Ok
             }
-            Request::Snapshot { .. } => Response::error(
+            Request::Snapshot {
+                path,
+                key,
+                leave_paused,
+            } => self.snapshot(Path::new(&path), &key, leave_paused, ctx),
+        }
+    }
+
+    /// Pauses the VM if it runs; false if the vCPUs did not park.
+    fn pause(&self, ctx: &LoopCtx<'_>) -> bool {
+        ctx.control.request_pause();
+        if ctx
+            .control
+            .wait_parked(self.view.vcpus, PAUSE_WAIT, ctx.kick)
+        {
+            true
+        } else {
+            ctx.control.resume();
+            false
+        }
+    }
+
+    fn snapshot(
+        &mut self,
+        path: &Path,
+        key: &str,
+        leave_paused: bool,
+        ctx: &LoopCtx<'_>,
+    ) -> Response {
+        let Some(src) = &self.view.snapshot else {
+            return Response::error(
                 error_code::UNSUPPORTED,
-                "snapshots are not available for this VM",
+                "snapshots are not available for this kind of VM",
+            );
+        };
+        if let Some(why) = src.refuse() {
+            return Response::error(error_code::UNSUPPORTED, why);
+        }
+        let key = match bulwark_seal::OwnerKey::from_hex(key) {
+            Ok(k) => k,
+            Err(e) => return Response::error(error_code::INVALID, e.to_string()),
+        };
+        if !path.is_absolute() {
+            return Response::error(error_code::INVALID, "the snapshot path must be absolute");
+        }
+        let spec = match std::fs::read_to_string(self.setup.dir.join(bulwark_channel::SPEC_FILE)) {
+            Ok(s) => s,
+            Err(e) => {
+                return Response::error(
+                    error_code::FAILED,
+                    format!("cannot read the VM's spec.json: {e}"),
+                );
+            }
+        };
+        let was_paused = ctx.control.is_paused();
+        let t0 = Instant::now();
+        if !was_paused && !self.pause(ctx) {
+            return Response::error(
+                error_code::FAILED,
+                "the vCPUs did not stop within 5 s; no snapshot was taken",
+            );
+        }
+        let result = self.write_snapshot(path, &key, spec, ctx);
+        let paused_ms = t0.elapsed().as_millis() as u64;
+        if !was_paused && !leave_paused {
+            ctx.control.resume();
+        }
+        match result {
+            Ok(bytes) => {
+                tracing::info!(path = %path.display(), bytes, paused_ms, "snapshot written");
+                Response::Snapshot { bytes, paused_ms }
+            }
+            Err(e) => Response::error(
+                error_code::FAILED,
+                format!(
+                    "snapshot failed, the VM {}: {e}",
+                    if leave_paused || was_paused {
+                        "stays paused"
+                    } else {
+                        "runs on"
+                    }
+                ),
             ),
         }
     }
 
+    /// Captures every vCPU on its own (parked) thread, then writes the sealed file.
+    fn write_snapshot(
+        &self,
+        path: &Path,
+        key: &bulwark_seal::OwnerKey,
+        spec: String,
+        ctx: &LoopCtx<'_>,
+    ) -> Result<u64, SnapshotError> {
+        let Some(src) = &self.view.snapshot else {
+            return Err(SnapshotError::Unsupported("no snapshot source".into()));
+        };
+        let n = self.view.vcpus;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let msr_index: Arc<[u32]> = src.msr_index().into();
+        let irqchip = src.in_kernel_irqchip();
+        for i in 0..n {
+            let (tx, msr_index) = (tx.clone(), msr_index.clone());
+            ctx.vcpu.jobs.post(
+                i,
+                Box::new(move |fd, regs, pending| {
+                    let state = regs
+                        .map_err(crate::snapshot::kvm("KVM_GET_REGS"))
+                        .and_then(|r| VcpuState::capture(fd, r, &msr_index, irqchip, pending));
+                    let _ = tx.send((i, state));
+                }),
+            );
+        }
+        drop(tx);
+        ctx.control.nudge();
+        let mut states: Vec<Option<VcpuState>> = (0..n).map(|_| None).collect();
+        let deadline = Instant::now() + PAUSE_WAIT;
+        for _ in 0..n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (i, st) = rx.recv_timeout(left).map_err(|_| {
+                SnapshotError::Unsupported("a vCPU did not hand over its state in time".into())
+            })?;
+            states[i as usize] = Some(st?);
+        }
+        let regions = src.regions();
+        let header = Header {
+            format: SNAPSHOT_FORMAT,
+            kind: self.view.kind.to_string(),
+            spec,
+            vcpus: n,
+            regions: regions.clone(),
+            clock_ns: src.clock_ns(),
+        };
+        crate::snapshot::write_sealed(path, key, |out| {
+            let mut w = RecordWriter::new(out);
+            w.header(&header)?;
+            for (i, st) in states.iter().enumerate() {
+                if let Some(st) = st {
+                    st.write(i as u32, &mut w)?;
+                }
+            }
+            src.write_devices(&mut w)?;
+            for (i, &(gpa, size)) in regions.iter().enumerate() {
+                w.memory(i as u32, &ctx.vcpu.mem, gpa, size)?;
+            }
+            w.end()?;
+            Ok(())
+        })
+    }
+
     fn describe(&self, ctx: &LoopCtx<'_>) -> VmInfo {
-        let c = sum_counters(ctx.live);
+        let c = sum_counters(&ctx.vcpu.live);
         let state = if ctx.control.is_stopping() {
             RunState::Stopping
         } else if ctx.control.is_paused() {
@@ -494,6 +639,7 @@ impl ManagedServer {
             RunState::Running
         };
         let vcpu_time_ns = ctx
+            .vcpu
             .live
             .iter()
             .map(|l| thread_cpu_ns(l.tid.load(std::sync::atomic::Ordering::Relaxed)))

@@ -266,7 +266,7 @@ impl Console {
                 let mut ctx = LoopCtx {
                     epoll: &self.epoll,
                     control,
-                    live: m.live,
+                    vcpu: m.vcpu,
                     kick: m.kick,
                     input: &mut self.pending,
                 };
@@ -286,7 +286,7 @@ impl Console {
 /// The managed sockets as the event loop drives them.
 pub struct ManagedLoop<'a> {
     pub server: &'a mut ManagedServer,
-    pub live: &'a [crate::vcpu::VcpuLive],
+    pub vcpu: &'a crate::vcpu::VcpuContext,
     pub kick: &'a dyn Fn(),
 }
 
@@ -304,6 +304,7 @@ pub fn run_to_end(
         .into_iter()
         .enumerate()
         .map(|(i, fd)| Vcpu {
+            exited: false,
             index: i as u32,
             fd,
             ctx: ctx.clone(),
@@ -321,7 +322,7 @@ pub fn run_to_end(
     };
     let managed = managed.map(|server| ManagedLoop {
         server,
-        live: &ctx.live,
+        vcpu: ctx,
         kick: &kick,
     });
     console.run(&ctx.control, timeout, started, managed);

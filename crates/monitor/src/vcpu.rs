@@ -27,6 +27,50 @@ pub struct VcpuContext {
     pub sync_regs: bool,
     /// One entry per vCPU, updated as it runs, read by the control channel.
     pub live: Vec<VcpuLive>,
+    /// Work for parked vCPU threads (state capture for snapshots).
+    pub jobs: VcpuJobs,
+    /// Host calls restored vCPUs had in progress, by vCPU (empty for a fresh VM).
+    pub restored_hostcalls: Vec<Option<u32>>,
+}
+
+/// Work a parked vCPU thread does with its own fd: the fd, the general registers as the
+/// monitor last left them, and the host call it has in progress.
+pub type VcpuJob =
+    Box<dyn FnOnce(&VcpuFd, Result<kvm_regs, kvm_ioctls::Error>, Option<u32>) + Send>;
+
+/// One job slot per vCPU.
+#[derive(Default)]
+pub struct VcpuJobs {
+    slots: std::sync::Mutex<Vec<Option<VcpuJob>>>,
+}
+
+impl std::fmt::Debug for VcpuJobs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("VcpuJobs")
+    }
+}
+
+impl VcpuJobs {
+    pub fn new(vcpus: u32) -> Self {
+        Self {
+            slots: std::sync::Mutex::new((0..vcpus).map(|_| None).collect()),
+        }
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, Vec<Option<VcpuJob>>> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Leaves a job for vCPU `index`; it runs when that thread is parked and woken.
+    pub fn post(&self, index: u32, job: VcpuJob) {
+        if let Some(slot) = self.slots().get_mut(index as usize) {
+            *slot = Some(job);
+        }
+    }
+
+    fn take(&self, index: u32) -> Option<VcpuJob> {
+        self.slots().get_mut(index as usize)?.take()
+    }
 }
 
 /// A vCPU's counters while it runs, and its thread id (for its CPU time).
@@ -85,6 +129,9 @@ enum HostCallStep {
 
 #[derive(Debug)]
 pub struct Vcpu {
+    /// Until the first exit `kvm_run` holds no registers (a restored vCPU's are only in
+    /// KVM), so `KVM_CAP_SYNC_REGS` is used from then on.
+    pub exited: bool,
     pub index: u32,
     pub fd: VcpuFd,
     pub ctx: Arc<VcpuContext>,
@@ -116,9 +163,17 @@ impl Vcpu {
         };
         // A host call that found nothing to read yet: made again, outside the guest, until it
         // completes (the vCPU can be paused meanwhile).
-        let mut pending: Option<u32> = None;
+        let mut pending: Option<u32> = ctx
+            .restored_hostcalls
+            .get(self.index as usize)
+            .copied()
+            .flatten();
         while !ctx.control.is_stopping() {
-            ctx.control.park_if_paused(&mut || {});
+            ctx.control.park_if_paused(&mut || {
+                if let Some(job) = ctx.jobs.take(self.index) {
+                    job(&self.fd, self.regs(), pending);
+                }
+            });
             if let Some(nr) = pending {
                 match self.host_call(nr) {
                     HostCallStep::Done => pending = None,
@@ -136,6 +191,7 @@ impl Vcpu {
             }
             let action = match self.fd.run() {
                 Ok(exit) => {
+                    self.exited = true;
                     let exit = Exit::from_kvm(exit, io_size);
                     bump(&live.exits);
                     match exit {
@@ -195,7 +251,7 @@ impl Vcpu {
 
     /// The general registers at the last exit.
     fn regs(&self) -> Result<kvm_regs, kvm_ioctls::Error> {
-        if self.ctx.sync_regs {
+        if self.ctx.sync_regs && self.exited {
             Ok(self.fd.sync_regs().regs)
         } else {
             self.fd.get_regs()
@@ -204,7 +260,7 @@ impl Vcpu {
 
     /// Sets the general registers for the next entry.
     fn set_regs(&mut self, regs: &kvm_regs) -> Result<(), kvm_ioctls::Error> {
-        if self.ctx.sync_regs {
+        if self.ctx.sync_regs && self.exited {
             self.fd.sync_regs_mut().regs = *regs;
             self.fd.set_sync_dirty_reg(SyncReg::Register);
             Ok(())

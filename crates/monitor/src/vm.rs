@@ -31,6 +31,8 @@ use crate::payload::{self, Layout, PayloadError, PayloadSpec};
 use crate::runner::{
     Console, ReportSources, install_kick_handler, make_undumpable, report, run_to_end,
 };
+use crate::snapshot::cpu::VcpuState;
+use crate::snapshot::{RecordWriter, Restore, SnapshotError, SnapshotSource, Tag};
 use crate::vcpu::VcpuContext;
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +55,8 @@ pub enum VmError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     #[error("device setup failed")]
     Devices(#[from] BusError),
     #[error("monitor setup failed: {what}")]
@@ -245,11 +249,17 @@ fn build_devices(
     })
 }
 
+/// How a function micro-VM's vCPUs begin: at the payload's entry, or where a snapshot left
+/// them.
+enum VcpuStart<'a> {
+    Entry { entry: u64, cpl0: bool },
+    Restored(&'a [VcpuState]),
+}
+
 fn create_vcpus(
     vm: &VmFd,
     layout: &Layout,
-    entry: u64,
-    cpl0: bool,
+    start: &VcpuStart<'_>,
     sync_regs: bool,
 ) -> Result<Vec<kvm_ioctls::VcpuFd>, VmError> {
     let host = payload::cpuid::HostCpu::read();
@@ -269,6 +279,16 @@ fn create_vcpus(
             let cpuid = payload::cpuid::cpuid(&host, i, layout.vcpus)
                 .map_err(|e| os("building the CPUID table")(io::Error::other(format!("{e:?}"))))?;
             fd.set_cpuid2(&cpuid).map_err(kvm_err("the vCPU's CPUID"))?;
+            let (entry, cpl0) = match start {
+                VcpuStart::Entry { entry, cpl0 } => (*entry, *cpl0),
+                VcpuStart::Restored(states) => {
+                    let st = states
+                        .get(i as usize)
+                        .ok_or_else(|| SnapshotError::Mismatch(format!("no state for vCPU {i}")))?;
+                    st.apply(&fd)?;
+                    return Ok(fd);
+                }
+            };
             let mut sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
             let regs = payload::entry_state(layout, entry, i, cpl0, &mut sregs);
             fd.set_sregs(&sregs)
@@ -283,7 +303,75 @@ fn create_vcpus(
 
 /// Runs a function micro-VM to its end. Errors are set-up failures; how the guest ended —
 /// including faults and timeouts — is in the report.
-pub fn run_function(cfg: &FunctionVmConfig, mut io: ConsoleIo) -> Result<RunReport, VmError> {
+pub fn run_function(cfg: &FunctionVmConfig, io: ConsoleIo) -> Result<RunReport, VmError> {
+    run_function_from(cfg, io, None)
+}
+
+/// Resumes a function micro-VM from a snapshot (already authenticated by
+/// [`Restore::open`]) and runs it to its end.
+pub fn restore_function(
+    cfg: &FunctionVmConfig,
+    snapshot: Restore,
+    io: ConsoleIo,
+) -> Result<RunReport, VmError> {
+    if snapshot.header.kind != "function" || snapshot.header.vcpus != cfg.vcpus {
+        return Err(SnapshotError::Mismatch(format!(
+            "the snapshot holds a {} VM with {} vCPUs, not a function micro-VM with {}",
+            snapshot.header.kind, snapshot.header.vcpus, cfg.vcpus
+        ))
+        .into());
+    }
+    run_function_from(cfg, io, Some(snapshot))
+}
+
+/// Device numbers of a function micro-VM's snapshot records.
+const DEVICE_CONSOLE_INPUT: u32 = 0;
+
+/// What a function micro-VM saves beyond vCPUs and memory: console input not yet read, and
+/// the host-call clock.
+struct FunctionSnapshot {
+    msr_index: Vec<u32>,
+    input: Arc<ConsoleInput>,
+    clock_start: Instant,
+    regions: Vec<(u64, u64)>,
+    drives: usize,
+}
+
+impl SnapshotSource for FunctionSnapshot {
+    fn refuse(&self) -> Option<String> {
+        (self.drives > 0).then(|| {
+            "function micro-VMs with virtio drives cannot be snapshotted yet (their queue state is not saved)".to_string()
+        })
+    }
+    fn msr_index(&self) -> &[u32] {
+        &self.msr_index
+    }
+    fn in_kernel_irqchip(&self) -> bool {
+        false
+    }
+    fn clock_ns(&self) -> u64 {
+        u64::try_from(self.clock_start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+    fn regions(&self) -> Vec<(u64, u64)> {
+        self.regions.clone()
+    }
+    fn write_devices(&self, w: &mut RecordWriter<&mut dyn Write>) -> Result<(), SnapshotError> {
+        w.record(Tag::Device, DEVICE_CONSOLE_INPUT, &self.input.pending())
+    }
+}
+
+/// The MSRs KVM reports for this host; empty if it cannot say.
+pub(crate) fn msr_index(kvm: &kvm_ioctls::Kvm) -> Vec<u32> {
+    kvm.get_msr_index_list()
+        .map(|l| l.as_slice().to_vec())
+        .unwrap_or_default()
+}
+
+fn run_function_from(
+    cfg: &FunctionVmConfig,
+    mut io: ConsoleIo,
+    restore: Option<Restore>,
+) -> Result<RunReport, VmError> {
     let started = Instant::now();
     let layout = Layout::new(cfg.memory, cfg.vcpus).map_err(PayloadError::from)?;
     let spec = PayloadSpec {
@@ -291,7 +379,10 @@ pub fn run_function(cfg: &FunctionVmConfig, mut io: ConsoleIo) -> Result<RunRepo
         arg: &cfg.arg,
         cpl0: cfg.cpl0,
     };
-    let image = payload::prepare(&layout, &spec)?;
+    let image = match restore {
+        None => Some(payload::prepare(&layout, &spec)?),
+        Some(_) => None,
+    };
     let kvm = open_checked(cfg.memory, cfg.vcpus)?;
     make_undumpable()?;
     install_kick_handler()?;
@@ -299,12 +390,41 @@ pub fn run_function(cfg: &FunctionVmConfig, mut io: ConsoleIo) -> Result<RunRepo
     let vm = kvm.create_vm().map_err(KvmError::CreateVm)?;
     let ram = GuestRam::new(cfg.memory)?;
     register_memory(&vm, &ram)?;
-    payload::install(ram.memory(), &layout, &image, &spec)?;
+    let regions: Vec<(u64, u64)> = ram.regions().iter().map(|&(g, s, _)| (g, s)).collect();
     let sync_regs = kvm.check_extension(Cap::SyncRegs);
-    let vcpu_fds = create_vcpus(&vm, &layout, image.entry, cfg.cpl0, sync_regs)?;
+    let (vcpu_fds, restored, clock_start) = match (&image, restore) {
+        (Some(image), _) => {
+            payload::install(ram.memory(), &layout, image, &spec)?;
+            let start = VcpuStart::Entry {
+                entry: image.entry,
+                cpl0: cfg.cpl0,
+            };
+            (
+                create_vcpus(&vm, &layout, &start, sync_regs)?,
+                None,
+                started,
+            )
+        }
+        (None, Some(snapshot)) => {
+            let clock_ns = snapshot.header.clock_ns;
+            let state = snapshot.read_body(ram.memory(), &regions)?;
+            let fds = create_vcpus(&vm, &layout, &VcpuStart::Restored(&state.vcpus), sync_regs)?;
+            let clock_start = started
+                .checked_sub(Duration::from_nanos(clock_ns))
+                .unwrap_or(started);
+            (fds, Some(state), clock_start)
+        }
+        (None, None) => unreachable!("a VM is either fresh or restored"),
+    };
 
     // Console input: a queue fed by the event loop, or direct reads for regular files.
     let queue = Arc::new(ConsoleInput::new());
+    if let Some(saved) = restored
+        .as_ref()
+        .and_then(|r| r.device(DEVICE_CONSOLE_INPUT))
+    {
+        queue.push(saved);
+    }
     let control = Arc::new(VmControl::new(queue.clone()).map_err(os("eventfd"))?);
     let (mut console, watchable) = Console::new(&control, &io.input, queue.clone())?;
     let input = if watchable {
@@ -315,6 +435,13 @@ pub fn run_function(cfg: &FunctionVmConfig, mut io: ConsoleIo) -> Result<RunRepo
 
     let managed_setup = io.managed.take();
     let devices = build_devices(cfg, io, ram.memory())?;
+    let snapshot_source = FunctionSnapshot {
+        msr_index: msr_index(&kvm),
+        input: queue.clone(),
+        clock_start,
+        regions,
+        drives: cfg.drives.len(),
+    };
     let mut managed = managed_setup.map(|setup| {
         ManagedServer::new(
             setup,
@@ -326,6 +453,7 @@ pub fn run_function(cfg: &FunctionVmConfig, mut io: ConsoleIo) -> Result<RunRepo
                 console: devices.stdout.clone(),
                 devices: devices.virtio.clone(),
                 power_button: None,
+                snapshot: Some(Box::new(snapshot_source)),
             },
         )
     });
@@ -337,13 +465,18 @@ pub fn run_function(cfg: &FunctionVmConfig, mut io: ConsoleIo) -> Result<RunRepo
             stdout: devices.stdout.clone(),
             stderr: devices.stderr.clone(),
             input,
-            start: started,
+            start: clock_start,
         })),
         mem: ram.memory().clone(),
         control: control.clone(),
         software_virtualization: kvm::is_software_virtualization(),
         sync_regs,
         live: crate::vcpu::VcpuLive::for_vcpus(cfg.vcpus),
+        jobs: crate::vcpu::VcpuJobs::new(cfg.vcpus),
+        restored_hostcalls: restored
+            .as_ref()
+            .map(|r| r.vcpus.iter().map(|v| v.pending_hostcall).collect())
+            .unwrap_or_default(),
     });
     let counters = run_to_end(
         vcpu_fds,

@@ -500,6 +500,48 @@ mod tests {
     }
 
     #[test]
+    fn check_accepts_good_specs_and_names_what_is_wrong() {
+        let ok = FileConfig::from_json(r#"{"payload":"/p.elf","memory":"32M","vcpus":2}"#).unwrap();
+        assert_eq!(
+            ok.check().unwrap(),
+            SpecSummary {
+                kind: VmKind::Function,
+                memory: 32 << 20,
+                vcpus: 2
+            }
+        );
+        let linux = FileConfig::from_toml("image = \"/img\"\ncommand = [\"true\"]\n").unwrap();
+        assert_eq!(linux.check().unwrap().memory, DEFAULT_LINUX_MEMORY);
+        for (json, why) in [
+            (r#"{}"#, "nothing to run"),
+            (r#"{"payload":"/p","image":"/i"}"#, "not several"),
+            (r#"{"payload":"p.elf"}"#, "relative"),
+            (
+                r#"{"payload":"/p","memory":"9999G"}"#,
+                "between 1M and 1024G",
+            ),
+            (r#"{"payload":"/p","memory":"lots"}"#, "bad size"),
+            (r#"{"payload":"/p","vcpus":0}"#, "between 1 and 254"),
+            (r#"{"payload":"/p","timeout":"1h"}"#, "bad duration"),
+            (r#"{"payload":"/p","command":["ls"]}"#, "no guest job"),
+            (r#"{"image":"/i","drive":[{"path":"d.img"}]}"#, "relative"),
+            (
+                r#"{"image":"/i","net":[{"tap":"averyveryverylongname"}]}"#,
+                "1 to 15",
+            ),
+        ] {
+            let e = FileConfig::from_json(json)
+                .unwrap()
+                .check()
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(why), "{json}: {e}");
+        }
+        let e = FileConfig::from_json(r#"{"payload":"/p","memroy":"1M"}"#).unwrap_err();
+        assert!(e.to_string().contains("memroy"), "{e}");
+    }
+
+    #[test]
     fn config_file_rejects_unknown_keys_and_resolves_paths() {
         let dir = std::env::temp_dir().join(format!("bulwark-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

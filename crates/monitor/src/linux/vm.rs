@@ -450,6 +450,8 @@ pub fn run_linux(cfg: &LinuxVmConfig, io: ConsoleIo) -> Result<RunReport, VmErro
         software_virtualization: kvm::is_software_virtualization(),
         sync_regs,
         live: crate::vcpu::VcpuLive::for_vcpus(cfg.vcpus),
+        jobs: crate::vcpu::VcpuJobs::new(cfg.vcpus),
+        restored_hostcalls: Vec::new(),
     });
     let mut managed = managed_setup.map(|setup| {
         ManagedServer::new(
@@ -462,6 +464,7 @@ pub fn run_linux(cfg: &LinuxVmConfig, io: ConsoleIo) -> Result<RunReport, VmErro
                 console: platform.stdout.clone(),
                 devices: platform.virtio.clone(),
                 power_button: None,
+                snapshot: None,
             },
         )
     });

@@ -1,0 +1,539 @@
+//! VM snapshots: the whole state of a paused VM as a stream of typed records, written into a
+//! sealed file (`bulwark-seal`: encrypted and authenticated with the owner's key) and read back
+//! by a new monitor process that resumes the guest where it stopped.
+//!
+//! # Record stream (inside the sealed container, kind `vm-snapshot`; docs/snapshot-format.md)
+//!
+//! ```text
+//! record = tag:u32  index:u32  len:u32  data[len]          little-endian, len ≤ MAX_RECORD
+//! ```
+//!
+//! The first record is [`Tag::Header`] (JSON, [`Header`]); then per-vCPU records (index = vCPU),
+//! VM-wide KVM state, device records (index = device number, data = the device's own
+//! encoding), one [`Tag::Memory`] record per RAM region (data = gpa:u64 size:u64, followed by
+//! exactly `size` raw bytes outside the record), and [`Tag::End`]. KVM structures are stored as
+//! their exact bytes; a record of the wrong size is refused. Unknown tags are refused, so a
+//! snapshot from a newer format fails loudly rather than restoring part of a VM.
+
+pub mod cpu;
+
+use std::io::{self, Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the record stream (the sealed container has its own).
+pub const SNAPSHOT_FORMAT: u32 = 1;
+/// Largest record other than memory contents.
+pub const MAX_RECORD: usize = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot I/O failed")]
+    Io(#[from] io::Error),
+    #[error(transparent)]
+    Seal(#[from] bulwark_seal::SealError),
+    #[error("snapshot record stream is malformed: {0}")]
+    Malformed(String),
+    #[error(
+        "snapshot format {found} is not the format {SNAPSHOT_FORMAT} this bulwark restores; restore it with the release that wrote it"
+    )]
+    Format { found: u32 },
+    #[error("snapshot does not fit this VM: {0}")]
+    Mismatch(String),
+    #[error("KVM refused {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot snapshot this VM: {0}")]
+    Unsupported(String),
+}
+
+pub(crate) fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> SnapshotError {
+    move |source| SnapshotError::Kvm { what, source }
+}
+
+/// Record tags. Per-vCPU state is 0x10..0x1f, VM-wide KVM state 0x20..0x2f.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Tag {
+    Header = 1,
+    Regs = 0x10,
+    Sregs = 0x11,
+    Xsave = 0x12,
+    Xcrs = 0x13,
+    Lapic = 0x14,
+    Msrs = 0x15,
+    Events = 0x16,
+    MpState = 0x17,
+    DebugRegs = 0x18,
+    /// A host call the vCPU had started but not finished (a read waiting for input): u32 nr.
+    PendingHostCall = 0x19,
+    Clock = 0x20,
+    /// index 0: PIC master, 1: PIC slave, 2: IOAPIC.
+    Irqchip = 0x21,
+    Pit = 0x22,
+    /// Device state; index = the device's place in the VM's device list.
+    Device = 0x30,
+    Memory = 0x40,
+    End = 0xff,
+}
+
+impl Tag {
+    fn from_u32(v: u32) -> Option<Self> {
+        use Tag::*;
+        [
+            Header,
+            Regs,
+            Sregs,
+            Xsave,
+            Xcrs,
+            Lapic,
+            Msrs,
+            Events,
+            MpState,
+            DebugRegs,
+            PendingHostCall,
+            Clock,
+            Irqchip,
+            Pit,
+            Device,
+            Memory,
+            End,
+        ]
+        .into_iter()
+        .find(|t| *t as u32 == v)
+    }
+}
+
+/// The first record: what VM this is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Header {
+    pub format: u32,
+    /// `function` or `linux`.
+    pub kind: String,
+    /// The VM spec (bulwark-spec JSON) the VM was started from; restore rebuilds from it.
+    pub spec: String,
+    pub vcpus: u32,
+    /// Guest RAM regions as (guest-physical address, size).
+    pub regions: Vec<(u64, u64)>,
+    /// Guest-visible time at the snapshot, ns (the host-call clock of function micro-VMs).
+    pub clock_ns: u64,
+}
+
+/// What a VM kind contributes to its snapshot beyond vCPU registers and memory.
+pub trait SnapshotSource: Send {
+    /// Why this VM cannot be snapshotted, if it cannot.
+    fn refuse(&self) -> Option<String> {
+        None
+    }
+    /// MSRs to save for each vCPU.
+    fn msr_index(&self) -> &[u32];
+    /// Whether vCPUs have an in-kernel LAPIC and MP state.
+    fn in_kernel_irqchip(&self) -> bool;
+    /// Guest-visible time now, ns (restored function micro-VMs continue from it).
+    fn clock_ns(&self) -> u64;
+    /// Guest RAM regions (guest-physical address, size).
+    fn regions(&self) -> Vec<(u64, u64)>;
+    /// VM-wide KVM state and device records (the vCPUs are parked).
+    fn write_devices(&self, w: &mut RecordWriter<&mut dyn Write>) -> Result<(), SnapshotError>;
+}
+
+/// One record as read.
+#[derive(Debug)]
+pub struct Record {
+    pub tag: Tag,
+    pub index: u32,
+    pub data: Vec<u8>,
+}
+
+/// Writes records.
+pub struct RecordWriter<W: Write> {
+    out: W,
+}
+
+impl<W: Write> RecordWriter<W> {
+    pub fn new(out: W) -> Self {
+        Self { out }
+    }
+
+    pub fn record(&mut self, tag: Tag, index: u32, data: &[u8]) -> Result<(), SnapshotError> {
+        if data.len() > MAX_RECORD {
+            return Err(SnapshotError::Malformed(format!(
+                "record {tag:?} of {} bytes is too large",
+                data.len()
+            )));
+        }
+        let mut head = [0u8; 12];
+        head[..4].copy_from_slice(&(tag as u32).to_le_bytes());
+        head[4..8].copy_from_slice(&index.to_le_bytes());
+        head[8..].copy_from_slice(&(data.len() as u32).to_le_bytes());
+        self.out.write_all(&head)?;
+        self.out.write_all(data)?;
+        Ok(())
+    }
+
+    /// A KVM structure as its bytes.
+    pub fn kvm<T: zerocopy::IntoBytes + zerocopy::Immutable>(
+        &mut self,
+        tag: Tag,
+        index: u32,
+        value: &T,
+    ) -> Result<(), SnapshotError> {
+        self.record(tag, index, value.as_bytes())
+    }
+
+    pub fn header(&mut self, h: &Header) -> Result<(), SnapshotError> {
+        let json = serde_json::to_vec(h).map_err(|e| SnapshotError::Malformed(e.to_string()))?;
+        self.record(Tag::Header, 0, &json)
+    }
+
+    /// A memory region: its record, then its bytes from `mem`.
+    pub fn memory(
+        &mut self,
+        index: u32,
+        mem: &vm_memory::GuestMemoryMmap,
+        gpa: u64,
+        size: u64,
+    ) -> Result<(), SnapshotError> {
+        use vm_memory::{Bytes, GuestAddress};
+        let mut head = [0u8; 16];
+        head[..8].copy_from_slice(&gpa.to_le_bytes());
+        head[8..].copy_from_slice(&size.to_le_bytes());
+        self.record(Tag::Memory, index, &head)?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut done = 0u64;
+        while done < size {
+            let n = buf.len().min((size - done) as usize);
+            mem.read_slice(&mut buf[..n], GuestAddress(gpa + done))
+                .map_err(|e| SnapshotError::Malformed(format!("reading guest memory: {e}")))?;
+            self.out.write_all(&buf[..n])?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    pub fn end(mut self) -> Result<W, SnapshotError> {
+        self.record(Tag::End, 0, &[])?;
+        Ok(self.out)
+    }
+}
+
+/// Reads records.
+pub struct RecordReader<R: Read> {
+    input: R,
+}
+
+impl<R: Read> RecordReader<R> {
+    pub fn new(input: R) -> Self {
+        Self { input }
+    }
+
+    pub fn next_record(&mut self) -> Result<Record, SnapshotError> {
+        let mut head = [0u8; 12];
+        self.input.read_exact(&mut head).map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                SnapshotError::Malformed("the record stream ends before its end record".into())
+            } else {
+                SnapshotError::Io(e)
+            }
+        })?;
+        let word = |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
+        let (tag, index, len) = (word(0), word(4), word(8) as usize);
+        let tag = Tag::from_u32(tag)
+            .ok_or_else(|| SnapshotError::Malformed(format!("unknown record tag {tag:#x}")))?;
+        if len > MAX_RECORD {
+            return Err(SnapshotError::Malformed(format!(
+                "record {tag:?} claims {len} bytes"
+            )));
+        }
+        let mut data = Vec::new();
+        (&mut self.input).take(len as u64).read_to_end(&mut data)?;
+        if data.len() != len {
+            return Err(SnapshotError::Malformed(format!(
+                "record {tag:?} is cut short"
+            )));
+        }
+        Ok(Record { tag, index, data })
+    }
+
+    /// The first record, which must be the header.
+    pub fn header(&mut self) -> Result<Header, SnapshotError> {
+        let r = self.next_record()?;
+        if r.tag != Tag::Header {
+            return Err(SnapshotError::Malformed(format!(
+                "the stream starts with {:?}, not a header",
+                r.tag
+            )));
+        }
+        let h: Header = serde_json::from_slice(&r.data)
+            .map_err(|e| SnapshotError::Malformed(format!("header: {e}")))?;
+        if h.format != SNAPSHOT_FORMAT {
+            return Err(SnapshotError::Format { found: h.format });
+        }
+        Ok(h)
+    }
+
+    /// Copies a memory region's bytes (after its record) into guest memory.
+    pub fn memory_into(
+        &mut self,
+        rec: &Record,
+        mem: &vm_memory::GuestMemoryMmap,
+        regions: &[(u64, u64)],
+    ) -> Result<(), SnapshotError> {
+        use vm_memory::{Bytes, GuestAddress};
+        let gpa = record_u64(&rec.data, 0)?;
+        let size = record_u64(&rec.data, 8)?;
+        if rec.data.len() != 16 || !regions.contains(&(gpa, size)) {
+            return Err(SnapshotError::Mismatch(format!(
+                "memory record {gpa:#x}+{size:#x} is not one of this VM's RAM regions"
+            )));
+        }
+        let mut buf = vec![0u8; 1 << 20];
+        let mut done = 0u64;
+        while done < size {
+            let n = buf.len().min((size - done) as usize);
+            self.input.read_exact(&mut buf[..n]).map_err(|e| {
+                if e.kind() == io::ErrorKind::UnexpectedEof {
+                    SnapshotError::Malformed("guest memory is cut short".into())
+                } else {
+                    SnapshotError::Io(e)
+                }
+            })?;
+            mem.write_slice(&buf[..n], GuestAddress(gpa + done))
+                .map_err(|e| SnapshotError::Malformed(format!("writing guest memory: {e}")))?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
+
+/// A snapshot opened for restore: its header, and the reader positioned after it.
+pub struct Restore {
+    pub header: Header,
+    pub reader: RecordReader<Box<dyn Read + Send>>,
+}
+
+impl Restore {
+    /// Authenticates the whole file (nothing of a bad file is used), then reads its header.
+    pub fn open(
+        path: &std::path::Path,
+        key: &bulwark_seal::OwnerKey,
+    ) -> Result<Self, SnapshotError> {
+        let r = open_sealed(path, key)?;
+        let mut reader = RecordReader::new(Box::new(r.input) as Box<dyn Read + Send>);
+        let header = reader.header()?;
+        Ok(Self { header, reader })
+    }
+
+    /// Reads the rest: vCPU, VM-wide and device state, and memory into `mem`. The header's
+    /// vCPU count and regions must match the VM being built.
+    pub fn read_body(
+        mut self,
+        mem: &vm_memory::GuestMemoryMmap,
+        regions: &[(u64, u64)],
+    ) -> Result<RestoredState, SnapshotError> {
+        if self.header.regions != regions {
+            return Err(SnapshotError::Mismatch(format!(
+                "the snapshot's memory layout {:x?} differs from the VM's {regions:x?}",
+                self.header.regions
+            )));
+        }
+        let n = self.header.vcpus as usize;
+        let mut out = RestoredState {
+            vcpus: (0..n).map(|_| cpu::VcpuState::default()).collect(),
+            vm: cpu::VmState::default(),
+            devices: Vec::new(),
+        };
+        let mut memory_seen = vec![false; regions.len()];
+        loop {
+            let rec = self.reader.next_record()?;
+            match rec.tag {
+                Tag::End => break,
+                Tag::Header => return Err(SnapshotError::Malformed("a second header".into())),
+                Tag::Memory => {
+                    self.reader.memory_into(&rec, mem, regions)?;
+                    if let Some(seen) = memory_seen.get_mut(rec.index as usize) {
+                        *seen = true;
+                    }
+                }
+                Tag::Device => out.devices.push((rec.index, rec.data)),
+                _ => {
+                    if out.vm.absorb(&rec)? {
+                        continue;
+                    }
+                    let vcpu = out.vcpus.get_mut(rec.index as usize).ok_or_else(|| {
+                        SnapshotError::Malformed(format!("state for vCPU {} of {n}", rec.index))
+                    })?;
+                    vcpu.absorb(&rec)?;
+                }
+            }
+        }
+        if memory_seen.iter().any(|s| !s) {
+            return Err(SnapshotError::Malformed("a RAM region is missing".into()));
+        }
+        Ok(out)
+    }
+}
+
+/// Everything of a snapshot but memory (already in place) and the header.
+pub struct RestoredState {
+    pub vcpus: Vec<cpu::VcpuState>,
+    pub vm: cpu::VmState,
+    /// Device records: (device number, the device's own encoding).
+    pub devices: Vec<(u32, Vec<u8>)>,
+}
+
+impl RestoredState {
+    /// The record of device `index`, if the snapshot has one.
+    pub fn device(&self, index: u32) -> Option<&[u8]> {
+        self.devices
+            .iter()
+            .find(|(i, _)| *i == index)
+            .map(|(_, d)| d.as_slice())
+    }
+}
+
+fn record_u64(data: &[u8], at: usize) -> Result<u64, SnapshotError> {
+    data.get(at..at + 8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .ok_or_else(|| SnapshotError::Malformed("short memory record".into()))
+}
+
+/// A KVM structure from a record's bytes; the size must match exactly.
+pub fn kvm_from<T: zerocopy::FromBytes>(rec: &Record) -> Result<T, SnapshotError> {
+    T::read_from_bytes(&rec.data).map_err(|_| {
+        SnapshotError::Malformed(format!(
+            "record {:?} has {} bytes, not the {} of its KVM structure",
+            rec.tag,
+            rec.data.len(),
+            std::mem::size_of::<T>()
+        ))
+    })
+}
+
+/// Writes a snapshot to `path` atomically: a temporary file beside it, fsync, rename. A
+/// failure (a full disk) leaves any earlier file at `path` untouched.
+pub fn write_sealed(
+    path: &std::path::Path,
+    key: &bulwark_seal::OwnerKey,
+    body: impl FnOnce(&mut dyn Write) -> Result<(), SnapshotError>,
+) -> Result<u64, SnapshotError> {
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.partial"));
+    let result = (|| {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode_0600()
+            .open(&tmp)?;
+        let mut sealed = bulwark_seal::SealWriter::new(
+            io::BufWriter::with_capacity(1 << 20, file),
+            key,
+            bulwark_seal::VM_SNAPSHOT,
+        )?;
+        body(&mut sealed)?;
+        let file = sealed
+            .finish()?
+            .into_inner()
+            .map_err(|e| SnapshotError::Io(e.into_error()))?;
+        file.sync_all()?;
+        let bytes = file.metadata()?.len();
+        std::fs::rename(&tmp, path)?;
+        Ok(bytes)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+trait Mode0600 {
+    fn mode_0600(&mut self) -> &mut Self;
+}
+
+impl Mode0600 for std::fs::OpenOptions {
+    fn mode_0600(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.mode(0o600)
+    }
+}
+
+/// Authenticates a whole sealed snapshot, then opens it for reading: nothing from a tampered,
+/// truncated or wrong-key file is ever used.
+pub fn open_sealed(
+    path: &std::path::Path,
+    key: &bulwark_seal::OwnerKey,
+) -> Result<RecordReader<bulwark_seal::SealReader<io::BufReader<std::fs::File>>>, SnapshotError> {
+    let open = || {
+        std::fs::File::open(path).map_err(|e| {
+            SnapshotError::Io(io::Error::new(
+                e.kind(),
+                format!("cannot open snapshot {}: {e}", path.display()),
+            ))
+        })
+    };
+    bulwark_seal::verify(
+        io::BufReader::with_capacity(1 << 20, open()?),
+        key,
+        bulwark_seal::VM_SNAPSHOT,
+    )?;
+    let reader = bulwark_seal::SealReader::open(
+        io::BufReader::with_capacity(1 << 20, open()?),
+        key,
+        bulwark_seal::VM_SNAPSHOT,
+    )?;
+    Ok(RecordReader::new(reader))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_bad_streams_are_refused() {
+        let mut w = RecordWriter::new(Vec::new());
+        let h = Header {
+            format: SNAPSHOT_FORMAT,
+            kind: "function".into(),
+            spec: "{}".into(),
+            vcpus: 1,
+            regions: vec![(0, 4096)],
+            clock_ns: 5,
+        };
+        w.header(&h).unwrap();
+        let regs = kvm_bindings::kvm_regs {
+            rip: 0x1234,
+            ..Default::default()
+        };
+        w.kvm(Tag::Regs, 0, &regs).unwrap();
+        let bytes = w.end().unwrap();
+        let mut r = RecordReader::new(bytes.as_slice());
+        assert_eq!(r.header().unwrap(), h);
+        let rec = r.next_record().unwrap();
+        assert_eq!((rec.tag, rec.index), (Tag::Regs, 0));
+        assert_eq!(
+            kvm_from::<kvm_bindings::kvm_regs>(&rec).unwrap().rip,
+            0x1234
+        );
+        assert!(kvm_from::<kvm_bindings::kvm_sregs>(&rec).is_err());
+        assert_eq!(r.next_record().unwrap().tag, Tag::End);
+        assert!(r.next_record().is_err(), "nothing after the end");
+        // Unknown tag, oversized record, short record.
+        for bad in [
+            [7u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0].to_vec(),
+            [1, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f].to_vec(),
+            [1, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0, 0, 1].to_vec(),
+        ] {
+            assert!(RecordReader::new(bad.as_slice()).next_record().is_err());
+        }
+    }
+}

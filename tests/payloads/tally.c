@@ -1,0 +1,42 @@
+/* Keeps state across console lines, so a snapshot and restore can be checked from outside:
+ * for each input line it prints "line N: TEXT" (upper-cased) with N counting from 1, and a
+ * line "exit" ends the payload with status N (the number of lines before it). A line "clock"
+ * prints the host-call clock in milliseconds. The count lives in memory and registers; a
+ * restored VM continues it. */
+#include <bulwark.h>
+
+static char line[256];
+static bw_u64 count;
+
+int bw_main(bw_u32 vcpu, bw_u32 vcpus, const struct bw_info *info)
+{
+    bw_size len = 0;
+    char c;
+    for (;;) {
+        bw_i64 n = bw_read(&c, 1);
+        if (n <= 0)
+            return 200;
+        if (c != '\n') {
+            if (len < sizeof line)
+                line[len++] = c >= 'a' && c <= 'z' ? (char)(c - 32) : c;
+            continue;
+        }
+        if (len == 4 && line[0] == 'E' && line[1] == 'X' && line[2] == 'I' && line[3] == 'T')
+            return (int)count;
+        if (len == 5 && line[0] == 'C' && line[1] == 'L' && line[2] == 'O' && line[3] == 'C' &&
+            line[4] == 'K') {
+            bw_puts("clock ");
+            bw_putu(bw_clock_ns() / 1000000, 10);
+            bw_puts(" ms\n");
+            len = 0;
+            continue;
+        }
+        count++;
+        bw_puts("line ");
+        bw_putu(count, 10);
+        bw_puts(": ");
+        bw_write(1, line, len);
+        bw_puts("\n");
+        len = 0;
+    }
+}
