@@ -5,7 +5,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, UPGRADE};
 use hyper::server::conn::http1;
@@ -23,6 +23,8 @@ use crate::routes::{Action, Route, Routed, route};
 
 /// Largest request body accepted (413 above).
 pub const MAX_BODY: usize = 1 << 20;
+/// How much of a too-large body is read and dropped before answering 413.
+const MAX_DRAIN: u64 = 8 << 20;
 /// The `Upgrade` protocol of the console route.
 pub const CONSOLE_PROTOCOL: &str = "bulwark-console";
 /// Default `stop` timeout before falling back to Kill.
@@ -134,23 +136,38 @@ async fn handle(d: Arc<Daemon>, peer: Peer, req: Request<Incoming>) -> Response<
     resp
 }
 
-/// Reads a body of at most [`MAX_BODY`] bytes.
+/// Reads a body of at most [`MAX_BODY`] bytes. A larger one is read on and dropped up to
+/// [`MAX_DRAIN`] bytes before the 413, so that a client that writes its whole body before
+/// reading the answer gets the 413 instead of a broken pipe.
 async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
     let declared = req
         .headers()
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+    if declared.is_some_and(|n| n > MAX_DRAIN) {
         return Err(ApiError::PayloadTooLarge);
     }
-    match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::PayloadTooLarge),
-        Err(e) => Err(ApiError::BadJson(format!(
-            "cannot read the request body: {e}"
-        ))),
+    let mut body = req.into_body();
+    let mut buf = Vec::new();
+    let mut total = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame =
+            frame.map_err(|e| ApiError::BadJson(format!("cannot read the request body: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            total = total.saturating_add(data.len());
+            if total as u64 > MAX_DRAIN {
+                return Err(ApiError::PayloadTooLarge);
+            }
+            if total <= MAX_BODY {
+                buf.extend_from_slice(&data);
+            }
+        }
     }
+    if total > MAX_BODY {
+        return Err(ApiError::PayloadTooLarge);
+    }
+    Ok(Bytes::from(buf))
 }
 
 /// Parses a JSON body; an empty body is `{}`.

@@ -483,6 +483,9 @@ impl Daemon {
             if let Some(exit) = monitor::read_exit(dir)
                 && exit.setup_error
             {
+                // Let the watcher record the end first, so a describe right after this
+                // answer shows it.
+                self.wait_ended(name, m, KILL_WAIT).await;
                 return Err(ApiError::Monitor {
                     monitor_code: "start_failed".into(),
                     message: exit.reason,

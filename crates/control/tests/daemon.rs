@@ -888,3 +888,68 @@ fn openapi_lists_exactly_the_routes_of_the_router() {
         assert!(codes.contains(c), "{c} not documented");
     }
 }
+
+#[test]
+fn snapshot_then_restore_through_the_api_resumes_the_guest() {
+    let d = Daemon::start("snaprestore");
+    rt().block_on(async {
+        let op = d.operator();
+        let t = create_echo(&op, "snap").await;
+        let owner = d.as_token(Some(&t));
+        start(&op, "snap").await;
+        let key = "42".repeat(32);
+        let v = ok(
+            &owner,
+            "POST",
+            "/v1/vms/snap/snapshot",
+            Some(json!({ "key": key, "name": "s1" })),
+        )
+        .await;
+        assert!(v["bytes"].as_u64().unwrap() > 0, "{v}");
+        // Restore needs a stopped VM, an existing snapshot and the right key.
+        assert_eq!(
+            err(
+                &owner,
+                "POST",
+                "/v1/vms/snap/restore",
+                Some(json!({ "snapshot": "s1", "key": key }))
+            )
+            .await,
+            (409, "wrong_state".into())
+        );
+        ok(&op, "POST", "/v1/vms/snap/kill", None).await;
+        assert_eq!(
+            err(
+                &owner,
+                "POST",
+                "/v1/vms/snap/restore",
+                Some(json!({ "snapshot": "nope", "key": key }))
+            )
+            .await,
+            (404, "not_found".into())
+        );
+        let (status, code) = err(
+            &owner,
+            "POST",
+            "/v1/vms/snap/restore",
+            Some(json!({ "snapshot": "s1", "key": "43".repeat(32) })),
+        )
+        .await;
+        assert_eq!(
+            (status, code.as_str()),
+            (500, "monitor_error"),
+            "a wrong key must not restore"
+        );
+        let v = ok(
+            &owner,
+            "POST",
+            "/v1/vms/snap/restore",
+            Some(json!({ "snapshot": "s1", "key": key })),
+        )
+        .await;
+        assert_eq!(v["state"], "running", "{v}");
+        let mut con = owner.console("snap").await.unwrap();
+        con.write_all(b"restored\n").await.unwrap();
+        read_until(&mut con, &mut Vec::new(), "RESTORED\n").await;
+    });
+}
