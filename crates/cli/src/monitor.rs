@@ -77,11 +77,12 @@ fn restore(dir: &Path, file: &Path, verbose: bool) -> anyhow::Result<RunReport> 
     let spec = FileConfig::from_json(&snapshot.header.spec)?;
     spec.check()?;
     write_atomic(&dir.join(SPEC_FILE), snapshot.header.spec.as_bytes())?;
-    let VmSpec::Function(cfg) = vm_spec_from(&RunArgs::default(), spec, verbose)? else {
-        anyhow::bail!("restoring Linux guests is not supported yet; only function micro-VMs");
-    };
+    let vm = vm_spec_from(&RunArgs::default(), spec, verbose)?;
     let io = ConsoleIo::managed(dir)?;
-    Ok(bulwark_monitor::restore_function(&cfg, snapshot, io)?)
+    Ok(match &vm {
+        VmSpec::Function(cfg) => bulwark_monitor::restore_function(cfg, snapshot, io)?,
+        VmSpec::Linux(cfg) => bulwark_monitor::restore_linux(cfg, snapshot, io)?,
+    })
 }
 
 fn start(dir: &Path, verbose: bool) -> anyhow::Result<RunReport> {

@@ -15,6 +15,7 @@ pub mod postcode;
 pub mod power;
 pub mod rtc;
 pub mod serial;
+pub mod state;
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod virtio;

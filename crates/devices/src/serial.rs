@@ -7,6 +7,7 @@
 use std::io;
 use std::sync::{Arc, Mutex};
 
+use vm_superio::serial::SerialState;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -81,6 +82,89 @@ impl Serial16550 {
             return 0;
         }
         s.enqueue_raw_bytes(&input[..n]).unwrap_or(0)
+    }
+}
+
+/// What a snapshot keeps of the UART: its registers and receive FIFO.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SavedSerial {
+    /// DLL, DLM, IER, IIR, LCR, LSR, MCR, MSR, SCR.
+    regs: [u8; 9],
+    in_buffer: Vec<u8>,
+    rx_enabled: bool,
+    dlab: bool,
+}
+
+/// Bytes the receive FIFO of vm-superio's UART holds.
+const FIFO_SIZE: usize = 64;
+
+impl crate::state::DeviceState for Serial16550 {
+    fn save_state(&self) -> Vec<u8> {
+        use std::sync::atomic::Ordering;
+        let st = self.inner.lock().unwrap_or_else(|e| e.into_inner()).state();
+        crate::state::encode(&SavedSerial {
+            regs: [
+                st.baud_divisor_low,
+                st.baud_divisor_high,
+                st.interrupt_enable,
+                st.interrupt_identification,
+                st.line_control,
+                st.line_status,
+                st.modem_control,
+                st.modem_status,
+                st.scratch,
+            ],
+            in_buffer: st.in_buffer,
+            rx_enabled: self.rx_enabled.load(Ordering::Acquire),
+            dlab: self.dlab.load(Ordering::Acquire),
+        })
+    }
+
+    fn restore_state(&self, data: &[u8]) -> Result<(), crate::state::StateError> {
+        use std::sync::atomic::Ordering;
+        let saved: SavedSerial = crate::state::decode("serial", data)?;
+        if saved.in_buffer.len() > FIFO_SIZE {
+            return Err(crate::state::StateError::Malformed {
+                device: "serial",
+                why: format!("{} bytes in a {FIFO_SIZE}-byte FIFO", saved.in_buffer.len()),
+            });
+        }
+        let r = saved.regs;
+        let state = SerialState {
+            baud_divisor_low: r[0],
+            baud_divisor_high: r[1],
+            interrupt_enable: r[2],
+            interrupt_identification: r[3],
+            line_control: r[4],
+            line_status: r[5],
+            modem_control: r[6],
+            modem_status: r[7],
+            scratch: r[8],
+            in_buffer: saved.in_buffer,
+        };
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let (irq, out) = (
+            inner.interrupt_evt().0.try_clone(),
+            inner.writer().0.clone(),
+        );
+        let irq = irq.map_err(|e| crate::state::StateError::Mismatch {
+            device: "serial",
+            why: format!("cannot share the interrupt eventfd: {e}"),
+        })?;
+        *inner = Serial::from_state(
+            &state,
+            IrqLine(irq),
+            vm_superio::serial::NoEvents,
+            SinkWriter(out),
+        )
+        .map_err(|e| crate::state::StateError::Malformed {
+            device: "serial",
+            why: format!("{e:?}"),
+        })?;
+        self.rx_enabled.store(saved.rx_enabled, Ordering::Release);
+        self.dlab.store(saved.dlab, Ordering::Release);
+        Ok(())
     }
 }
 

@@ -24,6 +24,10 @@ pub const GUEST_MODULES: &[&str] = &[
     "virtio_net",
     "virtio_rng",
     "vmw_vsock_virtio_transport",
+    // The ACPI power button (a GED event) as an input device, so /init can power off when the
+    // control plane presses it.
+    "button",
+    "evdev",
 ];
 
 /// File names in an image directory.

@@ -348,6 +348,12 @@ if [ -x /usr/bin/bulwark-agent ]; then
     /usr/bin/bulwark-agent >/run/bulwark-agent.log 2>&1 </dev/null &
 fi
 
+# The ACPI power button (bulwarkd's graceful stop): sync and power off when it is pressed.
+for ev in /sys/class/input/event*; do
+    [ "$(cat "$ev/device/name" 2>/dev/null)" = "Power Button" ] || continue
+    (dd if="/dev/input/${{ev##*/}}" of=/dev/null bs=24 count=1 2>/dev/null && sync && poweroff -f) &
+done
+
 read -r uptime _ </proc/uptime
 echo "{ready}$uptime"
 if [ "$#" -gt 0 ]; then

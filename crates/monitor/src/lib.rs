@@ -26,6 +26,6 @@ pub mod vm;
 pub use bulwark_devices::virtio::block::DriveConfig;
 pub use bulwark_devices::virtio::net::{NetConfig, random_mac};
 pub use bulwark_devices::virtio::vsock::VsockConfig;
-pub use linux::{LinuxVmConfig, run_linux};
+pub use linux::{LinuxVmConfig, restore_linux, run_linux};
 pub use outcome::{FaultReport, RunReport, StopReason, VmStats};
 pub use vm::{ConsoleIn, ConsoleIo, FunctionVmConfig, VmError, restore_function, run_function};

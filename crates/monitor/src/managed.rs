@@ -620,10 +620,12 @@ impl ManagedServer {
                     st.write(i as u32, &mut w)?;
                 }
             }
-            src.write_devices(&mut w)?;
-            for (i, &(gpa, size)) in regions.iter().enumerate() {
-                w.memory(i as u32, &ctx.vcpu.mem, gpa, size)?;
-            }
+            src.write_state(&mut w, &mut |w| {
+                for (i, &(gpa, size)) in regions.iter().enumerate() {
+                    w.memory(i as u32, &ctx.vcpu.mem, gpa, size)?;
+                }
+                Ok(())
+            })?;
             w.end()?;
             Ok(())
         })

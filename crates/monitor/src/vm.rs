@@ -32,7 +32,7 @@ use crate::runner::{
     Console, ReportSources, install_kick_handler, make_undumpable, report, run_to_end,
 };
 use crate::snapshot::cpu::VcpuState;
-use crate::snapshot::{RecordWriter, Restore, SnapshotError, SnapshotSource, Tag};
+use crate::snapshot::{MemoryWriter, Restore, SnapshotError, SnapshotSource, SnapshotWriter, Tag};
 use crate::vcpu::VcpuContext;
 
 #[derive(Debug, thiserror::Error)]
@@ -355,8 +355,13 @@ impl SnapshotSource for FunctionSnapshot {
     fn regions(&self) -> Vec<(u64, u64)> {
         self.regions.clone()
     }
-    fn write_devices(&self, w: &mut RecordWriter<&mut dyn Write>) -> Result<(), SnapshotError> {
-        w.record(Tag::Device, DEVICE_CONSOLE_INPUT, &self.input.pending())
+    fn write_state(
+        &self,
+        w: &mut SnapshotWriter<'_>,
+        memory: &mut MemoryWriter<'_>,
+    ) -> Result<(), SnapshotError> {
+        w.record(Tag::Device, DEVICE_CONSOLE_INPUT, &self.input.pending())?;
+        memory(w)
     }
 }
 

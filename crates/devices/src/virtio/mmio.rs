@@ -41,6 +41,117 @@ pub struct MmioTransport {
     interrupt: Interrupt,
 }
 
+/// A transport's registers in a snapshot.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SavedTransport {
+    device_type: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    status: u32,
+    config_generation: u32,
+    active: bool,
+    interrupt_status: u32,
+    queues: Vec<SavedQueue>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SavedQueue {
+    size: u16,
+    ready: bool,
+    desc: u64,
+    avail: u64,
+    used: u64,
+}
+
+fn split(addr: u64) -> (Option<u32>, Option<u32>) {
+    (Some(addr as u32), Some((addr >> 32) as u32))
+}
+
+/// A transport whose device cannot run (its worker waits for the lock) until this is dropped:
+/// how a snapshot keeps devices from writing guest memory while it is copied.
+pub struct FrozenTransport<'a> {
+    s: std::sync::MutexGuard<'a, State>,
+    interrupt: &'a Interrupt,
+}
+
+impl FrozenTransport<'_> {
+    pub fn save_state(&self) -> Vec<u8> {
+        crate::state::encode(&MmioTransport::save(&self.s, self.interrupt))
+    }
+}
+
+impl MmioTransport {
+    /// Stops the device from running until the guard is dropped.
+    pub fn freeze(&self) -> FrozenTransport<'_> {
+        FrozenTransport {
+            s: self.lock(),
+            interrupt: &self.interrupt,
+        }
+    }
+}
+
+impl crate::state::DeviceState for MmioTransport {
+    fn save_state(&self) -> Vec<u8> {
+        self.freeze().save_state()
+    }
+
+    /// Puts the registers back and, if the driver had started the device, starts it again
+    /// on its live rings. Everything a guest could have put in the registers is checked
+    /// the way the register writes are.
+    fn restore_state(&self, data: &[u8]) -> Result<(), crate::state::StateError> {
+        use crate::state::StateError;
+        let saved: SavedTransport = crate::state::decode("virtio-mmio", data)?;
+        let mut s = self.lock();
+        let mismatch = |why: String| StateError::Mismatch {
+            device: "virtio-mmio",
+            why,
+        };
+        if saved.device_type != s.device.device_type() || saved.queues.len() != s.queues.len() {
+            return Err(mismatch(format!(
+                "device type {} with {} queues, not {} with {}",
+                saved.device_type,
+                saved.queues.len(),
+                s.device.device_type(),
+                s.queues.len()
+            )));
+        }
+        if saved.driver_features & !Self::offered(&s) != 0 {
+            return Err(mismatch("features this device does not offer".into()));
+        }
+        self.reset(&mut s);
+        for (q, sq) in s.queues.iter_mut().zip(&saved.queues) {
+            if sq.size > q.max_size() || (sq.size != 0 && !sq.size.is_power_of_two()) {
+                return Err(mismatch(format!("queue size {}", sq.size)));
+            }
+            q.set_size(sq.size);
+            let (lo, hi) = split(sq.desc);
+            q.set_desc_table_address(lo, hi);
+            let (lo, hi) = split(sq.avail);
+            q.set_avail_ring_address(lo, hi);
+            let (lo, hi) = split(sq.used);
+            q.set_used_ring_address(lo, hi);
+            q.set_ready(sq.ready);
+        }
+        s.device_features_sel = saved.device_features_sel;
+        s.driver_features_sel = saved.driver_features_sel;
+        s.driver_features = saved.driver_features;
+        s.queue_sel = saved.queue_sel;
+        s.config_generation = saved.config_generation;
+        s.status = saved.status;
+        if saved.active {
+            self.activate_at(&mut s, true);
+        }
+        if saved.interrupt_status != 0 {
+            self.interrupt.signal(saved.interrupt_status);
+        }
+        Ok(())
+    }
+}
+
 impl std::fmt::Debug for MmioTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("MmioTransport")
@@ -172,6 +283,13 @@ impl MmioTransport {
     }
 
     fn activate(&self, s: &mut State) {
+        self.activate_at(s, false);
+    }
+
+    /// Starts the device. `resume`: a restored device whose rings in guest memory are live;
+    /// every queue continues at its used index (no device holds a chain between calls, so
+    /// what was taken from a ring was also returned).
+    fn activate_at(&self, s: &mut State, resume: bool) {
         let mut queues = Vec::new();
         for (i, q) in s.queues.iter().enumerate() {
             if !q.ready() {
@@ -184,7 +302,19 @@ impl MmioTransport {
             }
             // The device gets its own copy; the transport keeps the registers' view.
             match Queue::try_from(q.state()) {
-                Ok(copy) => queues.push(copy),
+                Ok(mut copy) => {
+                    if resume {
+                        let Ok(used) =
+                            copy.used_idx(&self.mem, std::sync::atomic::Ordering::Acquire)
+                        else {
+                            self.fail(s);
+                            return;
+                        };
+                        copy.set_next_avail(used.0);
+                        copy.set_next_used(used.0);
+                    }
+                    queues.push(copy)
+                }
                 Err(_) => {
                     self.fail(s);
                     return;
@@ -201,6 +331,33 @@ impl MmioTransport {
                 tracing::debug!(error = %e, "virtio device refused to start");
                 self.fail(s);
             }
+        }
+    }
+
+    /// The transport and queue registers, for a snapshot. The device must be quiet (the
+    /// caller holds every vCPU parked); the state lock keeps its worker out meanwhile.
+    fn save(s: &State, interrupt: &Interrupt) -> SavedTransport {
+        SavedTransport {
+            device_type: s.device.device_type(),
+            device_features_sel: s.device_features_sel,
+            driver_features_sel: s.driver_features_sel,
+            driver_features: s.driver_features,
+            queue_sel: s.queue_sel,
+            status: s.status,
+            config_generation: s.config_generation,
+            active: s.active,
+            interrupt_status: interrupt.status(),
+            queues: s
+                .queues
+                .iter()
+                .map(|q| SavedQueue {
+                    size: q.size(),
+                    ready: q.ready(),
+                    desc: q.desc_table(),
+                    avail: q.avail_ring(),
+                    used: q.used_ring(),
+                })
+                .collect(),
         }
     }
 

@@ -32,6 +32,9 @@ pub enum AcpiDevice {
     Rtc,
     /// The pvpanic device (`QEMU0001`) at an MMIO address.
     PvPanic { addr: u32, len: u32 },
+    /// The power button (`PNP0C0C`), pressed through a Generic Event Device (`ACPI0013`)
+    /// whose interrupt is `irq`: hardware-reduced ACPI has no fixed power button.
+    PowerButton { irq: u32 },
     /// A virtio-mmio device (`LNRO0005`) with its register window and interrupt.
     VirtioMmio {
         uid: u8,
@@ -109,6 +112,35 @@ fn device_aml(dev: &AcpiDevice) -> Vec<u8> {
                             true, *addr, *len,
                         )]),
                     ),
+                ],
+            )
+            .to_aml_bytes(&mut out);
+        }
+        AcpiDevice::PowerButton { irq } => {
+            aml::Device::new(
+                "PWRB".into(),
+                vec![
+                    &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C")),
+                    &aml::Name::new("_UID".into(), &0u8),
+                ],
+            )
+            .to_aml_bytes(&mut out);
+            // The GED's only event is the button: _EVT notifies it (0x80: pressed).
+            let button = aml::Path::new("PWRB");
+            let pressed = 0x80u8;
+            let notify = aml::Notify::new(&button, &pressed);
+            aml::Device::new(
+                "GED0".into(),
+                vec![
+                    &aml::Name::new("_HID".into(), &"ACPI0013"),
+                    &aml::Name::new("_UID".into(), &0u8),
+                    &aml::Name::new(
+                        "_CRS".into(),
+                        &aml::ResourceTemplate::new(vec![&aml::Interrupt::new(
+                            true, true, false, false, *irq,
+                        )]),
+                    ),
+                    &aml::Method::new("_EVT".into(), 1, true, vec![&notify]),
                 ],
             )
             .to_aml_bytes(&mut out);

@@ -6,4 +6,4 @@ pub mod cpu;
 pub mod layout;
 pub mod vm;
 
-pub use vm::{LinuxError, LinuxVmConfig, run_linux};
+pub use vm::{LinuxError, LinuxVmConfig, restore_linux, run_linux};

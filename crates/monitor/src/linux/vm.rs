@@ -41,11 +41,18 @@ use crate::outcome::{RunReport, StopReason};
 use crate::runner::{
     Console, ReportSources, SerialInput, install_kick_handler, make_undumpable, report, run_to_end,
 };
+use crate::snapshot::cpu::VmState;
+use crate::snapshot::{
+    MemoryWriter, Restore, RestoredState, SnapshotError, SnapshotSource, SnapshotWriter, Tag,
+};
 use crate::vcpu::VcpuContext;
 use crate::vm::{ConsoleIo, VmError, kvm_err, open_checked, os, register_memory};
+use bulwark_devices::state::DeviceState;
 
 /// The serial port's interrupt line (ISA IRQ 4, IOAPIC pin 4).
 const COM1_IRQ: u32 = 4;
+/// The power button's Generic Event Device interrupt: pin 3 (COM2's, which has no device).
+const GED_IRQ: u32 = 3;
 /// Where virtio-mmio devices sit: one 4 KiB page each from here up, in the MMIO gap.
 const VIRTIO_MMIO_BASE: u64 = 0xd000_2000;
 /// Interrupt lines (IOAPIC pins) free for virtio devices: not the PIT (0, 2), the i8042 (1, 12),
@@ -130,6 +137,8 @@ pub struct Platform {
     pub workers: Vec<DeviceWorker>,
     /// Every virtio device by name, for statistics.
     pub virtio: Vec<(String, Arc<MmioTransport>)>,
+    /// The power button's interrupt (ACPI GED): a write presses the button.
+    pub power_button: Option<Arc<EventFd>>,
 }
 
 /// A virtio device to attach, with the event set it may already have registered fds in.
@@ -260,7 +269,12 @@ fn platform_devices(
             addr: PVPANIC_ADDR as u32,
             len: PVPANIC_LEN as u32,
         },
+        AcpiDevice::PowerButton { irq: GED_IRQ },
     ];
+    let button = EventFd::new(libc::EFD_NONBLOCK).map_err(os("creating the GED eventfd"))?;
+    vm.register_irqfd(&button, GED_IRQ)
+        .map_err(kvm_err("the power button's irqfd"))?;
+    platform.power_button = Some(Arc::new(button));
     for (slot, spec) in virtio_devices(cfg)?.into_iter().enumerate() {
         acpi_devices.push(attach_virtio(vm, mem, &mut platform, slot, spec)?);
     }
@@ -304,11 +318,85 @@ pub fn platform_buses(
         postcode,
         workers: Vec::new(),
         virtio: Vec::new(),
+        power_button: None,
     })
 }
 
 /// Boots a Linux guest and runs it until it powers off, resets, panics, crashes or times out.
 pub fn run_linux(cfg: &LinuxVmConfig, io: ConsoleIo) -> Result<RunReport, VmError> {
+    run_linux_from(cfg, io, None)
+}
+
+/// Resumes a Linux guest from a snapshot (already authenticated by [`Restore::open`]) and runs
+/// it to its end. The configuration must describe the same VM (memory, vCPUs, devices).
+pub fn restore_linux(
+    cfg: &LinuxVmConfig,
+    snapshot: Restore,
+    io: ConsoleIo,
+) -> Result<RunReport, VmError> {
+    if snapshot.header.kind != "linux" || snapshot.header.vcpus != cfg.vcpus {
+        return Err(SnapshotError::Mismatch(format!(
+            "the snapshot holds a {} VM with {} vCPUs, not a Linux guest with {}",
+            snapshot.header.kind, snapshot.header.vcpus, cfg.vcpus
+        ))
+        .into());
+    }
+    run_linux_from(cfg, io, Some(snapshot))
+}
+
+/// Snapshot record numbers of a Linux VM's devices: the UART, then virtio devices in slot
+/// order from [`DEVICE_VIRTIO_BASE`].
+const DEVICE_SERIAL: u32 = 0;
+const DEVICE_VIRTIO_BASE: u32 = 16;
+
+/// What a Linux VM saves beyond vCPUs and memory: the in-kernel irqchip, PIT and clock, the
+/// UART, and every virtio transport with its queues.
+struct LinuxSnapshot {
+    vm: Arc<kvm_ioctls::VmFd>,
+    msr_index: Vec<u32>,
+    regions: Vec<(u64, u64)>,
+    serial: Arc<Serial16550>,
+    virtio: Vec<(String, Arc<MmioTransport>)>,
+    started: Instant,
+}
+
+impl SnapshotSource for LinuxSnapshot {
+    fn msr_index(&self) -> &[u32] {
+        &self.msr_index
+    }
+    fn in_kernel_irqchip(&self) -> bool {
+        true
+    }
+    fn clock_ns(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+    fn regions(&self) -> Vec<(u64, u64)> {
+        self.regions.clone()
+    }
+    fn write_state(
+        &self,
+        w: &mut SnapshotWriter<'_>,
+        memory: &mut MemoryWriter<'_>,
+    ) -> Result<(), SnapshotError> {
+        // Device threads wait at their transports' locks until the guards drop, so nothing
+        // writes guest memory or rings while they are copied.
+        let frozen: Vec<_> = self.virtio.iter().map(|(_, t)| t.freeze()).collect();
+        VmState::capture(&self.vm)?.write(w)?;
+        w.record(Tag::Device, DEVICE_SERIAL, &self.serial.save_state())?;
+        for (i, f) in frozen.iter().enumerate() {
+            w.record(Tag::Device, DEVICE_VIRTIO_BASE + i as u32, &f.save_state())?;
+        }
+        memory(w)?;
+        drop(frozen);
+        Ok(())
+    }
+}
+
+fn run_linux_from(
+    cfg: &LinuxVmConfig,
+    io: ConsoleIo,
+    restore: Option<Restore>,
+) -> Result<RunReport, VmError> {
     let started = Instant::now();
     if cfg.memory < MIN_MEMORY {
         return Err(LinuxError::TooLittleMemory(cfg.memory).into());
@@ -345,7 +433,124 @@ pub fn run_linux(cfg: &LinuxVmConfig, io: ConsoleIo) -> Result<RunReport, VmErro
     let ram = GuestRam::with_regions(&ram_regions(cfg.memory), backing)?;
     register_memory(&vm, &ram)?;
     let mem = ram.memory();
+    let regions: Vec<(u64, u64)> = ram.regions().iter().map(|&(g, s, _)| (g, s)).collect();
+    let restored = match restore {
+        Some(snapshot) => Some(snapshot.read_body(mem, &regions)?),
+        None => None,
+    };
 
+    let control = Arc::new(VmControl::new(Arc::new(ConsoleInput::new())).map_err(os("eventfd"))?);
+    let ConsoleIo {
+        stdout,
+        input,
+        managed: managed_setup,
+        ..
+    } = io;
+    let (platform, devices) = platform_devices(cfg, stdout, &control, &vm, mem)?;
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    let sync_regs = kvm.check_extension(Cap::SyncRegs);
+    let fds = match &restored {
+        None => boot_fresh(cfg, &vm, mem, &devices, &supported, sync_regs)?,
+        Some(state) => {
+            let mut fds = Vec::new();
+            for i in 0..cfg.vcpus {
+                let fd = new_vcpu(&vm, i, cfg.vcpus, &supported, sync_regs)?;
+                let st = state
+                    .vcpus
+                    .get(i as usize)
+                    .ok_or_else(|| SnapshotError::Mismatch(format!("no state for vCPU {i}")))?;
+                st.apply(&fd)?;
+                fds.push(fd);
+            }
+            restore_devices(state, &platform)?;
+            state.vm.apply(&vm)?;
+            fds
+        }
+    };
+    let restored_hostcalls = restored
+        .as_ref()
+        .map(|r| r.vcpus.iter().map(|v| v.pending_hostcall).collect())
+        .unwrap_or_default();
+    let msr_index = crate::vm::msr_index(&kvm);
+    let vm = Arc::new(vm);
+    let snapshot_source = LinuxSnapshot {
+        vm: vm.clone(),
+        msr_index,
+        regions,
+        serial: platform.serial.clone(),
+        virtio: platform.virtio.clone(),
+        started,
+    };
+    run_platform(RunParts {
+        cfg,
+        started,
+        control,
+        input,
+        managed_setup,
+        platform,
+        mem,
+        sync_regs,
+        fds,
+        restored_hostcalls,
+        snapshot_source,
+    })
+}
+
+/// Puts a snapshot's device state back into freshly built devices.
+fn restore_devices(state: &RestoredState, platform: &Platform) -> Result<(), SnapshotError> {
+    let bad = |e: bulwark_devices::state::StateError| SnapshotError::Mismatch(e.to_string());
+    let serial = state
+        .device(DEVICE_SERIAL)
+        .ok_or_else(|| SnapshotError::Malformed("no serial port state".into()))?;
+    platform.serial.restore_state(serial).map_err(bad)?;
+    for (i, (name, t)) in platform.virtio.iter().enumerate() {
+        let data = state
+            .device(DEVICE_VIRTIO_BASE + i as u32)
+            .ok_or_else(|| SnapshotError::Mismatch(format!("no state for virtio device {name}")))?;
+        t.restore_state(data).map_err(bad)?;
+    }
+    let known = platform.virtio.len() as u32;
+    if let Some((i, _)) = state.devices.iter().find(|(i, _)| {
+        *i != DEVICE_SERIAL && !(DEVICE_VIRTIO_BASE..DEVICE_VIRTIO_BASE + known).contains(i)
+    }) {
+        return Err(SnapshotError::Mismatch(format!(
+            "the snapshot has device {i}, which this VM's configuration lacks"
+        )));
+    }
+    Ok(())
+}
+
+/// A vCPU with its CPUID set.
+fn new_vcpu(
+    vm: &kvm_ioctls::VmFd,
+    i: u32,
+    vcpus: u32,
+    supported: &kvm_bindings::CpuId,
+    sync_regs: bool,
+) -> Result<kvm_ioctls::VcpuFd, VmError> {
+    let mut fd = vm
+        .create_vcpu(u64::from(i))
+        .map_err(kvm_err("creating a vCPU"))?;
+    if sync_regs {
+        fd.set_sync_valid_reg(SyncReg::Register);
+    }
+    fd.set_cpuid2(&cpu::cpuid(supported, i, vcpus))
+        .map_err(kvm_err("the vCPU's CPUID"))?;
+    Ok(fd)
+}
+
+/// Loads the kernel, initrd, command line and ACPI tables into guest memory and sets the vCPUs
+/// up the way firmware leaves them.
+fn boot_fresh(
+    cfg: &LinuxVmConfig,
+    vm: &kvm_ioctls::VmFd,
+    mem: &vm_memory::GuestMemoryMmap,
+    devices: &[AcpiDevice],
+    supported: &kvm_bindings::CpuId,
+    sync_regs: bool,
+) -> Result<Vec<kvm_ioctls::VcpuFd>, VmError> {
     let loaded = boot::load_kernel(mem, &cfg.kernel).map_err(LinuxError::from)?;
     let initrd = match &cfg.initrd {
         Some(rd) => {
@@ -362,16 +567,7 @@ pub fn run_linux(cfg: &LinuxVmConfig, io: ConsoleIo) -> Result<RunReport, VmErro
         None => None,
     };
     boot::write_cmdline(mem, &cfg.cmdline).map_err(LinuxError::from)?;
-
-    let control = Arc::new(VmControl::new(Arc::new(ConsoleInput::new())).map_err(os("eventfd"))?);
-    let ConsoleIo {
-        stdout,
-        input,
-        managed: managed_setup,
-        ..
-    } = io;
-    let (platform, devices) = platform_devices(cfg, stdout, &control, &vm, mem)?;
-    let tables = acpi::build(ACPI_START, cfg.vcpus, &devices);
+    let tables = acpi::build(ACPI_START, cfg.vcpus, devices);
     if tables.len() as u64 > ACPI_END - ACPI_START {
         return Err(LinuxError::AcpiTooBig(tables.len()).into());
     }
@@ -390,22 +586,11 @@ pub fn run_linux(cfg: &LinuxVmConfig, io: ConsoleIo) -> Result<RunReport, VmErro
     }
     .map_err(LinuxError::from)?;
 
-    let supported = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
     let msrs = cpu::boot_msr_list()
         .map_err(|e| os("building the MSR list")(std::io::Error::other(format!("{e:?}"))))?;
-    let sync_regs = kvm.check_extension(Cap::SyncRegs);
     let mut fds = Vec::new();
     for i in 0..cfg.vcpus {
-        let mut fd = vm
-            .create_vcpu(u64::from(i))
-            .map_err(kvm_err("creating a vCPU"))?;
-        if sync_regs {
-            fd.set_sync_valid_reg(SyncReg::Register);
-        }
-        fd.set_cpuid2(&cpu::cpuid(&supported, i, cfg.vcpus))
-            .map_err(kvm_err("the vCPU's CPUID"))?;
+        let fd = new_vcpu(vm, i, cfg.vcpus, supported, sync_regs)?;
         fd.set_msrs(&msrs).map_err(kvm_err("the boot MSRs"))?;
         fd.set_fpu(&cpu::boot_fpu())
             .map_err(kvm_err("the vCPU's FPU state"))?;
@@ -423,7 +608,39 @@ pub fn run_linux(cfg: &LinuxVmConfig, io: ConsoleIo) -> Result<RunReport, VmErro
         }
         fds.push(fd);
     }
+    Ok(fds)
+}
 
+/// A built Linux VM, ready to run.
+struct RunParts<'a> {
+    cfg: &'a LinuxVmConfig,
+    started: Instant,
+    control: Arc<VmControl>,
+    input: crate::vm::ConsoleIn,
+    managed_setup: Option<crate::managed::ManagedSetup>,
+    platform: Platform,
+    mem: &'a vm_memory::GuestMemoryMmap,
+    sync_regs: bool,
+    fds: Vec<kvm_ioctls::VcpuFd>,
+    restored_hostcalls: Vec<Option<u32>>,
+    snapshot_source: LinuxSnapshot,
+}
+
+/// Runs the vCPUs and the event loop until the VM stops; the report.
+fn run_platform(parts: RunParts<'_>) -> Result<RunReport, VmError> {
+    let RunParts {
+        cfg,
+        started,
+        control,
+        input,
+        managed_setup,
+        platform,
+        mem,
+        sync_regs,
+        fds,
+        restored_hostcalls,
+        snapshot_source,
+    } = parts;
     let (console, _) = Console::new(
         &control,
         &input,
@@ -451,7 +668,7 @@ pub fn run_linux(cfg: &LinuxVmConfig, io: ConsoleIo) -> Result<RunReport, VmErro
         sync_regs,
         live: crate::vcpu::VcpuLive::for_vcpus(cfg.vcpus),
         jobs: crate::vcpu::VcpuJobs::new(cfg.vcpus),
-        restored_hostcalls: Vec::new(),
+        restored_hostcalls,
     });
     let mut managed = managed_setup.map(|setup| {
         ManagedServer::new(
@@ -463,8 +680,12 @@ pub fn run_linux(cfg: &LinuxVmConfig, io: ConsoleIo) -> Result<RunReport, VmErro
                 started,
                 console: platform.stdout.clone(),
                 devices: platform.virtio.clone(),
-                power_button: None,
-                snapshot: None,
+                power_button: platform.power_button.clone().map(|evt| {
+                    Box::new(move || {
+                        let _ = evt.write(1);
+                    }) as Box<dyn Fn() + Send>
+                }),
+                snapshot: Some(Box::new(snapshot_source)),
             },
         )
     });

@@ -123,6 +123,11 @@ pub struct Header {
     pub clock_ns: u64,
 }
 
+/// The sink a snapshot's records go to (the sealed file).
+pub type SnapshotWriter<'a> = RecordWriter<&'a mut dyn Write>;
+/// Writes guest memory into the snapshot (called by [`SnapshotSource::write_state`]).
+pub type MemoryWriter<'m> = dyn FnMut(&mut SnapshotWriter<'_>) -> Result<(), SnapshotError> + 'm;
+
 /// What a VM kind contributes to its snapshot beyond vCPU registers and memory.
 pub trait SnapshotSource: Send {
     /// Why this VM cannot be snapshotted, if it cannot.
@@ -137,8 +142,14 @@ pub trait SnapshotSource: Send {
     fn clock_ns(&self) -> u64;
     /// Guest RAM regions (guest-physical address, size).
     fn regions(&self) -> Vec<(u64, u64)>;
-    /// VM-wide KVM state and device records (the vCPUs are parked).
-    fn write_devices(&self, w: &mut RecordWriter<&mut dyn Write>) -> Result<(), SnapshotError>;
+    /// Writes VM-wide KVM state and device records (the vCPUs are parked), then calls `memory`
+    /// to write guest RAM while the devices are still held still (no device thread may write
+    /// guest memory while it is copied).
+    fn write_state(
+        &self,
+        w: &mut SnapshotWriter<'_>,
+        memory: &mut MemoryWriter<'_>,
+    ) -> Result<(), SnapshotError>;
 }
 
 /// One record as read.
