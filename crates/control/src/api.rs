@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::daemon::{Caller, CreateRequest, Daemon, ExecBody, json_error};
 use crate::error::ApiError;
-use crate::routes::{Action, Route, Routed, route};
+use crate::routes::{Action, Role, Route, Routed, route};
 
 /// Largest request body accepted (413 above).
 pub const MAX_BODY: usize = 1 << 20;
@@ -218,6 +218,12 @@ async fn dispatch(
     name: Option<&str>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
+    if rt.role == Role::Public {
+        return Ok(json_response(
+            StatusCode::OK,
+            &json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") }),
+        ));
+    }
     let token = req
         .headers()
         .get(hyper::header::AUTHORIZATION)
@@ -273,6 +279,7 @@ async fn dispatch(
             let b: RestoreBody = parse(&read_body(req).await?)?;
             ok(d.restore(name, &b.snapshot, &b.key).await?)
         }
+        Action::Health => ok(json!({ "status": "ok" })),
         Action::Metrics => {
             debug_assert!(caller == Caller::Operator);
             let vms = d.snapshot_all().await;

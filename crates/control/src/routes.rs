@@ -10,6 +10,8 @@ pub enum Role {
     Owner,
     /// Either of them.
     OperatorOrOwner,
+    /// Anyone who can reach the socket (its 0600 mode decides who that is).
+    Public,
 }
 
 /// What a route does; the handler is chosen by this.
@@ -30,6 +32,7 @@ pub enum Action {
     Snapshot,
     Restore,
     Metrics,
+    Health,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -102,6 +105,7 @@ pub const ROUTES: &[Route] = &[
         Role::Owner,
     ),
     r("GET", "/metrics", Action::Metrics, Role::Operator),
+    r("GET", "/v1/health", Action::Health, Role::Public),
 ];
 
 /// Matches a request path against a template; returns the `{name}` segment if any.

@@ -22,8 +22,10 @@ use bulwark_devices::{BusRange, BusStats};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+mod control;
 mod virtio;
 
+pub use control::{control_channel, snapshot_stream};
 pub use virtio::{virtio_blk, virtio_net, virtio_vsock, virtqueue};
 
 use crate::abi::{

@@ -95,3 +95,13 @@ fn virtio_vsock_corpus_replays_without_failure() {
 fn virtio_net_corpus_replays_without_failure() {
     replay("virtio_net", bulwark_monitor::fuzz::virtio_net);
 }
+
+#[test]
+fn control_channel_corpus_replays_without_failure() {
+    replay("control_channel", bulwark_monitor::fuzz::control_channel);
+}
+
+#[test]
+fn snapshot_stream_corpus_replays_without_failure() {
+    replay("snapshot_stream", bulwark_monitor::fuzz::snapshot_stream);
+}

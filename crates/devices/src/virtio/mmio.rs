@@ -122,6 +122,17 @@ impl crate::state::DeviceState for MmioTransport {
         if saved.driver_features & !Self::offered(&s) != 0 {
             return Err(mismatch("features this device does not offer".into()));
         }
+        let started =
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+        if saved.active
+            && (saved.status & started != started
+                || saved.driver_features & VIRTIO_F_VERSION_1 == 0)
+        {
+            return Err(mismatch(format!(
+                "a started device with status {:#x} and features {:#x}",
+                saved.status, saved.driver_features
+            )));
+        }
         self.reset(&mut s);
         for (q, sq) in s.queues.iter_mut().zip(&saved.queues) {
             if sq.size > q.max_size() || (sq.size != 0 && !sq.size.is_power_of_two()) {

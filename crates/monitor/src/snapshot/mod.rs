@@ -23,6 +23,8 @@ use serde::{Deserialize, Serialize};
 
 /// Version of the record stream (the sealed container has its own).
 pub const SNAPSHOT_FORMAT: u32 = 1;
+/// Most vCPUs a snapshot may describe.
+pub const MAX_VCPUS: u32 = 256;
 /// Largest record other than memory contents.
 pub const MAX_RECORD: usize = 16 << 20;
 
@@ -350,6 +352,12 @@ impl Restore {
             return Err(SnapshotError::Mismatch(format!(
                 "the snapshot's memory layout {:x?} differs from the VM's {regions:x?}",
                 self.header.regions
+            )));
+        }
+        if self.header.vcpus == 0 || self.header.vcpus > MAX_VCPUS {
+            return Err(SnapshotError::Malformed(format!(
+                "{} vCPUs in the header",
+                self.header.vcpus
             )));
         }
         let n = self.header.vcpus as usize;

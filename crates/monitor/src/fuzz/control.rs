@@ -1,0 +1,89 @@
+//! Harnesses for what reaches the monitor from outside the guest: the control channel's
+//! decoder (bytes from bulwarkd), and a snapshot's record stream and device states (bytes the
+//! VM owner sealed, which a restore trusts only after authentication — fuzzed anyway, since a
+//! parser bug there would let a key holder attack the monitor).
+
+use std::io::Cursor;
+use std::sync::Arc;
+
+use bulwark_channel::{FrameBuffer, Request};
+use bulwark_devices::console::ConsoleSink;
+use bulwark_devices::serial::Serial16550;
+use bulwark_devices::state::DeviceState;
+use bulwark_devices::virtio::mmio::MmioTransport;
+use bulwark_devices::virtio::rng::Rng;
+use bulwark_devices::virtio::{Interrupt, InterruptLine};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::snapshot::{RecordReader, Restore};
+
+/// Control channel frames: any split of any bytes decodes to a request or an error, never a
+/// panic; a decoded request encodes to a frame that decodes to itself.
+pub fn control_channel(data: &[u8]) {
+    let mut fb = FrameBuffer::default();
+    let cut = data.first().map_or(0, |&b| usize::from(b)).min(data.len());
+    for part in [&data[..cut], &data[cut..]] {
+        fb.extend(part);
+        while let Ok(Some(frame)) = fb.next_frame() {
+            if let Ok(req) = bulwark_channel::decode::<Request>(&frame) {
+                let again = bulwark_channel::encode(&req);
+                let back: Request =
+                    bulwark_channel::decode(&again[4..]).expect("an encoded request decodes");
+                assert_eq!(back, req, "request did not round-trip");
+            }
+        }
+    }
+}
+
+struct NoLine;
+
+impl InterruptLine for NoLine {
+    fn trigger(&self) {}
+}
+
+/// Two small RAM regions, as a Linux VM has around its MMIO gap.
+const REGIONS: [(u64, u64); 2] = [(0, 0x4000), (0x10_0000, 0x2000)];
+
+/// A snapshot's plaintext record stream restored into small guest memory, and every device
+/// record offered to a real UART and a real virtio-mmio transport: errors, never panics, and
+/// a stream that restores has put every region in place.
+pub fn snapshot_stream(data: &[u8]) {
+    let mem = GuestMemoryMmap::<()>::from_ranges(
+        &REGIONS
+            .iter()
+            .map(|&(g, s)| (GuestAddress(g), s as usize))
+            .collect::<Vec<_>>(),
+    )
+    .expect("guest memory");
+    let mut reader = RecordReader::new(Box::new(Cursor::new(data.to_vec())) as Box<_>);
+    let Ok(header) = reader.header() else {
+        return;
+    };
+    let Ok(state) = (Restore { header, reader }).read_body(&mem, &REGIONS) else {
+        return;
+    };
+    assert!(state.vcpus.len() <= u32::MAX as usize);
+    let sink = Arc::new(ConsoleSink::new(Box::new(std::io::sink()), 1 << 20));
+    let serial = Serial16550::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"), sink);
+    for (_, data) in &state.devices {
+        let _ = serial.restore_state(data);
+        let transport = MmioTransport::new(
+            Box::new(Rng::new()),
+            mem.clone(),
+            Interrupt::new(Arc::new(NoLine)),
+        );
+        if transport.restore_state(data).is_ok() {
+            // What was restored saves again and restores into a fresh transport.
+            let saved = transport.save_state();
+            let fresh = MmioTransport::new(
+                Box::new(Rng::new()),
+                mem.clone(),
+                Interrupt::new(Arc::new(NoLine)),
+            );
+            fresh
+                .restore_state(&saved)
+                .expect("a saved transport state restores");
+        }
+    }
+}

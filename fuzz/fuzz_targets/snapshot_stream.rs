@@ -1,0 +1,4 @@
+//! Fuzz target: see `bulwark_monitor::fuzz::snapshot_stream` for the harness and its invariants.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| bulwark_monitor::fuzz::snapshot_stream(data));
