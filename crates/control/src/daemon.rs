@@ -23,8 +23,12 @@ use crate::monitor::{self, Launch};
 use crate::routes::Role;
 use crate::store::{MonitorProc, Store, StoreError, VmRecord, VmState};
 
-/// How long a monitor may take to answer its first Describe after being started.
-const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a live monitor may take to answer its first Describe after being started.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// The same for a restoring monitor, which first reads, authenticates and decrypts the whole
+/// snapshot (seconds per GiB on hardware, much longer under emulation). A monitor that dies
+/// meanwhile is noticed at once; this only bounds one that lives and never answers.
+const RESTORE_READY_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long one ordinary control request may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a snapshot may take to write.
@@ -442,6 +446,7 @@ impl Daemon {
             )));
         }
         let dir = self.vm_dir(&rec.id);
+        let restoring = restore.is_some();
         for f in [bulwark_channel::EXIT_FILE, CONTROL_SOCKET, CONSOLE_SOCKET] {
             let _ = std::fs::remove_file(dir.join(f));
         }
@@ -474,11 +479,22 @@ impl Daemon {
         self.watch_child(rec.id.clone(), m, child);
         saved?;
         info!(vm = %name, pid, "monitor started");
-        self.wait_ready(name, &dir, m).await
+        let timeout = if restoring {
+            RESTORE_READY_TIMEOUT
+        } else {
+            READY_TIMEOUT
+        };
+        self.wait_ready(name, &dir, m, timeout).await
     }
 
-    async fn wait_ready(&self, name: &str, dir: &Path, m: MonitorProc) -> Result<Value, ApiError> {
-        let deadline = Instant::now() + READY_TIMEOUT;
+    async fn wait_ready(
+        &self,
+        name: &str,
+        dir: &Path,
+        m: MonitorProc,
+        timeout: Duration,
+    ) -> Result<Value, ApiError> {
+        let deadline = Instant::now() + timeout;
         loop {
             if let Some(exit) = monitor::read_exit(dir)
                 && exit.setup_error
@@ -515,7 +531,7 @@ impl Daemon {
             }
             if Instant::now() > deadline {
                 return Err(ApiError::Internal(format!(
-                    "the monitor (pid {}) did not answer on its control socket within {READY_TIMEOUT:?}; see {}",
+                    "the monitor (pid {}) did not answer on its control socket within {timeout:?}; see {}",
                     m.pid,
                     dir.join("monitor.log").display()
                 )));
