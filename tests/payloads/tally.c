@@ -1,8 +1,9 @@
 /* Keeps state across console lines, so a snapshot and restore can be checked from outside:
  * for each input line it prints "line N: TEXT" (upper-cased) with N counting from 1, and a
  * line "exit" ends the payload with status N (the number of lines before it). A line "clock"
- * prints the host-call clock in milliseconds. The count lives in memory and registers; a
- * restored VM continues it. */
+ * prints the host-call clock in milliseconds. A line "fill" writes pseudo-random bytes over all
+ * free memory (so a snapshot has no empty blocks to skip) and prints "filled". The count lives
+ * in memory and registers; a restored VM continues it. */
 #include <bulwark.h>
 
 static char line[256];
@@ -28,6 +29,18 @@ int bw_main(bw_u32 vcpu, bw_u32 vcpus, const struct bw_info *info)
             bw_puts("clock ");
             bw_putu(bw_clock_ns() / 1000000, 10);
             bw_puts(" ms\n");
+            len = 0;
+            continue;
+        }
+        if (len == 4 && line[0] == 'F' && line[1] == 'I' && line[2] == 'L' && line[3] == 'L') {
+            bw_u64 x = 0x9e3779b97f4a7c15ull;
+            for (bw_u64 *p = (bw_u64 *)info->heap_start; (bw_u64)(p + 1) <= info->heap_end; p++) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *p = x;
+            }
+            bw_puts("filled\n");
             len = 0;
             continue;
         }

@@ -495,6 +495,7 @@ impl Daemon {
         timeout: Duration,
     ) -> Result<Value, ApiError> {
         let deadline = Instant::now() + timeout;
+        let mut poll = Duration::from_micros(500);
         loop {
             if let Some(exit) = monitor::read_exit(dir)
                 && exit.setup_error
@@ -536,7 +537,10 @@ impl Daemon {
                     dir.join("monitor.log").display()
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            // Poll often at first (a function micro-VM is up in a few milliseconds), then
+            // back off.
+            tokio::time::sleep(poll).await;
+            poll = (poll * 2).min(Duration::from_millis(20));
         }
     }
 

@@ -131,12 +131,18 @@ impl Write for HubWriter {
     }
 }
 
-/// The sockets of a managed monitor, bound before the VM is built (so a daemon waiting for
-/// `control.sock` knows the monitor is up).
+/// A managed monitor before its VM is built: where its sockets go, and the console ring its
+/// devices write to. The sockets are bound only when the VM is ready to run
+/// ([`ManagedServer::new`]): a daemon that sees `control.sock` may use the VM, and a restore
+/// that fails leaves none behind.
 #[derive(Debug)]
 pub struct ManagedSetup {
     pub dir: PathBuf,
     pub hub: Arc<ConsoleHub>,
+}
+
+#[derive(Debug)]
+struct Listeners {
     control: UnixListener,
     console: UnixListener,
 }
@@ -157,13 +163,17 @@ fn bind(dir: &Path, name: &str) -> Result<UnixListener, ManagedError> {
 }
 
 impl ManagedSetup {
-    /// Binds `control.sock` and `console.sock` in `dir` (mode 0600).
-    pub fn bind(dir: &Path) -> Result<Self, ManagedError> {
+    /// A managed monitor for the VM directory `dir`.
+    pub fn new(dir: &Path) -> Result<Self, ManagedError> {
+        if !dir.is_dir() {
+            return Err(ManagedError::Io(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("the VM directory {} does not exist", dir.display()),
+            )));
+        }
         Ok(Self {
             dir: dir.to_path_buf(),
             hub: Arc::new(ConsoleHub::new()?),
-            control: bind(dir, CONTROL_SOCKET)?,
-            console: bind(dir, CONSOLE_SOCKET)?,
         })
     }
 }
@@ -198,6 +208,7 @@ struct Client {
 /// The managed sockets while the VM runs; driven by the event loop.
 pub struct ManagedServer {
     setup: ManagedSetup,
+    sockets: Listeners,
     view: VmView,
     clients: HashMap<u64, Client>,
     next_token: u64,
@@ -215,20 +226,26 @@ pub struct LoopCtx<'a> {
 }
 
 impl ManagedServer {
-    pub fn new(setup: ManagedSetup, view: VmView) -> Self {
-        Self {
+    /// Binds `control.sock` and `console.sock` (mode 0600) in the VM directory.
+    pub fn new(setup: ManagedSetup, view: VmView) -> Result<Self, ManagedError> {
+        let sockets = Listeners {
+            control: bind(&setup.dir, CONTROL_SOCKET)?,
+            console: bind(&setup.dir, CONSOLE_SOCKET)?,
+        };
+        Ok(Self {
             setup,
+            sockets,
             view,
             clients: HashMap::new(),
             next_token: TOKEN_CLIENTS,
-        }
+        })
     }
 
     /// Adds the listeners and the output notifier to the event loop's epoll.
     pub fn register(&self, epoll: &Epoll) -> io::Result<()> {
         for (fd, token) in [
-            (self.setup.control.as_raw_fd(), TOKEN_CONTROL_LISTENER),
-            (self.setup.console.as_raw_fd(), TOKEN_CONSOLE_LISTENER),
+            (self.sockets.control.as_raw_fd(), TOKEN_CONTROL_LISTENER),
+            (self.sockets.console.as_raw_fd(), TOKEN_CONSOLE_LISTENER),
             (self.setup.hub.notify.as_raw_fd(), TOKEN_HUB),
         ] {
             epoll.ctl(
@@ -258,9 +275,9 @@ impl ManagedServer {
 
     fn accept(&mut self, control: bool, epoll: &Epoll) {
         let listener = if control {
-            &self.setup.control
+            &self.sockets.control
         } else {
-            &self.setup.console
+            &self.sockets.console
         };
         let mut accepted = Vec::new();
         while let Ok((stream, _)) = listener.accept() {

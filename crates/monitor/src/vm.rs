@@ -57,6 +57,8 @@ pub enum VmError {
     },
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    #[error(transparent)]
+    Managed(#[from] crate::managed::ManagedError),
     #[error("device setup failed")]
     Devices(#[from] BusError),
     #[error("monitor setup failed: {what}")]
@@ -117,7 +119,7 @@ impl ConsoleIo {
     /// A monitor run by bulwarkd: console output goes to the scroll-back ring that
     /// `console.sock` clients read, input comes from them, and `control.sock` takes requests.
     pub fn managed(dir: &std::path::Path) -> Result<Self, crate::managed::ManagedError> {
-        let setup = ManagedSetup::bind(dir)?;
+        let setup = ManagedSetup::new(dir)?;
         Ok(Self {
             stdout: Box::new(HubWriter(setup.hub.clone())),
             stderr: Box::new(HubWriter(setup.hub.clone())),
@@ -447,21 +449,23 @@ fn run_function_from(
         regions,
         drives: cfg.drives.len(),
     };
-    let mut managed = managed_setup.map(|setup| {
-        ManagedServer::new(
-            setup,
-            VmView {
-                kind: "function",
-                vcpus: cfg.vcpus,
-                memory: cfg.memory,
-                started,
-                console: devices.stdout.clone(),
-                devices: devices.virtio.clone(),
-                power_button: None,
-                snapshot: Some(Box::new(snapshot_source)),
-            },
-        )
-    });
+    let mut managed = managed_setup
+        .map(|setup| {
+            ManagedServer::new(
+                setup,
+                VmView {
+                    kind: "function",
+                    vcpus: cfg.vcpus,
+                    memory: cfg.memory,
+                    started,
+                    console: devices.stdout.clone(),
+                    devices: devices.virtio.clone(),
+                    power_button: None,
+                    snapshot: Some(Box::new(snapshot_source)),
+                },
+            )
+        })
+        .transpose()?;
     let buses = Arc::new(devices.buses);
     let ctx = Arc::new(VcpuContext {
         buses: buses.clone(),

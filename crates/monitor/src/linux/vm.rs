@@ -670,25 +670,27 @@ fn run_platform(parts: RunParts<'_>) -> Result<RunReport, VmError> {
         jobs: crate::vcpu::VcpuJobs::new(cfg.vcpus),
         restored_hostcalls,
     });
-    let mut managed = managed_setup.map(|setup| {
-        ManagedServer::new(
-            setup,
-            VmView {
-                kind: "linux",
-                vcpus: cfg.vcpus,
-                memory: cfg.memory,
-                started,
-                console: platform.stdout.clone(),
-                devices: platform.virtio.clone(),
-                power_button: platform.power_button.clone().map(|evt| {
-                    Box::new(move || {
-                        let _ = evt.write(1);
-                    }) as Box<dyn Fn() + Send>
-                }),
-                snapshot: Some(Box::new(snapshot_source)),
-            },
-        )
-    });
+    let mut managed = managed_setup
+        .map(|setup| {
+            ManagedServer::new(
+                setup,
+                VmView {
+                    kind: "linux",
+                    vcpus: cfg.vcpus,
+                    memory: cfg.memory,
+                    started,
+                    console: platform.stdout.clone(),
+                    devices: platform.virtio.clone(),
+                    power_button: platform.power_button.clone().map(|evt| {
+                        Box::new(move || {
+                            let _ = evt.write(1);
+                        }) as Box<dyn Fn() + Send>
+                    }),
+                    snapshot: Some(Box::new(snapshot_source)),
+                },
+            )
+        })
+        .transpose()?;
     let counters = run_to_end(
         fds,
         &ctx,

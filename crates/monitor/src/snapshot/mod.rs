@@ -10,8 +10,10 @@
 //!
 //! The first record is [`Tag::Header`] (JSON, [`Header`]); then per-vCPU records (index = vCPU),
 //! VM-wide KVM state, device records (index = device number, data = the device's own
-//! encoding), one [`Tag::Memory`] record per RAM region (data = gpa:u64 size:u64, followed by
-//! exactly `size` raw bytes outside the record), and [`Tag::End`]. KVM structures are stored as
+//! encoding), one [`Tag::Memory`] record per RAM region (data = gpa:u64 size:u64, followed
+//! outside the record by the region in [`MEMORY_BLOCK`]-byte blocks, each a flag byte — 0: all
+//! zero, nothing follows; 1: the block's bytes follow), and [`Tag::End`]. Untouched guest
+//! memory costs one byte per block, on disk and to seal and authenticate. KVM structures are stored as
 //! their exact bytes; a record of the wrong size is refused. Unknown tags are refused, so a
 //! snapshot from a newer format fails loudly rather than restoring part of a VM.
 
@@ -23,6 +25,19 @@ use serde::{Deserialize, Serialize};
 
 /// Version of the record stream (the sealed container has its own).
 pub const SNAPSHOT_FORMAT: u32 = 1;
+/// Granule of a memory region in the stream: zero blocks are a single flag byte.
+pub const MEMORY_BLOCK: usize = 64 * 1024;
+const BLOCK_ZERO: u8 = 0;
+const BLOCK_DATA: u8 = 1;
+
+fn is_zero(block: &[u8]) -> bool {
+    let (words, tail) = block.split_at(block.len() / 8 * 8);
+    words
+        .chunks_exact(8)
+        .all(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) == 0)
+        && tail.iter().all(|&b| b == 0)
+}
+
 /// Most vCPUs a snapshot may describe.
 pub const MAX_VCPUS: u32 = 256;
 /// Largest record other than memory contents.
@@ -216,13 +231,18 @@ impl<W: Write> RecordWriter<W> {
         head[..8].copy_from_slice(&gpa.to_le_bytes());
         head[8..].copy_from_slice(&size.to_le_bytes());
         self.record(Tag::Memory, index, &head)?;
-        let mut buf = vec![0u8; 1 << 20];
+        let mut buf = vec![0u8; MEMORY_BLOCK];
         let mut done = 0u64;
         while done < size {
             let n = buf.len().min((size - done) as usize);
             mem.read_slice(&mut buf[..n], GuestAddress(gpa + done))
                 .map_err(|e| SnapshotError::Malformed(format!("reading guest memory: {e}")))?;
-            self.out.write_all(&buf[..n])?;
+            if is_zero(&buf[..n]) {
+                self.out.write_all(&[BLOCK_ZERO])?;
+            } else {
+                self.out.write_all(&[BLOCK_DATA])?;
+                self.out.write_all(&buf[..n])?;
+            }
             done += n as u64;
         }
         Ok(())
@@ -272,6 +292,16 @@ impl<R: Read> RecordReader<R> {
         Ok(Record { tag, index, data })
     }
 
+    /// After the end record: the stream must end too. Reading to the end is also what makes
+    /// the sealed reader check the final chunk, so a file cut after its last record is caught.
+    pub fn expect_eof(&mut self) -> Result<(), SnapshotError> {
+        let mut extra = [0u8; 1];
+        match self.input.read(&mut extra)? {
+            0 => Ok(()),
+            _ => Err(SnapshotError::Malformed("data after the end record".into())),
+        }
+    }
+
     /// The first record, which must be the header.
     pub fn header(&mut self) -> Result<Header, SnapshotError> {
         let r = self.next_record()?;
@@ -289,7 +319,8 @@ impl<R: Read> RecordReader<R> {
         Ok(h)
     }
 
-    /// Copies a memory region's bytes (after its record) into guest memory.
+    /// Copies a memory region's blocks (after its record) into guest memory, which must be
+    /// fresh (all zero): zero blocks are skipped.
     pub fn memory_into(
         &mut self,
         rec: &Record,
@@ -304,19 +335,34 @@ impl<R: Read> RecordReader<R> {
                 "memory record {gpa:#x}+{size:#x} is not one of this VM's RAM regions"
             )));
         }
-        let mut buf = vec![0u8; 1 << 20];
+        let short = |e: io::Error| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                SnapshotError::Malformed("guest memory is cut short".into())
+            } else {
+                SnapshotError::Io(e)
+            }
+        };
+        let mut buf = vec![0u8; MEMORY_BLOCK];
         let mut done = 0u64;
         while done < size {
             let n = buf.len().min((size - done) as usize);
-            self.input.read_exact(&mut buf[..n]).map_err(|e| {
-                if e.kind() == io::ErrorKind::UnexpectedEof {
-                    SnapshotError::Malformed("guest memory is cut short".into())
-                } else {
-                    SnapshotError::Io(e)
+            let mut flag = [0u8];
+            self.input.read_exact(&mut flag).map_err(short)?;
+            match flag[0] {
+                BLOCK_ZERO => {}
+                BLOCK_DATA => {
+                    self.input.read_exact(&mut buf[..n]).map_err(short)?;
+                    mem.write_slice(&buf[..n], GuestAddress(gpa + done))
+                        .map_err(|e| {
+                            SnapshotError::Malformed(format!("writing guest memory: {e}"))
+                        })?;
                 }
-            })?;
-            mem.write_slice(&buf[..n], GuestAddress(gpa + done))
-                .map_err(|e| SnapshotError::Malformed(format!("writing guest memory: {e}")))?;
+                other => {
+                    return Err(SnapshotError::Malformed(format!(
+                        "memory block flag {other}"
+                    )));
+                }
+            }
             done += n as u64;
         }
         Ok(())
@@ -330,7 +376,7 @@ pub struct Restore {
 }
 
 impl Restore {
-    /// Authenticates the whole file (nothing of a bad file is used), then reads its header.
+    /// Opens the file and reads its header (see [`open_sealed`]).
     pub fn open(
         path: &std::path::Path,
         key: &bulwark_seal::OwnerKey,
@@ -370,7 +416,10 @@ impl Restore {
         loop {
             let rec = self.reader.next_record()?;
             match rec.tag {
-                Tag::End => break,
+                Tag::End => {
+                    self.reader.expect_eof()?;
+                    break;
+                }
                 Tag::Header => return Err(SnapshotError::Malformed("a second header".into())),
                 Tag::Memory => {
                     self.reader.memory_into(&rec, mem, regions)?;
@@ -486,8 +535,10 @@ impl Mode0600 for std::fs::OpenOptions {
     }
 }
 
-/// Authenticates a whole sealed snapshot, then opens it for reading: nothing from a tampered,
-/// truncated or wrong-key file is ever used.
+/// Opens a sealed snapshot: the key and header are checked now, every chunk as it is read.
+/// A restore reads the whole stream, to its authenticated end, before any vCPU runs, so
+/// nothing of a tampered, truncated or wrong-key file is ever resumed (one pass: the file is
+/// decrypted once).
 pub fn open_sealed(
     path: &std::path::Path,
     key: &bulwark_seal::OwnerKey,
@@ -500,11 +551,6 @@ pub fn open_sealed(
             ))
         })
     };
-    bulwark_seal::verify(
-        io::BufReader::with_capacity(1 << 20, open()?),
-        key,
-        bulwark_seal::VM_SNAPSHOT,
-    )?;
     let reader = bulwark_seal::SealReader::open(
         io::BufReader::with_capacity(1 << 20, open()?),
         key,
