@@ -31,6 +31,21 @@ pub const CONTROL_SOCKET: &str = "control.sock";
 /// The monitor's console socket, in its VM directory: output (scroll-back first) to every
 /// client, input from every client.
 pub const CONSOLE_SOCKET: &str = "console.sock";
+/// Where the monitor reports a long operation's progress, in its VM directory: one line,
+/// `OPERATION DONE TOTAL` (`snapshot` or `restore`, bytes of guest memory), rewritten in place.
+pub const PROGRESS_FILE: &str = "progress";
+
+/// Parses the progress file's line.
+pub fn parse_progress(text: &str) -> Option<(String, u64, u64)> {
+    let mut it = text.split_whitespace();
+    let (op, done, total) = (
+        it.next()?,
+        it.next()?.parse().ok()?,
+        it.next()?.parse().ok()?,
+    );
+    (op == "snapshot" || op == "restore").then(|| (op.to_string(), done, total))
+}
+
 /// Where the monitor writes how its VM ended, in its VM directory.
 pub const EXIT_FILE: &str = "exit.json";
 /// The VM spec the monitor runs, in its VM directory.

@@ -73,7 +73,13 @@ fn write_atomic(path: &Path, text: &[u8]) -> std::io::Result<()> {
 fn restore(dir: &Path, file: &Path, verbose: bool) -> anyhow::Result<RunReport> {
     let key = key_from_stdin()?;
     // The whole file is authenticated before anything in it is used.
-    let snapshot = bulwark_monitor::snapshot::Restore::open(file, &key)?;
+    let mut snapshot = bulwark_monitor::snapshot::Restore::open(file, &key)?;
+    let total = snapshot.header.regions.iter().map(|r| r.1).sum();
+    snapshot
+        .reader
+        .set_progress(bulwark_monitor::snapshot::Progress::start(
+            dir, "restore", total,
+        ));
     let spec = FileConfig::from_json(&snapshot.header.spec)?;
     spec.check()?;
     write_atomic(&dir.join(SPEC_FILE), snapshot.header.spec.as_bytes())?;

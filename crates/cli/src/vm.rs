@@ -350,9 +350,12 @@ async fn run(args: VmArgs) -> Result<ExitCode, VmCliError> {
             if let Some(sn) = snapshot {
                 body["name"] = json!(sn);
             }
-            let v = client
-                .call("POST", &vm(name, "/snapshot"), Some(&body))
-                .await?;
+            let v = with_progress(
+                &client,
+                name,
+                client.call("POST", &vm(name, "/snapshot"), Some(&body)),
+            )
+            .await?;
             println!(
                 "{name}: snapshot {} written ({} bytes, paused {} ms)",
                 s(&v["name"]),
@@ -366,13 +369,75 @@ async fn run(args: VmArgs) -> Result<ExitCode, VmCliError> {
             key_file,
         } => {
             let body = json!({ "snapshot": snapshot, "key": read_trimmed(key_file)? });
-            let v = client
-                .call("POST", &vm(name, "/restore"), Some(&body))
-                .await?;
+            let v = with_progress(
+                &client,
+                name,
+                client.call("POST", &vm(name, "/restore"), Some(&body)),
+            )
+            .await?;
             println!("{name}: {}", s(&v["state"]));
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Awaits a snapshot or restore request while drawing its progress on stderr (when stderr is a
+/// terminal) from `GET /v1/vms/{name}/progress`.
+async fn with_progress<T>(
+    client: &ApiClient,
+    name: &str,
+    request: impl std::future::Future<Output = T>,
+) -> T {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return request.await;
+    }
+    tokio::pin!(request);
+    let started = std::time::Instant::now();
+    let mut drawn = false;
+    loop {
+        tokio::select! {
+            out = &mut request => {
+                if drawn {
+                    eprint!("\r\x1b[2K");
+                }
+                return out;
+            }
+            () = tokio::time::sleep(std::time::Duration::from_millis(200)) => {
+                let path = format!("/v1/vms/{name}/progress");
+                let Ok(p) = client.call("GET", &path, None).await else {
+                    continue;
+                };
+                let (Some(op), Some(done), Some(total)) =
+                    (p["operation"].as_str(), p["done"].as_u64(), p["total"].as_u64())
+                else {
+                    continue;
+                };
+                eprint!("\r\x1b[2K{}", progress_bar(op, done, total, started.elapsed()));
+                drawn = true;
+            }
+        }
+    }
+}
+
+/// `snapshot [#########...........]  45%  460/1024 MiB  2.1 s`
+fn progress_bar(op: &str, done: u64, total: u64, elapsed: std::time::Duration) -> String {
+    const WIDTH: u64 = 30;
+    let frac = if total == 0 {
+        1.0
+    } else {
+        done as f64 / total as f64
+    };
+    let filled = ((frac * WIDTH as f64) as u64).min(WIDTH);
+    format!(
+        "{op} [{}{}] {:>3.0}% {}/{} MiB {:.1} s",
+        "#".repeat(filled as usize),
+        ".".repeat((WIDTH - filled) as usize),
+        frac * 100.0,
+        done >> 20,
+        total >> 20,
+        elapsed.as_secs_f64()
+    )
 }
 
 /// Finds `Ctrl-A d` in terminal input, across reads.

@@ -459,3 +459,69 @@ fn snapshot_requests_with_bad_arguments_are_refused_and_leave_paused_holds() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn snapshot_and_restore_report_progress_in_the_vm_directory() {
+    require_kvm();
+    let t = TestDir::new("snap-progress");
+    let dir = tally_vm(&t, "vm", "64M");
+    let m = Monitor::start(&dir);
+    let mut con = m.console();
+    // Dense memory, so the operations take long enough to be watched.
+    con.send(b"fill\n");
+    con.expect("filled");
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // Watches the progress file until `over` is set.
+    let watch = |dir: PathBuf, want: &'static str, over: Arc<AtomicBool>| {
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            while !over.load(Ordering::Acquire) {
+                if let Some((op, done, total)) = std::fs::read_to_string(dir.join("progress"))
+                    .ok()
+                    .and_then(|s| bulwark_channel::parse_progress(&s))
+                {
+                    assert_eq!(op, want);
+                    seen.push((done, total));
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            seen
+        })
+    };
+    let over = Arc::new(AtomicBool::new(false));
+    let watcher = watch(dir.clone(), "snapshot", over.clone());
+    let file = t.path("p.bwsnap");
+    let r = snapshot(&m, &file, KEY, false);
+    over.store(true, Ordering::Release);
+    assert!(matches!(r, Response::Snapshot { .. }), "{r:?}");
+    let seen = watcher.join().unwrap();
+    assert!(!seen.is_empty(), "no snapshot progress was reported");
+    assert!(
+        seen.iter().all(|&(d, t)| d <= t && t == 64 << 20),
+        "{seen:?}"
+    );
+    assert!(
+        seen.windows(2).all(|w| w[0].0 <= w[1].0),
+        "progress went back: {seen:?}"
+    );
+    assert!(
+        !dir.join("progress").exists(),
+        "the progress file outlived the snapshot"
+    );
+    drop(m);
+
+    let rdir = t.path("restored");
+    std::fs::create_dir_all(&rdir).unwrap();
+    let over = Arc::new(AtomicBool::new(false));
+    let watcher = watch(rdir.clone(), "restore", over.clone());
+    let mut r = Monitor::restore(&rdir, &file, KEY);
+    r.wait_ready();
+    over.store(true, Ordering::Release);
+    let seen = watcher.join().unwrap();
+    assert!(!seen.is_empty(), "no restore progress was reported");
+    assert!(!rdir.join("progress").exists());
+    let mut con = r.console();
+    con.send(b"exit\n");
+    assert_eq!(r.wait_exit().0, 0);
+}

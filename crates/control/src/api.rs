@@ -280,6 +280,7 @@ async fn dispatch(
             ok(d.restore(name, &b.snapshot, &b.key).await?)
         }
         Action::Health => ok(json!({ "status": "ok" })),
+        Action::Progress => ok(d.progress(name)?),
         Action::Metrics => {
             debug_assert!(caller == Caller::Operator);
             let vms = d.snapshot_all().await;

@@ -288,6 +288,22 @@ impl Daemon {
         }))
     }
 
+    /// The VM's snapshot or restore in progress, as its monitor reports it (`operation` is
+    /// null when there is none).
+    pub fn progress(&self, name: &str) -> Result<Value, ApiError> {
+        let rec = self.get(name)?;
+        let path = self.vm_dir(&rec.id).join(bulwark_channel::PROGRESS_FILE);
+        Ok(
+            match std::fs::read_to_string(path)
+                .ok()
+                .and_then(|t| bulwark_channel::parse_progress(&t))
+            {
+                Some((op, done, total)) => json!({ "operation": op, "done": done, "total": total }),
+                None => json!({ "operation": null, "done": 0, "total": 0 }),
+            },
+        )
+    }
+
     /// A copy of the record named `name`, or 404.
     pub fn get(&self, name: &str) -> Result<VmRecord, ApiError> {
         self.lock()

@@ -33,6 +33,7 @@ pub enum Action {
     Restore,
     Metrics,
     Health,
+    Progress,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -106,6 +107,12 @@ pub const ROUTES: &[Route] = &[
     ),
     r("GET", "/metrics", Action::Metrics, Role::Operator),
     r("GET", "/v1/health", Action::Health, Role::Public),
+    r(
+        "GET",
+        "/v1/vms/{name}/progress",
+        Action::Progress,
+        Role::OperatorOrOwner,
+    ),
 ];
 
 /// Matches a request path against a template; returns the `{name}` segment if any.

@@ -629,8 +629,10 @@ impl ManagedServer {
             regions: regions.clone(),
             clock_ns: src.clock_ns(),
         };
+        let total = regions.iter().map(|r| r.1).sum();
         crate::snapshot::write_sealed(path, key, |out| {
-            let mut w = RecordWriter::new(out);
+            let progress = crate::snapshot::Progress::start(&self.setup.dir, "snapshot", total);
+            let mut w = RecordWriter::new(out).with_progress(progress);
             w.header(&header)?;
             for (i, st) in states.iter().enumerate() {
                 if let Some(st) = st {

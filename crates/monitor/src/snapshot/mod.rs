@@ -180,11 +180,21 @@ pub struct Record {
 /// Writes records.
 pub struct RecordWriter<W: Write> {
     out: W,
+    progress: Option<Progress>,
 }
 
 impl<W: Write> RecordWriter<W> {
     pub fn new(out: W) -> Self {
-        Self { out }
+        Self {
+            out,
+            progress: None,
+        }
+    }
+
+    /// Reports guest memory written to `progress`.
+    pub fn with_progress(mut self, progress: Option<Progress>) -> Self {
+        self.progress = progress;
+        self
     }
 
     pub fn record(&mut self, tag: Tag, index: u32, data: &[u8]) -> Result<(), SnapshotError> {
@@ -244,6 +254,9 @@ impl<W: Write> RecordWriter<W> {
                 self.out.write_all(&buf[..n])?;
             }
             done += n as u64;
+            if let Some(p) = &mut self.progress {
+                p.advance(n as u64);
+            }
         }
         Ok(())
     }
@@ -257,11 +270,20 @@ impl<W: Write> RecordWriter<W> {
 /// Reads records.
 pub struct RecordReader<R: Read> {
     input: R,
+    progress: Option<Progress>,
 }
 
 impl<R: Read> RecordReader<R> {
     pub fn new(input: R) -> Self {
-        Self { input }
+        Self {
+            input,
+            progress: None,
+        }
+    }
+
+    /// Reports guest memory restored to `progress`.
+    pub fn set_progress(&mut self, progress: Option<Progress>) {
+        self.progress = progress;
     }
 
     pub fn next_record(&mut self) -> Result<Record, SnapshotError> {
@@ -364,8 +386,64 @@ impl<R: Read> RecordReader<R> {
                 }
             }
             done += n as u64;
+            if let Some(p) = &mut self.progress {
+                p.advance(n as u64);
+            }
         }
         Ok(())
+    }
+}
+
+/// A long operation's progress in the VM directory's progress file (see
+/// `bulwark_channel::PROGRESS_FILE`), rewritten at most every 16 MiB of guest memory; the
+/// file goes when this is dropped. Reporting is best effort: it never fails the operation.
+pub struct Progress {
+    file: std::fs::File,
+    path: std::path::PathBuf,
+    op: &'static str,
+    done: u64,
+    total: u64,
+    reported: u64,
+}
+
+const PROGRESS_STEP: u64 = 16 << 20;
+
+impl Progress {
+    /// Starts reporting `op` (`snapshot` or `restore`) over `total` bytes in `dir`.
+    pub fn start(dir: &std::path::Path, op: &'static str, total: u64) -> Option<Self> {
+        let path = dir.join(bulwark_channel::PROGRESS_FILE);
+        let file = std::fs::File::create(&path).ok()?;
+        let mut p = Self {
+            file,
+            path,
+            op,
+            done: 0,
+            total,
+            reported: 0,
+        };
+        p.write();
+        Some(p)
+    }
+
+    fn write(&mut self) {
+        use std::os::unix::fs::FileExt;
+        // Fixed width, so a rewrite in place never leaves a longer old line's tail behind.
+        let line = format!("{:<8} {:>20} {:>20}\n", self.op, self.done, self.total);
+        let _ = self.file.write_all_at(line.as_bytes(), 0);
+        self.reported = self.done;
+    }
+
+    pub fn advance(&mut self, n: u64) {
+        self.done = (self.done + n).min(self.total);
+        if self.done - self.reported >= PROGRESS_STEP || self.done == self.total {
+            self.write();
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
