@@ -640,8 +640,9 @@ impl ManagedServer {
                 }
             }
             src.write_state(&mut w, &mut |w| {
-                for (i, &(gpa, size)) in regions.iter().enumerate() {
-                    w.memory(i as u32, &ctx.vcpu.mem, gpa, size)?;
+                for (i, &region) in regions.iter().enumerate() {
+                    let populated = src.ram_map().and_then(|m| m.populated(i, region.1).ok());
+                    w.memory(i as u32, &ctx.vcpu.mem, region, populated.as_deref())?;
                 }
                 Ok(())
             })?;

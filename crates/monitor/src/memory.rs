@@ -118,6 +118,92 @@ pub struct GuestRam {
     /// (guest-physical start, size, host address) of each region.
     regions: Vec<(u64, u64, u64)>,
     size: u64,
+    /// The memfd behind the regions and each region's offset in it (memfd backings).
+    memfd: Option<(File, Vec<u64>)>,
+}
+
+/// Which parts of guest RAM may hold data: what the guest (or the monitor) ever wrote. The rest
+/// reads as zero, and a snapshot need not read it at all — reading would even allocate it.
+#[derive(Debug)]
+pub enum RamMap {
+    /// Holes of the memfd (`SEEK_DATA`/`SEEK_HOLE`), exact.
+    Memfd { file: File, offsets: Vec<u64> },
+    /// Pages present or swapped out (`/proc/self/pagemap`), for anonymous memory.
+    Anonymous { hosts: Vec<u64> },
+}
+
+const PAGE: u64 = 4096;
+
+impl RamMap {
+    /// Ranges `(offset, length)` within region `index` (of `len` bytes) that may hold data,
+    /// sorted. An error means "unknown": the caller treats everything as populated.
+    pub fn populated(&self, index: usize, len: u64) -> io::Result<Vec<(u64, u64)>> {
+        match self {
+            RamMap::Memfd { file, offsets } => {
+                let base = *offsets.get(index).ok_or(io::ErrorKind::InvalidInput)?;
+                let mut out = Vec::new();
+                let mut at = base;
+                let end = base + len;
+                while at < end {
+                    let Some(data) = seek(file, at, libc::SEEK_DATA)? else {
+                        break;
+                    };
+                    if data >= end {
+                        break;
+                    }
+                    let hole = seek(file, data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+                    out.push((data - base, hole - data));
+                    at = hole;
+                }
+                Ok(out)
+            }
+            RamMap::Anonymous { hosts } => {
+                use std::os::unix::fs::FileExt;
+                let host = *hosts.get(index).ok_or(io::ErrorKind::InvalidInput)?;
+                let pagemap = File::open("/proc/self/pagemap")?;
+                let pages = len.div_ceil(PAGE);
+                let mut out: Vec<(u64, u64)> = Vec::new();
+                let mut buf = vec![0u8; 8 * 4096];
+                let mut page = 0u64;
+                while page < pages {
+                    let n = (pages - page).min(4096);
+                    let bytes = &mut buf[..(n * 8) as usize];
+                    pagemap.read_exact_at(bytes, (host / PAGE + page) * 8)?;
+                    for (i, e) in bytes.chunks_exact(8).enumerate() {
+                        let e =
+                            u64::from_le_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
+                        // Bit 63: present; bit 62: swapped.
+                        if e >> 62 == 0 {
+                            continue;
+                        }
+                        let off = (page + i as u64) * PAGE;
+                        match out.last_mut() {
+                            Some(last) if last.0 + last.1 == off => last.1 += PAGE,
+                            _ => out.push((off, PAGE)),
+                        }
+                    }
+                    page += n;
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// `lseek(fd, at, whence)`; `None` when there is no more data (ENXIO).
+fn seek(file: &File, at: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    let at = libc::off_t::try_from(at).map_err(|_| io::ErrorKind::InvalidInput)?;
+    // SAFETY: lseek on a descriptor we own; it touches no memory of ours.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), at, whence) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(Some(r as u64))
 }
 
 fn memfd(name: &CStr) -> io::Result<File> {
@@ -186,11 +272,14 @@ impl GuestRam {
             .map_err(|source| MemoryError::Map { size: len, source })?;
             mapped.push((gpa, region));
         }
-        Self::assemble(mapped)
+        Self::assemble(mapped, None)
     }
 
     /// Guest RAM from mapped `(guest-physical start, mapping)` regions.
-    fn assemble(mapped: Vec<(u64, MmapRegion)>) -> Result<Self, MemoryError> {
+    fn assemble(
+        mapped: Vec<(u64, MmapRegion)>,
+        memfd: Option<(File, Vec<u64>)>,
+    ) -> Result<Self, MemoryError> {
         let mut regions = Vec::with_capacity(mapped.len());
         let mut guest = Vec::with_capacity(mapped.len());
         for (gpa, region) in mapped {
@@ -206,6 +295,7 @@ impl GuestRam {
             size: regions.iter().map(|r| r.1).sum(),
             memory,
             regions,
+            memfd,
         })
     }
 
@@ -221,7 +311,9 @@ impl GuestRam {
         }
         let mut mapped = Vec::new();
         let mut offset = 0u64;
+        let mut offsets = Vec::new();
         for &(gpa, len) in layout {
+            offsets.push(offset);
             let ulen = usize::try_from(len).map_err(|_| MemoryError::Region("size".into()))?;
             let file = file.try_clone().map_err(MemoryError::Memfd)?;
             let region = MmapRegion::from_file(FileOffset::new(file, offset), ulen)
@@ -232,7 +324,20 @@ impl GuestRam {
             mapped.push((gpa, region));
             offset += len;
         }
-        Self::assemble(mapped)
+        Self::assemble(mapped, Some((file, offsets)))
+    }
+
+    /// A map of the populated parts of guest RAM, for snapshots.
+    pub fn ram_map(&self) -> io::Result<RamMap> {
+        Ok(match &self.memfd {
+            Some((file, offsets)) => RamMap::Memfd {
+                file: file.try_clone()?,
+                offsets: offsets.clone(),
+            },
+            None => RamMap::Anonymous {
+                hosts: self.regions.iter().map(|r| r.2).collect(),
+            },
+        })
     }
 
     /// (guest-physical start, size, host address) of each region, for KVM memory slots.
@@ -251,6 +356,34 @@ impl GuestRam {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn ram_map_lists_only_written_memory_for_both_backings() {
+        for backing in [Backing::Memfd, Backing::AnonymousHuge] {
+            let size = 64u64 << 20;
+            let ram = GuestRam::with_regions(&[(0, size)], backing).unwrap();
+            let map = ram.ram_map().unwrap();
+            assert!(
+                map.populated(0, size).unwrap().is_empty(),
+                "{backing:?}: fresh RAM holds nothing"
+            );
+            for at in [0x1000u64, 40 << 20] {
+                ram.memory().write_obj(0xabu8, GuestAddress(at)).unwrap();
+            }
+            let ranges = map.populated(0, size).unwrap();
+            for at in [0x1000u64, 40 << 20] {
+                assert!(
+                    ranges.iter().any(|&(o, l)| o <= at && at < o + l),
+                    "{backing:?}: {at:#x} not in {ranges:x?}"
+                );
+            }
+            let total: u64 = ranges.iter().map(|r| r.1).sum();
+            assert!(
+                total <= 8 << 20,
+                "{backing:?}: {total} bytes populated for two writes"
+            );
+        }
+    }
     use super::*;
     use vm_memory::{Bytes, GuestMemoryBackend};
 

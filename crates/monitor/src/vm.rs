@@ -333,6 +333,7 @@ const DEVICE_CONSOLE_INPUT: u32 = 0;
 /// the host-call clock.
 struct FunctionSnapshot {
     msr_index: Vec<u32>,
+    ram_map: Option<crate::memory::RamMap>,
     input: Arc<ConsoleInput>,
     clock_start: Instant,
     regions: Vec<(u64, u64)>,
@@ -356,6 +357,9 @@ impl SnapshotSource for FunctionSnapshot {
     }
     fn regions(&self) -> Vec<(u64, u64)> {
         self.regions.clone()
+    }
+    fn ram_map(&self) -> Option<&crate::memory::RamMap> {
+        self.ram_map.as_ref()
     }
     fn write_state(
         &self,
@@ -444,6 +448,7 @@ fn run_function_from(
     let devices = build_devices(cfg, io, ram.memory())?;
     let snapshot_source = FunctionSnapshot {
         msr_index: msr_index(&kvm),
+        ram_map: ram.ram_map().ok(),
         input: queue.clone(),
         clock_start,
         regions,

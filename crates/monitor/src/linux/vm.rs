@@ -353,6 +353,7 @@ const DEVICE_VIRTIO_BASE: u32 = 16;
 /// UART, and every virtio transport with its queues.
 struct LinuxSnapshot {
     vm: Arc<kvm_ioctls::VmFd>,
+    ram_map: Option<crate::memory::RamMap>,
     msr_index: Vec<u32>,
     regions: Vec<(u64, u64)>,
     serial: Arc<Serial16550>,
@@ -372,6 +373,9 @@ impl SnapshotSource for LinuxSnapshot {
     }
     fn regions(&self) -> Vec<(u64, u64)> {
         self.regions.clone()
+    }
+    fn ram_map(&self) -> Option<&crate::memory::RamMap> {
+        self.ram_map.as_ref()
     }
     fn write_state(
         &self,
@@ -477,6 +481,7 @@ fn run_linux_from(
     let vm = Arc::new(vm);
     let snapshot_source = LinuxSnapshot {
         vm: vm.clone(),
+        ram_map: ram.ram_map().ok(),
         msr_index,
         regions,
         serial: platform.serial.clone(),

@@ -159,6 +159,8 @@ pub trait SnapshotSource: Send {
     fn clock_ns(&self) -> u64;
     /// Guest RAM regions (guest-physical address, size).
     fn regions(&self) -> Vec<(u64, u64)>;
+    /// Which parts of RAM may hold data, if the backing can say.
+    fn ram_map(&self) -> Option<&crate::memory::RamMap>;
     /// Writes VM-wide KVM state and device records (the vCPUs are parked), then calls `memory`
     /// to write guest RAM while the devices are still held still (no device thread may write
     /// guest memory while it is copied).
@@ -228,13 +230,15 @@ impl<W: Write> RecordWriter<W> {
         self.record(Tag::Header, 0, &json)
     }
 
-    /// A memory region: its record, then its bytes from `mem`.
+    /// A memory region: its record, then its blocks from `mem`. `populated`, when known, lists
+    /// the `(offset, length)` ranges that may hold data; blocks outside them are written as zero
+    /// without being read.
     pub fn memory(
         &mut self,
         index: u32,
         mem: &vm_memory::GuestMemoryMmap,
-        gpa: u64,
-        size: u64,
+        (gpa, size): (u64, u64),
+        populated: Option<&[(u64, u64)]>,
     ) -> Result<(), SnapshotError> {
         use vm_memory::{Bytes, GuestAddress};
         let mut head = [0u8; 16];
@@ -243,8 +247,21 @@ impl<W: Write> RecordWriter<W> {
         self.record(Tag::Memory, index, &head)?;
         let mut buf = vec![0u8; MEMORY_BLOCK];
         let mut done = 0u64;
+        let mut ranges = populated.map(|r| r.iter().peekable());
         while done < size {
             let n = buf.len().min((size - done) as usize);
+            let untouched = ranges.as_mut().is_some_and(|r| {
+                while r.next_if(|&&(off, len)| off + len <= done).is_some() {}
+                r.peek().is_none_or(|&&(off, _)| off >= done + n as u64)
+            });
+            if untouched {
+                self.out.write_all(&[BLOCK_ZERO])?;
+                done += n as u64;
+                if let Some(p) = &mut self.progress {
+                    p.advance(n as u64);
+                }
+                continue;
+            }
             mem.read_slice(&mut buf[..n], GuestAddress(gpa + done))
                 .map_err(|e| SnapshotError::Malformed(format!("reading guest memory: {e}")))?;
             if is_zero(&buf[..n]) {
