@@ -440,35 +440,6 @@ fn progress_bar(op: &str, done: u64, total: u64, elapsed: std::time::Duration) -
     )
 }
 
-/// Finds `Ctrl-A d` in terminal input, across reads.
-#[derive(Debug, Default)]
-struct DetachFilter {
-    armed: bool,
-}
-
-impl DetachFilter {
-    /// The bytes to send, and whether the user detached.
-    fn filter(&mut self, data: &[u8]) -> (Vec<u8>, bool) {
-        const ESCAPE: u8 = 0x01;
-        let mut out = Vec::with_capacity(data.len());
-        for &b in data {
-            if self.armed {
-                self.armed = false;
-                match b {
-                    b'd' => return (out, true),
-                    ESCAPE => out.push(ESCAPE),
-                    other => out.extend([ESCAPE, other]),
-                }
-            } else if b == ESCAPE {
-                self.armed = true;
-            } else {
-                out.push(b);
-            }
-        }
-        (out, false)
-    }
-}
-
 /// Splices stdin/stdout with the console until the connection ends (or Ctrl-A d on a
 /// terminal). At the end of stdin the sending half closes and output is read to the end.
 async fn console(client: &ApiClient, name: &str) -> Result<ExitCode, VmCliError> {
@@ -483,7 +454,7 @@ async fn console(client: &ApiClient, name: &str) -> Result<ExitCode, VmCliError>
     let (mut rd, mut wr) = tokio::io::split(conn);
     let mut stdin = tokio::io::stdin();
     let mut stdout = tokio::io::stdout();
-    let mut filter = DetachFilter::default();
+    let mut filter = bulwark_monitor::tty::EscapeFilter::new(b'd');
     let mut inbuf = vec![0u8; 4096];
     let mut outbuf = vec![0u8; 16 * 1024];
     let mut stdin_open = true;
@@ -544,19 +515,4 @@ pub(crate) fn vm(args: VmArgs) -> ExitCode {
     // The stdin reader may sit in a blocking read; do not wait for it.
     rt.shutdown_background();
     code
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn detach_filter_detaches_on_ctrl_a_d_only() {
-        let mut f = DetachFilter::default();
-        assert_eq!(f.filter(b"ls\r"), (b"ls\r".to_vec(), false));
-        assert_eq!(f.filter(&[1, 1]), (vec![1], false));
-        assert_eq!(f.filter(&[1]), (vec![], false));
-        assert_eq!(f.filter(b"d"), (vec![], true));
-        assert_eq!(f.filter(&[1, b'x']), (vec![1, b'x'], false));
-    }
 }

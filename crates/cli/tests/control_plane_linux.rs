@@ -84,6 +84,7 @@ bulwark vm $OP exec snap -- true; echo operator-exec=$?
 echo status=0
 
 section snapshot
+echo uptime-before=$(bulwark vm $OWN exec snap -- cat /proc/uptime | cut -d. -f1)
 bulwark vm $OP pause snap; echo pause=$?
 sleep 1; before=$(lines); sleep 1; echo paused-grew=$(( $(lines) - before ))
 t0=$(date +%s)
@@ -112,6 +113,7 @@ bulwark vm $OWN restore snap --snapshot s1 --key-file /tmp/key.hex; echo restore
 echo restore-seconds=$(( $(date +%s) - t0 ))
 wait_lines $((before + 15)); echo grew=$(( $(lines) - before ))
 bulwark vm $OWN exec snap -- echo agent-after-restore; echo exec=$?
+echo uptime-after=$(bulwark vm $OWN exec snap -- cat /proc/uptime | cut -d. -f1)
 bulwark vm $OP describe snap --json | tr -d '\n'; echo
 echo status=0
 
@@ -242,6 +244,13 @@ fn restored_guest_continues_its_tcp_connection_disk_writes_and_agent() {
         "the restored guest's TCP stream stalled: {out}"
     );
     assert!(out.contains("agent-after-restore"), "{out}");
+    // The guest's clock went on from the snapshot: no jump back, and not the host's downtime
+    // (the restored guest ran a few seconds, in emulation).
+    let (before, after) = (num(&snap, "uptime-before"), num(&out, "uptime-after"));
+    assert!(
+        before > 0 && after >= before && after - before < 120,
+        "uptime {before} -> {after}"
+    );
     let (stop, _) = check("stop");
     // One connection, every line in order: the host's socket never saw a reset and the
     // restored guest went on from where the snapshot left it.

@@ -595,7 +595,8 @@ impl ManagedServer {
         };
         let n = self.view.vcpus;
         let (tx, rx) = std::sync::mpsc::channel();
-        let msr_index: Arc<[u32]> = src.msr_index().into();
+        let base = src.base();
+        let msr_index: Arc<[u32]> = base.msr_index.as_slice().into();
         let irqchip = src.in_kernel_irqchip();
         for i in 0..n {
             let (tx, msr_index) = (tx.clone(), msr_index.clone());
@@ -620,14 +621,14 @@ impl ManagedServer {
             })?;
             states[i as usize] = Some(st?);
         }
-        let regions = src.regions();
+        let regions = base.regions.clone();
         let header = Header {
             format: SNAPSHOT_FORMAT,
             kind: self.view.kind.to_string(),
             spec,
             vcpus: n,
             regions: regions.clone(),
-            clock_ns: src.clock_ns(),
+            clock_ns: u64::try_from(base.clock_start.elapsed().as_nanos()).unwrap_or(u64::MAX),
         };
         let total = regions.iter().map(|r| r.1).sum();
         crate::snapshot::write_sealed(path, key, |out| {
@@ -641,7 +642,8 @@ impl ManagedServer {
             }
             src.write_state(&mut w, &mut |w| {
                 for (i, &region) in regions.iter().enumerate() {
-                    let populated = src.ram_map().and_then(|m| m.populated(i, region.1).ok());
+                    let populated =
+                        (base.ram_map.as_ref()).and_then(|m| m.populated(i, region.1).ok());
                     w.memory(i as u32, &ctx.vcpu.mem, region, populated.as_deref())?;
                 }
                 Ok(())

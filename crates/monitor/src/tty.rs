@@ -53,13 +53,28 @@ impl Drop for RawTerminal {
     }
 }
 
-/// Recognises `Ctrl-A x` in a stream of input, across reads.
-#[derive(Debug, Default)]
+/// Recognises `Ctrl-A <key>` in a stream of input, across reads (`Ctrl-A x` quits a `bulwark
+/// run` console, `Ctrl-A d` detaches from a bulwarkd console); `Ctrl-A Ctrl-A` sends one
+/// `Ctrl-A`.
+#[derive(Debug)]
 pub struct EscapeFilter {
     armed: bool,
+    key: u8,
+}
+
+impl Default for EscapeFilter {
+    /// `Ctrl-A x`.
+    fn default() -> Self {
+        Self::new(QUIT)
+    }
 }
 
 impl EscapeFilter {
+    /// A filter for `Ctrl-A key`.
+    pub fn new(key: u8) -> Self {
+        Self { armed: false, key }
+    }
+
     /// Filters `data` in place; returns the bytes to pass to the guest and whether the user
     /// asked to quit.
     pub fn filter(&mut self, data: &[u8]) -> (Vec<u8>, bool) {
@@ -68,7 +83,7 @@ impl EscapeFilter {
             if self.armed {
                 self.armed = false;
                 match b {
-                    QUIT => return (out, true),
+                    k if k == self.key => return (out, true),
                     ESCAPE => out.push(ESCAPE),
                     other => out.extend([ESCAPE, other]),
                 }
@@ -97,5 +112,13 @@ mod tests {
         assert_eq!(f.filter(&[b'q', ESCAPE]), (vec![b'q'], false));
         assert_eq!(f.filter(b"x rest"), (vec![], true), "split across reads");
         assert_eq!(f.filter(&[ESCAPE, b'b']), (vec![ESCAPE, b'b'], false));
+    }
+
+    #[test]
+    fn escape_with_another_key_detaches_on_it_only() {
+        let mut f = EscapeFilter::new(b'd');
+        assert_eq!(f.filter(&[ESCAPE, b'x']), (vec![ESCAPE, b'x'], false));
+        assert_eq!(f.filter(&[ESCAPE]), (vec![], false));
+        assert_eq!(f.filter(b"d"), (vec![], true));
     }
 }

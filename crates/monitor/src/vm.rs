@@ -32,7 +32,10 @@ use crate::runner::{
     Console, ReportSources, install_kick_handler, make_undumpable, report, run_to_end,
 };
 use crate::snapshot::cpu::VcpuState;
-use crate::snapshot::{MemoryWriter, Restore, SnapshotError, SnapshotSource, SnapshotWriter, Tag};
+use crate::snapshot::{
+    MemoryWriter, Restore, RestoredState, SnapshotBase, SnapshotError, SnapshotSource,
+    SnapshotWriter, Tag,
+};
 use crate::vcpu::VcpuContext;
 
 #[derive(Debug, thiserror::Error)]
@@ -316,13 +319,7 @@ pub fn restore_function(
     snapshot: Restore,
     io: ConsoleIo,
 ) -> Result<RunReport, VmError> {
-    if snapshot.header.kind != "function" || snapshot.header.vcpus != cfg.vcpus {
-        return Err(SnapshotError::Mismatch(format!(
-            "the snapshot holds a {} VM with {} vCPUs, not a function micro-VM with {}",
-            snapshot.header.kind, snapshot.header.vcpus, cfg.vcpus
-        ))
-        .into());
-    }
+    snapshot.check_fits("function", cfg.vcpus)?;
     run_function_from(cfg, io, Some(snapshot))
 }
 
@@ -332,11 +329,8 @@ const DEVICE_CONSOLE_INPUT: u32 = 0;
 /// What a function micro-VM saves beyond vCPUs and memory: console input not yet read, and
 /// the host-call clock.
 struct FunctionSnapshot {
-    msr_index: Vec<u32>,
-    ram_map: Option<crate::memory::RamMap>,
+    base: SnapshotBase,
     input: Arc<ConsoleInput>,
-    clock_start: Instant,
-    regions: Vec<(u64, u64)>,
     drives: usize,
 }
 
@@ -346,20 +340,11 @@ impl SnapshotSource for FunctionSnapshot {
             "function micro-VMs with virtio drives cannot be snapshotted yet (their queue state is not saved)".to_string()
         })
     }
-    fn msr_index(&self) -> &[u32] {
-        &self.msr_index
+    fn base(&self) -> &SnapshotBase {
+        &self.base
     }
     fn in_kernel_irqchip(&self) -> bool {
         false
-    }
-    fn clock_ns(&self) -> u64 {
-        u64::try_from(self.clock_start.elapsed().as_nanos()).unwrap_or(u64::MAX)
-    }
-    fn regions(&self) -> Vec<(u64, u64)> {
-        self.regions.clone()
-    }
-    fn ram_map(&self) -> Option<&crate::memory::RamMap> {
-        self.ram_map.as_ref()
     }
     fn write_state(
         &self,
@@ -369,13 +354,6 @@ impl SnapshotSource for FunctionSnapshot {
         w.record(Tag::Device, DEVICE_CONSOLE_INPUT, &self.input.pending())?;
         memory(w)
     }
-}
-
-/// The MSRs KVM reports for this host; empty if it cannot say.
-pub(crate) fn msr_index(kvm: &kvm_ioctls::Kvm) -> Vec<u32> {
-    kvm.get_msr_index_list()
-        .map(|l| l.as_slice().to_vec())
-        .unwrap_or_default()
 }
 
 fn run_function_from(
@@ -447,11 +425,8 @@ fn run_function_from(
     let managed_setup = io.managed.take();
     let devices = build_devices(cfg, io, ram.memory())?;
     let snapshot_source = FunctionSnapshot {
-        msr_index: msr_index(&kvm),
-        ram_map: ram.ram_map().ok(),
+        base: SnapshotBase::new(&kvm, &ram, clock_start),
         input: queue.clone(),
-        clock_start,
-        regions,
         drives: cfg.drives.len(),
     };
     let mut managed = managed_setup
@@ -489,7 +464,7 @@ fn run_function_from(
         jobs: crate::vcpu::VcpuJobs::new(cfg.vcpus),
         restored_hostcalls: restored
             .as_ref()
-            .map(|r| r.vcpus.iter().map(|v| v.pending_hostcall).collect())
+            .map(RestoredState::pending_hostcalls)
             .unwrap_or_default(),
     });
     let counters = run_to_end(

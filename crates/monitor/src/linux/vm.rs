@@ -43,7 +43,8 @@ use crate::runner::{
 };
 use crate::snapshot::cpu::VmState;
 use crate::snapshot::{
-    MemoryWriter, Restore, RestoredState, SnapshotError, SnapshotSource, SnapshotWriter, Tag,
+    MemoryWriter, Restore, RestoredState, SnapshotBase, SnapshotError, SnapshotSource,
+    SnapshotWriter, Tag,
 };
 use crate::vcpu::VcpuContext;
 use crate::vm::{ConsoleIo, VmError, kvm_err, open_checked, os, register_memory};
@@ -334,13 +335,7 @@ pub fn restore_linux(
     snapshot: Restore,
     io: ConsoleIo,
 ) -> Result<RunReport, VmError> {
-    if snapshot.header.kind != "linux" || snapshot.header.vcpus != cfg.vcpus {
-        return Err(SnapshotError::Mismatch(format!(
-            "the snapshot holds a {} VM with {} vCPUs, not a Linux guest with {}",
-            snapshot.header.kind, snapshot.header.vcpus, cfg.vcpus
-        ))
-        .into());
-    }
+    snapshot.check_fits("linux", cfg.vcpus)?;
     run_linux_from(cfg, io, Some(snapshot))
 }
 
@@ -352,30 +347,18 @@ const DEVICE_VIRTIO_BASE: u32 = 16;
 /// What a Linux VM saves beyond vCPUs and memory: the in-kernel irqchip, PIT and clock, the
 /// UART, and every virtio transport with its queues.
 struct LinuxSnapshot {
+    base: SnapshotBase,
     vm: Arc<kvm_ioctls::VmFd>,
-    ram_map: Option<crate::memory::RamMap>,
-    msr_index: Vec<u32>,
-    regions: Vec<(u64, u64)>,
     serial: Arc<Serial16550>,
     virtio: Vec<(String, Arc<MmioTransport>)>,
-    started: Instant,
 }
 
 impl SnapshotSource for LinuxSnapshot {
-    fn msr_index(&self) -> &[u32] {
-        &self.msr_index
+    fn base(&self) -> &SnapshotBase {
+        &self.base
     }
     fn in_kernel_irqchip(&self) -> bool {
         true
-    }
-    fn clock_ns(&self) -> u64 {
-        u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX)
-    }
-    fn regions(&self) -> Vec<(u64, u64)> {
-        self.regions.clone()
-    }
-    fn ram_map(&self) -> Option<&crate::memory::RamMap> {
-        self.ram_map.as_ref()
     }
     fn write_state(
         &self,
@@ -475,18 +458,13 @@ fn run_linux_from(
     };
     let restored_hostcalls = restored
         .as_ref()
-        .map(|r| r.vcpus.iter().map(|v| v.pending_hostcall).collect())
+        .map(RestoredState::pending_hostcalls)
         .unwrap_or_default();
-    let msr_index = crate::vm::msr_index(&kvm);
-    let vm = Arc::new(vm);
     let snapshot_source = LinuxSnapshot {
-        vm: vm.clone(),
-        ram_map: ram.ram_map().ok(),
-        msr_index,
-        regions,
+        base: SnapshotBase::new(&kvm, &ram, started),
+        vm: Arc::new(vm),
         serial: platform.serial.clone(),
         virtio: platform.virtio.clone(),
-        started,
     };
     run_platform(RunParts {
         cfg,

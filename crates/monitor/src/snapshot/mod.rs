@@ -145,22 +145,49 @@ pub type SnapshotWriter<'a> = RecordWriter<&'a mut dyn Write>;
 /// Writes guest memory into the snapshot (called by [`SnapshotSource::write_state`]).
 pub type MemoryWriter<'m> = dyn FnMut(&mut SnapshotWriter<'_>) -> Result<(), SnapshotError> + 'm;
 
+/// What every VM kind's snapshot needs of its RAM and vCPUs.
+#[derive(Debug)]
+pub struct SnapshotBase {
+    /// MSRs to save for each vCPU (KVM's index list for this host).
+    pub msr_index: Vec<u32>,
+    /// Guest RAM regions (guest-physical address, size).
+    pub regions: Vec<(u64, u64)>,
+    /// Which parts of RAM may hold data, if the backing can say.
+    pub ram_map: Option<crate::memory::RamMap>,
+    /// When the VM (or the VM it was restored from) started its clock.
+    pub clock_start: std::time::Instant,
+}
+
+impl SnapshotBase {
+    pub fn new(
+        kvm: &kvm_ioctls::Kvm,
+        ram: &crate::memory::GuestRam,
+        clock_start: std::time::Instant,
+    ) -> Self {
+        Self {
+            msr_index: kvm
+                .get_msr_index_list()
+                .map(|l| l.as_slice().to_vec())
+                .unwrap_or_default(),
+            regions: ram.regions().iter().map(|&(g, s, _)| (g, s)).collect(),
+            ram_map: ram.ram_map().ok(),
+            clock_start,
+        }
+    }
+}
+
 /// What a VM kind contributes to its snapshot beyond vCPU registers and memory.
 pub trait SnapshotSource: Send {
+    /// What every kind has.
+    fn base(&self) -> &SnapshotBase;
     /// Why this VM cannot be snapshotted, if it cannot.
     fn refuse(&self) -> Option<String> {
         None
     }
-    /// MSRs to save for each vCPU.
-    fn msr_index(&self) -> &[u32];
+
     /// Whether vCPUs have an in-kernel LAPIC and MP state.
     fn in_kernel_irqchip(&self) -> bool;
-    /// Guest-visible time now, ns (restored function micro-VMs continue from it).
-    fn clock_ns(&self) -> u64;
-    /// Guest RAM regions (guest-physical address, size).
-    fn regions(&self) -> Vec<(u64, u64)>;
-    /// Which parts of RAM may hold data, if the backing can say.
-    fn ram_map(&self) -> Option<&crate::memory::RamMap>;
+
     /// Writes VM-wide KVM state and device records (the vCPUs are parked), then calls `memory`
     /// to write guest RAM while the devices are still held still (no device thread may write
     /// guest memory while it is copied).
@@ -482,6 +509,18 @@ impl Restore {
         Ok(Self { header, reader })
     }
 
+    /// Refuses a snapshot of another kind of VM (`function` or `linux`) or vCPU count than
+    /// the one being built.
+    pub fn check_fits(&self, kind: &str, vcpus: u32) -> Result<(), SnapshotError> {
+        if self.header.kind != kind || self.header.vcpus != vcpus {
+            return Err(SnapshotError::Mismatch(format!(
+                "the snapshot holds a {} VM with {} vCPUs, not a {kind} VM with {vcpus}",
+                self.header.kind, self.header.vcpus
+            )));
+        }
+        Ok(())
+    }
+
     /// Reads the rest: vCPU, VM-wide and device state, and memory into `mem`. The header's
     /// vCPU count and regions must match the VM being built.
     pub fn read_body(
@@ -550,6 +589,11 @@ pub struct RestoredState {
 }
 
 impl RestoredState {
+    /// The host call each vCPU had in progress, by vCPU.
+    pub fn pending_hostcalls(&self) -> Vec<Option<u32>> {
+        self.vcpus.iter().map(|v| v.pending_hostcall).collect()
+    }
+
     /// The record of device `index`, if the snapshot has one.
     pub fn device(&self, index: u32) -> Option<&[u8]> {
         self.devices
