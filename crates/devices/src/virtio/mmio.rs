@@ -337,7 +337,12 @@ impl MmioTransport {
             .device
             .activate(self.mem.clone(), features, queues, self.interrupt.clone())
         {
-            Ok(()) => s.active = true,
+            Ok(()) => {
+                s.active = true;
+                if resume {
+                    s.device.resumed();
+                }
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "virtio device refused to start");
                 self.fail(s);

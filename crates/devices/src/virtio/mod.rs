@@ -243,6 +243,10 @@ pub trait VirtioDevice: Send {
     /// A host file descriptor the device registered with its [`DeviceEvents`] is ready. Called
     /// whether or not the driver has started the device.
     fn host_event(&mut self, _token: u64, _events: EventSet) {}
+    /// The device was started again from a snapshot, on the guest's live rings, in a new
+    /// monitor process: host resources it had (connections) are gone, and the device tells
+    /// the guest so if its protocol can.
+    fn resumed(&mut self) {}
 }
 
 /// First token a device may use for its own host file descriptors; the tokens below it are the

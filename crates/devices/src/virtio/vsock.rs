@@ -55,6 +55,8 @@ const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
 const TX: usize = 1;
 const LISTENER_TOKEN: u64 = HOST_TOKEN_BASE;
+/// The event queue's one event: the transport was reset (all connections are gone).
+const EVENT_TRANSPORT_RESET: u32 = 0;
 
 /// Packet operations.
 pub mod op {
@@ -263,6 +265,7 @@ struct Active {
     mem: Option<GuestMemoryMmap>,
     rx: Option<Queue>,
     tx: Option<Queue>,
+    event: Option<Queue>,
     interrupt: Option<Interrupt>,
 }
 
@@ -921,9 +924,37 @@ impl VirtioDevice for Vsock {
             mem: Some(mem),
             rx: q.next(),
             tx: q.next(),
+            event: q.next(),
             interrupt: Some(interrupt),
         };
         Ok(())
+    }
+
+    /// After a restore every connection the guest had is gone with the old monitor's host
+    /// sockets: `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` on the event queue makes the guest drop
+    /// them (its listening sockets stay), as the specification intends after migration.
+    fn resumed(&mut self) {
+        let Active {
+            mem: Some(mem),
+            event: Some(ev),
+            interrupt: Some(irq),
+            ..
+        } = &mut self.active
+        else {
+            return;
+        };
+        let Some(chain) = ev.pop_descriptor_chain(&*mem) else {
+            tracing::debug!("vsock: no event buffer for the transport reset after a restore");
+            return;
+        };
+        let head = chain.head_index();
+        let written = Streams::split(&chain::descriptors(chain))
+            .filter(|s| stream_len(&s.writable) >= 4)
+            .is_some_and(|s| {
+                write_stream(mem, &s.writable, &EVENT_TRANSPORT_RESET.to_le_bytes()).is_ok()
+            });
+        let _ = ev.add_used(mem, head, if written { 4 } else { 0 });
+        super::interrupt_if_wanted(ev, mem, irq);
     }
 
     fn process_queue(&mut self, index: u16) {
@@ -1018,6 +1049,7 @@ mod tests {
         mem: GuestMemoryMmap,
         rx: SplitRing,
         tx: SplitRing,
+        event: SplitRing,
         /// Receive buffers posted and not yet used: (head, address).
         posted: VecDeque<(u16, u64)>,
         rx_seen: u16,
@@ -1061,6 +1093,7 @@ mod tests {
             mem,
             rx,
             tx,
+            event,
             posted: VecDeque::new(),
             rx_seen: 0,
             next_rx: RX_AREA,
@@ -1487,5 +1520,21 @@ mod tests {
         let mut last = &clients[MAX_CONNECTIONS];
         last.set_read_timeout(Some(WAIT)).unwrap();
         assert_eq!(last.read(&mut [0u8; 1]).unwrap(), 0, "client dropped");
+    }
+
+    #[test]
+    fn vsock_resumed_device_tells_the_guest_its_connections_are_gone() {
+        let mut r = rig("resume");
+        let buf = 0x30_0000u64;
+        r.mem.write_obj(0xffff_ffffu32, GuestAddress(buf)).unwrap();
+        r.event.push(&r.mem, &[(buf, 8, true)]);
+        r.dev.resumed();
+        assert_eq!(r.event.used_idx(&r.mem), 1, "one event published");
+        assert_eq!(r.event.used_elem(&r.mem, 0), (0, 4));
+        let id: u32 = r.mem.read_obj(GuestAddress(buf)).unwrap();
+        assert_eq!(id, EVENT_TRANSPORT_RESET);
+        // Without an event buffer there is nothing to do, and nothing breaks.
+        r.dev.resumed();
+        assert_eq!(r.event.used_idx(&r.mem), 1);
     }
 }
