@@ -460,14 +460,17 @@ fn run_linux_from(
         .as_ref()
         .map(RestoredState::pending_hostcalls)
         .unwrap_or_default();
+    // The VM fd must outlive the vCPUs: closing it deassigns every irqfd and ioeventfd.
+    let vm = Arc::new(vm);
     let snapshot_source = LinuxSnapshot {
         base: SnapshotBase::new(&kvm, &ram, started),
-        vm: Arc::new(vm),
+        vm: vm.clone(),
         serial: platform.serial.clone(),
         virtio: platform.virtio.clone(),
     };
     run_platform(RunParts {
         cfg,
+        vm,
         started,
         control,
         input,
@@ -597,6 +600,8 @@ fn boot_fresh(
 /// A built Linux VM, ready to run.
 struct RunParts<'a> {
     cfg: &'a LinuxVmConfig,
+    /// Held until the vCPUs are joined (see `run_linux_from`).
+    vm: Arc<kvm_ioctls::VmFd>,
     started: Instant,
     control: Arc<VmControl>,
     input: crate::vm::ConsoleIn,
@@ -613,6 +618,7 @@ struct RunParts<'a> {
 fn run_platform(parts: RunParts<'_>) -> Result<RunReport, VmError> {
     let RunParts {
         cfg,
+        vm,
         started,
         control,
         input,
@@ -693,8 +699,9 @@ fn run_platform(parts: RunParts<'_>) -> Result<RunReport, VmError> {
         },
         started,
     );
-    // Stop the device threads before reading their final counters.
+    // Stop the device threads before reading their final counters; the VM goes after them.
     drop(platform.workers);
+    drop(vm);
     report.devices = platform
         .virtio
         .iter()
