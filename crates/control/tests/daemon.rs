@@ -897,6 +897,11 @@ fn snapshot_then_restore_through_the_api_resumes_the_guest() {
         let t = create_echo(&op, "snap").await;
         let owner = d.as_token(Some(&t));
         start(&op, "snap").await;
+        // Nothing in progress: the progress route says so, to the owner and the operator.
+        for c in [&owner, &op] {
+            let p = ok(c, "GET", "/v1/vms/snap/progress", None).await;
+            assert_eq!(p, json!({ "operation": null, "done": 0, "total": 0 }));
+        }
         let key = "42".repeat(32);
         let v = ok(
             &owner,
