@@ -768,6 +768,13 @@ impl Daemon {
                 method = "kill (no power button)";
                 self.kill_locked(&rec).await?;
             }
+            // A paused guest cannot see the button: the forced path.
+            Err(ApiError::Monitor { monitor_code, .. })
+                if monitor_code == bulwark_channel::error_code::WRONG_STATE =>
+            {
+                method = "kill (paused)";
+                self.kill_locked(&rec).await?;
+            }
             Err(e) => return Err(e),
         }
         let mut out = self.describe(name).await?;
