@@ -284,6 +284,10 @@ pub struct Vsock {
     control: VecDeque<Header>,
     active: Active,
     stats: Arc<DeviceStats>,
+    /// After a restore: the transport reset was posted and the guest has not yet put a new
+    /// event buffer back (which it does once it has dropped its connections). Host clients
+    /// wait in the listener's backlog meanwhile, so none is caught by the reset.
+    reset_pending: bool,
 }
 
 impl Vsock {
@@ -318,6 +322,7 @@ impl Vsock {
             next_host_port: FIRST_HOST_PORT,
             control: VecDeque::new(),
             active: Active::default(),
+            reset_pending: false,
             stats: Arc::default(),
         })
     }
@@ -955,13 +960,26 @@ impl VirtioDevice for Vsock {
             });
         let _ = ev.add_used(mem, head, if written { 4 } else { 0 });
         super::interrupt_if_wanted(ev, mem, irq);
+        if written && self.events.remove(self.listener.as_raw_fd()).is_ok() {
+            self.reset_pending = true;
+        }
     }
 
     fn process_queue(&mut self, index: u16) {
         match usize::from(index) {
             TX => self.process_tx(),
             RX => {} // new receive buffers: delivered below
-            _ => {}  // the event queue carries nothing from the guest
+            // The event queue carries nothing from the guest; a buffer put back after the
+            // transport reset means the guest has dropped its old connections.
+            _ => {
+                if self.reset_pending {
+                    self.reset_pending = false;
+                    let fd = self.listener.as_raw_fd();
+                    if let Err(e) = self.events.add(fd, LISTENER_TOKEN, EventSet::IN) {
+                        tracing::error!(error = %e, "vsock: cannot watch the host socket again");
+                    }
+                }
+            }
         }
         self.deliver();
     }
@@ -978,6 +996,11 @@ impl VirtioDevice for Vsock {
         }
         self.control.clear();
         self.active = Active::default();
+        if std::mem::take(&mut self.reset_pending) {
+            let _ = self
+                .events
+                .add(self.listener.as_raw_fd(), LISTENER_TOKEN, EventSet::IN);
+        }
     }
 
     fn host_event(&mut self, token: u64, events: EventSet) {
@@ -1533,8 +1556,16 @@ mod tests {
         assert_eq!(r.event.used_elem(&r.mem, 0), (0, 4));
         let id: u32 = r.mem.read_obj(GuestAddress(buf)).unwrap();
         assert_eq!(id, EVENT_TRANSPORT_RESET);
-        // Without an event buffer there is nothing to do, and nothing breaks.
+        // Host clients wait until the guest has handled the reset (it puts a new event buffer
+        // back and notifies the queue): the listener is not watched meanwhile.
+        assert!(r.dev.reset_pending);
+        r.event.push(&r.mem, &[(buf, 8, true)]);
+        r.dev.process_queue(2);
+        assert!(!r.dev.reset_pending);
+        // Without an event buffer there is nothing to post and nothing to wait for.
+        let mut r = rig("resume-nobuf");
         r.dev.resumed();
-        assert_eq!(r.event.used_idx(&r.mem), 1);
+        assert_eq!(r.event.used_idx(&r.mem), 0);
+        assert!(!r.dev.reset_pending);
     }
 }

@@ -451,8 +451,11 @@ fn run_linux_from(
                 st.apply(&fd)?;
                 fds.push(fd);
             }
-            restore_devices(state, &platform)?;
+            // The interrupt controllers first: a device that raises its line while it is
+            // restored (pending status, the vsock reset event) must not be overwritten by the
+            // saved IOAPIC state.
             state.vm.apply(&vm)?;
+            restore_devices(state, &platform)?;
             fds
         }
     };
