@@ -18,18 +18,19 @@ fn net_script() -> String {
     format!(
         "head -c {MIB100} /dev/urandom > /tmp/n; echo host-sent $(sha256sum < /tmp/n); \
                  printf '#!/bin/sh\\ncat > /tmp/host-data\\nexec 0<&- 1>&- 2>&-\\ni=0\\nwhile [ $i -lt 100 ] && ! nc 10.0.2.2 5002 < /dev/null 2>/dev/null; do sleep 0.2; i=$((i+1)); done\\n' > /tmp/recv; \
-                 chmod 755 /tmp/recv; nc -l -p 5001 -e /tmp/recv & \
+                 chmod 755 /tmp/recv; nc -l -p 5001 -e /tmp/recv & L=$!; \
                  {B} --stats --net tap=bwtap0,mac=02:00:00:00:00:02 -- sh -c 'ip link set lo up; \
                    ip addr add 10.0.2.2/24 dev eth0; ip link set eth0 up; \
                    echo mac $(cat /sys/class/net/eth0/address); \
                    echo features $(cat /sys/class/net/eth0/device/features); \
                    echo guest-got $(nc -l -p 5000 | sha256sum); \
                    head -c {MIB100} /dev/urandom > /tmp/d; echo guest-sent $(sha256sum < /tmp/d); \
-                   nc 10.0.2.1 5001 < /tmp/d; echo guest-nc=$?; nc -l -p 5002 > /dev/null' > /tmp/net-vm.log 2>&1 & \
+                   nc 10.0.2.1 5001 < /tmp/d; echo guest-nc=$?; nc -l -p 5002 > /dev/null' > /tmp/net-vm.log 2>&1 & V=$!; \
                  i=0; while ! ip link show bwtap0 >/dev/null 2>&1 && [ $i -lt 300 ]; do i=$((i+1)); sleep 0.1; done; \
                  ip addr add 10.0.2.1/24 dev bwtap0; ip link set bwtap0 up; \
                  i=0; while [ $i -lt 120 ] && ! ping -c1 -W1 10.0.2.2 >/dev/null 2>&1; do i=$((i+1)); done; \
-                 nc 10.0.2.2 5000 < /tmp/n; wait; \
+                 nc 10.0.2.2 5000 < /tmp/n; wait $V; \
+                 kill $L 2>/dev/null; wait $L 2>/dev/null; \
                  echo host-got $(sha256sum < /tmp/host-data) bytes=$(wc -c < /tmp/host-data); cat /tmp/net-vm.log"
     )
 }
