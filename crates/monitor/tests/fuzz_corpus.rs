@@ -5,51 +5,10 @@
 //! A corpus directory that is missing or empty fails the test: a replay that replays nothing
 //! must not pass.
 
-use std::panic::{self, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
+#[path = "../../../fuzz/replay.rs"]
+mod replay;
 
-fn corpus_dir(target: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fuzz/corpus")
-        .join(target)
-}
-
-fn replay(target: &str, harness: fn(&[u8])) {
-    let dir = corpus_dir(target);
-    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| {
-        panic!(
-            "corpus {} is missing ({e}); seed it and run `cargo fuzz run {target}` in fuzz/",
-            dir.display()
-        )
-    });
-    let mut files: Vec<PathBuf> = entries
-        .map(|e| e.expect("readable corpus directory").path())
-        .filter(|p| p.is_file())
-        .collect();
-    files.sort();
-    assert!(
-        !files.is_empty(),
-        "corpus {} is empty; a replay that replays nothing must not pass",
-        dir.display()
-    );
-    let failed: Vec<String> = files
-        .iter()
-        .filter_map(|path| {
-            let data = std::fs::read(path).expect("readable corpus file");
-            panic::catch_unwind(AssertUnwindSafe(|| harness(&data)))
-                .is_err()
-                .then(|| path.display().to_string())
-        })
-        .collect();
-    assert!(
-        failed.is_empty(),
-        "{} of {} {target} inputs fail (panic messages above); reproduce one with \
-         `cargo fuzz run {target} <file>` in fuzz/:\n{}",
-        failed.len(),
-        files.len(),
-        failed.join("\n")
-    );
-}
+use replay::replay;
 
 #[test]
 fn exit_dispatch_corpus_replays_without_failure() {

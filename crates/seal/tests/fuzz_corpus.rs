@@ -7,37 +7,24 @@
 //! then never get past the key wrap (after a format change, regenerate the seeds with
 //! `cargo test -p bulwark-seal --test fuzz_corpus -- --ignored` and fuzz again).
 
+#[path = "../../../fuzz/replay.rs"]
+mod replay;
+
 use std::io::Write;
 use std::panic::{self, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use bulwark_seal::fuzz::{FUZZ_KEY, fuzz_open};
 use bulwark_seal::{OwnerKey, SealWriter, VM_SNAPSHOT, verify};
 
 fn corpus_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/seal_open")
+    replay::corpus_dir("seal_open")
 }
 
 #[test]
 fn seal_open_corpus_replays_without_failure() {
     let dir = corpus_dir();
-    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| {
-        panic!(
-            "corpus {} is missing ({e}); seed it with `cargo test -p bulwark-seal --test \
-             fuzz_corpus -- --ignored` and run `cargo fuzz run seal_open` in fuzz/",
-            dir.display()
-        )
-    });
-    let mut files: Vec<PathBuf> = entries
-        .map(|e| e.expect("readable corpus directory").path())
-        .filter(|p| p.is_file())
-        .collect();
-    files.sort();
-    assert!(
-        !files.is_empty(),
-        "corpus {} is empty; a replay that replays nothing must not pass",
-        dir.display()
-    );
+    let files = replay::corpus_files("seal_open");
     let key = OwnerKey::from_bytes(FUZZ_KEY);
     let mut opened = 0;
     let failed: Vec<String> = files
