@@ -686,22 +686,11 @@ impl ManagedServer {
                 .view
                 .devices
                 .iter()
-                .map(|(name, t)| {
-                    let s = t.stats().snapshot();
-                    DeviceInfo {
-                        name: name.clone(),
-                        counters: [
-                            ("requests", s.requests),
-                            ("bytes_out", s.bytes_out),
-                            ("bytes_in", s.bytes_in),
-                            ("bad_requests", s.bad_requests),
-                            ("io_errors", s.io_errors),
-                            ("broken_queues", s.broken_queues),
-                        ]
-                        .into_iter()
+                .map(|(name, t)| DeviceInfo {
+                    name: name.clone(),
+                    counters: (t.stats().snapshot().fields().into_iter())
                         .map(|(k, v)| (k.to_string(), v))
                         .collect(),
-                    }
                 })
                 .collect(),
             pid: std::process::id(),

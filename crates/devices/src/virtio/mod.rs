@@ -134,18 +134,27 @@ pub struct DeviceCounters {
     pub broken_queues: u64,
 }
 
+impl DeviceCounters {
+    /// Every counter by name, in a fixed order (reports, the control channel, metrics).
+    pub fn fields(&self) -> [(&'static str, u64); 6] {
+        [
+            ("requests", self.requests),
+            ("bytes_out", self.bytes_out),
+            ("bytes_in", self.bytes_in),
+            ("bad_requests", self.bad_requests),
+            ("io_errors", self.io_errors),
+            ("broken_queues", self.broken_queues),
+        ]
+    }
+}
+
 impl std::fmt::Display for DeviceCounters {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "requests={} bytes_out={} bytes_in={} bad_requests={} io_errors={} broken_queues={}",
-            self.requests,
-            self.bytes_out,
-            self.bytes_in,
-            self.bad_requests,
-            self.io_errors,
-            self.broken_queues
-        )
+        for (i, (name, v)) in self.fields().iter().enumerate() {
+            let sep = if i == 0 { "" } else { " " };
+            write!(f, "{sep}{name}={v}")?;
+        }
+        Ok(())
     }
 }
 
