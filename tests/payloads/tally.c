@@ -2,8 +2,9 @@
  * for each input line it prints "line N: TEXT" (upper-cased) with N counting from 1, and a
  * line "exit" ends the payload with status N (the number of lines before it). A line "clock"
  * prints the host-call clock in milliseconds. A line "fill" writes pseudo-random bytes over all
- * free memory (so a snapshot has no empty blocks to skip) and prints "filled". The count lives
- * in memory and registers; a restored VM continues it. */
+ * free memory (so a snapshot has no empty blocks to skip) and prints "filled"; a line "sum"
+ * reads all of it and prints its FNV-1a hash (so a restore can be checked to have put every
+ * byte back). The count lives in memory and registers; a restored VM continues it. */
 #include <bulwark.h>
 
 static char line[256];
@@ -41,6 +42,18 @@ int bw_main(bw_u32 vcpu, bw_u32 vcpus, const struct bw_info *info)
                 *p = x;
             }
             bw_puts("filled\n");
+            len = 0;
+            continue;
+        }
+        if (len == 3 && line[0] == 'S' && line[1] == 'U' && line[2] == 'M') {
+            bw_u64 h = 0xcbf29ce484222325ull;
+            for (bw_u64 *p = (bw_u64 *)info->heap_start; (bw_u64)(p + 1) <= info->heap_end; p++) {
+                h ^= *p;
+                h *= 0x100000001b3ull;
+            }
+            bw_puts("sum ");
+            bw_putu(h, 16);
+            bw_puts("\n");
             len = 0;
             continue;
         }

@@ -142,6 +142,27 @@ pub struct VmInfo {
     pub devices: Vec<DeviceInfo>,
     /// The monitor's process id.
     pub pid: u32,
+    /// How far a lazy restore has got, if the VM was restored lazily.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lazy_restore: Option<LazyRestoreInfo>,
+}
+
+/// A lazy restore's progress: memory blocks stored in the snapshot, and how many are in place.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LazyRestoreInfo {
+    /// 64 KiB blocks stored in the snapshot file.
+    pub blocks: u64,
+    /// Of those, authenticated, decrypted and in guest memory.
+    pub placed: u64,
+    /// Of those, placed because the guest (or a device) touched them first.
+    pub on_demand: u64,
+    /// Zero blocks touched while the restore ran.
+    pub zero_faults: u64,
+    /// Every block is in place and the file is closed.
+    pub complete: bool,
+    /// From the restore's start until complete (or until now).
+    pub elapsed_ms: u64,
 }
 
 /// What a monitor answers.

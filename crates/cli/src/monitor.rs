@@ -30,6 +30,9 @@ pub(crate) struct MonitorArgs {
     /// Read the owner's key (64 hex digits) from stdin.
     #[arg(long)]
     key_stdin: bool,
+    /// Resume the guest as soon as its state is back and restore memory as it is touched.
+    #[arg(long, requires = "restore")]
+    lazy: bool,
 }
 
 /// `exit.json`: how the VM ended.
@@ -70,10 +73,31 @@ fn write_atomic(path: &Path, text: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-fn restore(dir: &Path, file: &Path, verbose: bool) -> anyhow::Result<RunReport> {
+fn restore(dir: &Path, file: &Path, lazy: bool, verbose: bool) -> anyhow::Result<RunReport> {
     let key = key_from_stdin()?;
-    // The whole file is authenticated before anything in it is used.
+    // The whole file is authenticated before anything in it is used (lazily: the state and
+    // the file's end before the guest runs, each memory block before the guest sees it).
     let mut snapshot = bulwark_monitor::snapshot::Restore::open(file, &key)?;
+    if lazy {
+        let dir = dir.to_path_buf();
+        snapshot = snapshot.lazily(Box::new(move |reason| {
+            let reason = format!("lazy restore failed: {reason}");
+            eprintln!("bulwark monitor: {reason}");
+            write_exit(
+                &dir,
+                &ExitRecord {
+                    reason,
+                    status: 125,
+                    clean: false,
+                    setup_error: false,
+                    elapsed_ms: 0,
+                    exits: 0,
+                },
+            );
+            // The vCPU that wanted the block is stuck on it; nothing of this VM may go on.
+            std::process::exit(125);
+        }));
+    }
     let total = snapshot.header.regions.iter().map(|r| r.1).sum();
     snapshot
         .reader
@@ -111,7 +135,7 @@ fn start(dir: &Path, verbose: bool) -> anyhow::Result<RunReport> {
 pub(crate) fn run(args: &MonitorArgs, verbose: bool) -> ExitCode {
     let _ = std::fs::remove_file(args.dir.join(EXIT_FILE));
     let result = match &args.restore {
-        Some(file) => restore(&args.dir, file, verbose),
+        Some(file) => restore(&args.dir, file, args.lazy, verbose),
         None => start(&args.dir, verbose),
     };
     match result {

@@ -113,6 +113,10 @@ enum VmCommand {
         snapshot: String,
         #[arg(long)]
         key_file: PathBuf,
+        /// Resume at once and restore memory as the guest touches it (a tampered memory
+        /// block then stops the VM when it is needed, instead of refusing the restore).
+        #[arg(long)]
+        lazy: bool,
     },
 }
 
@@ -367,8 +371,10 @@ async fn run(args: VmArgs) -> Result<ExitCode, VmCliError> {
             name,
             snapshot,
             key_file,
+            lazy,
         } => {
-            let body = json!({ "snapshot": snapshot, "key": read_trimmed(key_file)? });
+            let body =
+                json!({ "snapshot": snapshot, "key": read_trimmed(key_file)?, "lazy": lazy });
             let v = with_progress(
                 &client,
                 name,

@@ -57,6 +57,10 @@ impl Monitor {
 
     /// Starts a monitor that restores `snapshot` with `key`; does not wait for it.
     fn restore(dir: &Path, snapshot: &Path, key: &str) -> Self {
+        Self::restore_with(dir, snapshot, key, &[])
+    }
+
+    fn restore_with(dir: &Path, snapshot: &Path, key: &str, extra: &[&str]) -> Self {
         std::fs::create_dir_all(dir).unwrap();
         let mut child = Command::new(bulwark())
             .args(["monitor", "--dir"])
@@ -64,6 +68,7 @@ impl Monitor {
             .arg("--restore")
             .arg(snapshot)
             .arg("--key-stdin")
+            .args(extra)
             .stdin(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -152,10 +157,15 @@ impl Console {
 
     /// Reads until the output contains `want`.
     fn expect(&mut self, want: &str) -> String {
+        self.expect_after(0, want)
+    }
+
+    /// Reads until the output after byte `from` contains `want`; that output.
+    fn expect_after(&mut self, from: usize, want: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut buf = [0u8; 4096];
         loop {
-            let text = String::from_utf8_lossy(&self.seen).into_owned();
+            let text = String::from_utf8_lossy(&self.seen[from..]).into_owned();
             if text.contains(want) {
                 return text;
             }
@@ -261,7 +271,7 @@ fn snapshot_restores_into_a_new_monitor_that_continues_the_guest() {
         other => panic!("snapshot failed: {other:?}"),
     };
     assert_eq!(bytes, std::fs::metadata(&file).unwrap().len());
-    // Memory the guest never touched is one flag byte per 64 KiB block; the payload, its page
+    // Memory the guest never touched is one bit per 64 KiB block; the payload, its page
     // tables and stacks are there in full.
     assert!(
         bytes > 64 << 10 && bytes < 2 << 20,
@@ -346,6 +356,132 @@ fn restore_refuses_tampered_truncated_and_wrong_key_files_and_resumes_nothing() 
     let mut con = r.console();
     con.send(b"exit\n");
     assert_eq!(r.wait_exit().0, 1);
+}
+
+/// The hash `tally` prints for `sum`, read from the console.
+fn memory_sum(con: &mut Console) -> String {
+    let before = con.seen.len();
+    con.send(b"sum\n");
+    let text = con.expect_after(before, "\n");
+    text.trim()
+        .strip_prefix("sum ")
+        .unwrap_or_else(|| panic!("no sum in {text:?}"))
+        .to_string()
+}
+
+#[test]
+fn lazy_restore_resumes_first_and_puts_every_byte_back() {
+    require_kvm();
+    let t = TestDir::new("snap-lazy");
+    let m = Monitor::start(&tally_vm(&t, "vm", "32M"));
+    let mut con = m.console();
+    con.send(b"fill\n");
+    con.expect("filled\n");
+    let sum = memory_sum(&mut con);
+    con.send(b"before\n");
+    con.expect("line 1: BEFORE\n");
+    let file = t.path("dense.bwsnap");
+    assert!(matches!(
+        snapshot(&m, &file, KEY, false),
+        Response::Snapshot { .. }
+    ));
+    drop(m);
+    let len = std::fs::metadata(&file).unwrap().len();
+    assert!(len > 28 << 20, "a filled 32 MiB guest gave {len} bytes");
+
+    // Resumed lazily, the guest reads all of its memory back: every block arrives whole,
+    // whether a fault asked for it or the background pass placed it first.
+    let mut r = Monitor::restore_with(&t.path("lazy"), &file, KEY, &["--lazy"]);
+    r.wait_ready();
+    let mut con = r.console();
+    assert_eq!(memory_sum(&mut con), sum);
+    // Describe reports the restore's progress; it completes with every stored block placed.
+    let lazy_info = || match r.call(&Request::Describe) {
+        Response::Info(i) => i.lazy_restore.expect("a lazy restore reports its progress"),
+        other => panic!("describe: {other:?}"),
+    };
+    wait_for("the lazy restore to complete", || lazy_info().complete);
+    let info = lazy_info();
+    assert!(info.blocks >= 448, "a filled 32 MiB guest stored {info:?}");
+    assert_eq!(info.placed, info.blocks, "{info:?}");
+    con.send(b"after\n");
+    con.expect("line 2: AFTER\n");
+    // A lazily restored VM snapshots again (once its memory is all in place), and that file
+    // restores the ordinary way to the same memory.
+    let again = t.path("again.bwsnap");
+    assert!(matches!(
+        snapshot(&r, &again, KEY, false),
+        Response::Snapshot { .. }
+    ));
+    con.send(b"exit\n");
+    assert_eq!(r.wait_exit().0, 2);
+    let mut e = Monitor::restore(&t.path("eager"), &again, KEY);
+    e.wait_ready();
+    let mut con = e.console();
+    assert_eq!(memory_sum(&mut con), sum);
+    assert!(matches!(e.call(&Request::Describe), Response::Info(i) if i.lazy_restore.is_none()));
+    con.send(b"exit\n");
+    assert_eq!(e.wait_exit().0, 2);
+
+    // Before the guest runs, a lazy restore still checks the key, the state records and the
+    // file's sealed end: these resume nothing.
+    let raw = std::fs::read(&file).unwrap();
+    let mut state = raw.clone();
+    state[200] ^= 1;
+    let mut extended = raw.clone();
+    extended.extend_from_slice(&[0; 100]);
+    let cases: [(&str, Vec<u8>, &str); 4] = [
+        ("state byte flipped", state, KEY),
+        (
+            "cut by one chunk",
+            raw[..raw.len() - (64 << 10)].to_vec(),
+            KEY,
+        ),
+        ("extended", extended, KEY),
+        ("wrong key", raw.clone(), OTHER_KEY),
+    ];
+    for (i, (what, bytes, key)) in cases.into_iter().enumerate() {
+        let bad = t.path(&format!("bad{i}.bwsnap"));
+        std::fs::write(&bad, bytes).unwrap();
+        let dir = t.path(&format!("bad{i}"));
+        let (code, exit) = Monitor::restore_with(&dir, &bad, key, &["--lazy"]).wait_exit();
+        assert_eq!(
+            (code, &exit["setup_error"]),
+            (125, &true.into()),
+            "{what}: {exit}"
+        );
+        assert!(!dir.join("console.sock").exists(), "{what}: a VM started");
+    }
+
+    // A tampered memory block is found when it is needed (or the background pass reaches
+    // it): the VM ends with the reason, and the guest never computes a sum over the bad byte.
+    let mut tampered = raw;
+    let at = tampered.len() * 3 / 4;
+    tampered[at] ^= 0x40;
+    let bad = t.path("tampered.bwsnap");
+    std::fs::write(&bad, tampered).unwrap();
+    let dir = t.path("tampered");
+    let r = Monitor::restore_with(&dir, &bad, KEY, &["--lazy"]);
+    let mut seen = String::new();
+    if let Ok(s) = UnixStream::connect(dir.join("console.sock")) {
+        let mut con = Console {
+            s,
+            seen: Vec::new(),
+        };
+        let _ = con.s.write_all(b"sum\n");
+        seen = con.quiet_for(Duration::from_millis(500));
+    }
+    let (code, exit) = r.wait_exit();
+    assert_eq!(code, 125, "{exit}");
+    let reason = exit["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("lazy restore failed") && reason.contains("failed authentication"),
+        "{reason}"
+    );
+    assert!(
+        !seen.contains("sum "),
+        "the guest read tampered memory: {seen:?}"
+    );
 }
 
 #[test]

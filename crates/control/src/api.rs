@@ -198,6 +198,9 @@ struct SnapshotBody {
 struct RestoreBody {
     snapshot: String,
     key: String,
+    /// Resume at once and restore memory on first touch (see docs/snapshot-format.md).
+    #[serde(default)]
+    lazy: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -277,7 +280,7 @@ async fn dispatch(
         }
         Action::Restore => {
             let b: RestoreBody = parse(&read_body(req).await?)?;
-            ok(d.restore(name, &b.snapshot, &b.key).await?)
+            ok(d.restore(name, &b.snapshot, &b.key, b.lazy).await?)
         }
         Action::Health => ok(json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") })),
         Action::Progress => ok(d.progress(name)?),

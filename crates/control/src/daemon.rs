@@ -19,7 +19,7 @@ use tracing::{info, warn};
 use crate::auth;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::monitor::{self, Launch};
+use crate::monitor::{self, Launch, RestoreFrom};
 use crate::routes::Role;
 use crate::store::{MonitorProc, Store, StoreError, VmRecord, VmState};
 
@@ -450,7 +450,7 @@ impl Daemon {
     pub async fn start(
         self: &Arc<Self>,
         name: &str,
-        restore: Option<(PathBuf, String)>,
+        restore: Option<RestoreFrom>,
     ) -> Result<Value, ApiError> {
         let op = self.op_lock(name)?;
         let _held = op.lock().await;
@@ -476,7 +476,7 @@ impl Daemon {
         let launch = Launch {
             monitor: &self.cfg.monitor,
             dir: &dir,
-            restore: restore.as_ref().map(|(f, k)| (f.as_path(), k.as_str())),
+            restore: restore.as_ref(),
         };
         let child = monitor::spawn(&launch)
             .await
@@ -1027,6 +1027,7 @@ impl Daemon {
         name: &str,
         snap: &str,
         key: &str,
+        lazy: bool,
     ) -> Result<Value, ApiError> {
         if !valid_key(key) {
             return Err(ApiError::InvalidRequest(
@@ -1046,7 +1047,15 @@ impl Daemon {
                 "VM `{name}` has no snapshot `{snap}`"
             )));
         }
-        self.start(name, Some((path, key.to_string()))).await
+        self.start(
+            name,
+            Some(RestoreFrom {
+                path,
+                key: key.to_string(),
+                lazy,
+            }),
+        )
+        .await
     }
 
     /// The console socket of a live VM.

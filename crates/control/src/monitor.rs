@@ -40,8 +40,18 @@ pub struct Launch<'a> {
     pub monitor: &'a Path,
     /// The VM's directory.
     pub dir: &'a Path,
-    /// Restore this snapshot, reading `key` from stdin.
-    pub restore: Option<(&'a Path, &'a str)>,
+    /// Restore from a snapshot instead of booting.
+    pub restore: Option<&'a RestoreFrom>,
+}
+
+/// A snapshot to start a VM from.
+#[derive(Debug)]
+pub struct RestoreFrom {
+    pub path: std::path::PathBuf,
+    /// The owner's key, given to the monitor on its stdin.
+    pub key: String,
+    /// Resume at once and fill memory on first touch.
+    pub lazy: bool,
 }
 
 /// Starts `bulwark monitor --dir DIR` in its own process group (so it outlives bulwarkd and
@@ -63,8 +73,11 @@ pub async fn spawn(l: &Launch<'_>) -> Result<tokio::process::Child, MonitorError
     })?;
     let mut cmd = tokio::process::Command::new(l.monitor);
     cmd.arg("monitor").arg("--dir").arg(l.dir);
-    if let Some((file, _)) = l.restore {
-        cmd.arg("--restore").arg(file).arg("--key-stdin");
+    if let Some(r) = l.restore {
+        cmd.arg("--restore").arg(&r.path).arg("--key-stdin");
+        if r.lazy {
+            cmd.arg("--lazy");
+        }
         cmd.stdin(Stdio::piped());
     } else {
         cmd.stdin(Stdio::null());
@@ -77,7 +90,7 @@ pub async fn spawn(l: &Launch<'_>) -> Result<tokio::process::Child, MonitorError
         path: l.monitor.to_path_buf(),
         source,
     })?;
-    if let Some((_, key)) = l.restore
+    if let Some(RestoreFrom { key, .. }) = l.restore
         && let Some(mut stdin) = child.stdin.take()
     {
         // A monitor that exits before reading the key closes the pipe; its exit is reported

@@ -956,5 +956,25 @@ fn snapshot_then_restore_through_the_api_resumes_the_guest() {
         let mut con = owner.console("snap").await.unwrap();
         con.write_all(b"restored\n").await.unwrap();
         read_until(&mut con, &mut Vec::new(), "RESTORED\n").await;
+        // Lazily: the monitor is told to (`--lazy`), and the guest answers the same way.
+        ok(&op, "POST", "/v1/vms/snap/kill", None).await;
+        let v = ok(
+            &owner,
+            "POST",
+            "/v1/vms/snap/restore",
+            Some(json!({ "snapshot": "s1", "key": key, "lazy": true })),
+        )
+        .await;
+        assert_eq!(v["state"], "running", "{v}");
+        let pid = v["monitor"]["pid"].as_u64().expect("the monitor's pid");
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        assert!(
+            cmdline.split(|&b| b == 0).any(|a| a == b"--lazy"),
+            "the monitor was not started lazily: {:?}",
+            String::from_utf8_lossy(&cmdline)
+        );
+        let mut con = owner.console("snap").await.unwrap();
+        con.write_all(b"lazily\n").await.unwrap();
+        read_until(&mut con, &mut Vec::new(), "LAZILY\n").await;
     });
 }

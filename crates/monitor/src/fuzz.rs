@@ -25,7 +25,7 @@ use vmm_sys_util::eventfd::EventFd;
 mod control;
 mod virtio;
 
-pub use control::{control_channel, snapshot_stream};
+pub use control::{control_channel, snapshot_stream, snapshot_stream_seeds};
 pub use virtio::{virtio_blk, virtio_net, virtio_vsock, virtqueue};
 
 use crate::abi::{

@@ -20,6 +20,7 @@ pub mod payload;
 pub mod runner;
 pub mod snapshot;
 pub mod tty;
+pub mod uffd;
 pub mod vcpu;
 pub mod vm;
 

@@ -550,6 +550,10 @@ impl ManagedServer {
                 );
             }
         };
+        // Memory still being restored lazily reads as holes: wait until it is all in place.
+        if let Some(Err(e)) = src.base().lazy.as_ref().map(|l| l.wait()) {
+            return Response::error(error_code::FAILED, e.to_string());
+        }
         let was_paused = ctx.control.is_paused();
         let t0 = Instant::now();
         if !was_paused && !self.pause(ctx) {
@@ -641,12 +645,10 @@ impl ManagedServer {
                 }
             }
             src.write_state(&mut w, &mut |w| {
-                for (i, &region) in regions.iter().enumerate() {
-                    let populated =
-                        (base.ram_map.as_ref()).and_then(|m| m.populated(i, region.1).ok());
-                    w.memory(i as u32, &ctx.vcpu.mem, region, populated.as_deref())?;
-                }
-                Ok(())
+                let populated = |i: usize, len: u64| {
+                    (base.ram_map.as_ref()).and_then(|m| m.populated(i, len).ok())
+                };
+                w.memory(&ctx.vcpu.mem, &regions, &populated)
             })?;
             w.end()?;
             Ok(())
@@ -694,6 +696,9 @@ impl ManagedServer {
                 })
                 .collect(),
             pid: std::process::id(),
+            lazy_restore: (self.view.snapshot.as_ref())
+                .and_then(|s| s.base().lazy.as_ref())
+                .map(|l| l.info()),
         }
     }
 }

@@ -396,7 +396,7 @@ fn run_function_from(
         }
         (None, Some(snapshot)) => {
             let clock_ns = snapshot.header.clock_ns;
-            let state = snapshot.read_body(ram.memory(), &regions)?;
+            let state = snapshot.read(ram.memory(), &regions)?;
             let fds = create_vcpus(&vm, &layout, &VcpuStart::Restored(&state.vcpus), sync_regs)?;
             let clock_start = started
                 .checked_sub(Duration::from_nanos(clock_ns))
@@ -425,7 +425,7 @@ fn run_function_from(
     let managed_setup = io.managed.take();
     let devices = build_devices(cfg, io, ram.memory())?;
     let snapshot_source = FunctionSnapshot {
-        base: SnapshotBase::new(&kvm, &ram, clock_start),
+        base: SnapshotBase::new(&kvm, &ram, clock_start).restored(restored.as_ref()),
         input: queue.clone(),
         drives: cfg.drives.len(),
     };

@@ -45,6 +45,65 @@ impl InterruptLine for NoLine {
 /// Two small RAM regions, as a Linux VM has around its MMIO gap.
 const REGIONS: [(u64, u64); 2] = [(0, 0x4000), (0x10_0000, 0x2000)];
 
+/// Valid record streams for [`snapshot_stream`] to start from: a header for [`REGIONS`], vCPU
+/// and VM-wide records, a UART and a virtio transport record, and memory with some blocks
+/// stored and some zero. Each restores in the harness (the corpus test checks).
+pub fn snapshot_stream_seeds() -> Vec<Vec<u8>> {
+    use crate::snapshot::{Header, RecordWriter, SNAPSHOT_FORMAT, Tag};
+    use vm_memory::Bytes;
+    let mem = |written: &[u64]| {
+        let mem = GuestMemoryMmap::<()>::from_ranges(
+            &REGIONS
+                .iter()
+                .map(|&(g, s)| (GuestAddress(g), s as usize))
+                .collect::<Vec<_>>(),
+        )
+        .expect("guest memory");
+        for &at in written {
+            mem.write_obj(0x5eed_u32, GuestAddress(at)).expect("in RAM");
+        }
+        mem
+    };
+    let sink = Arc::new(ConsoleSink::new(Box::new(std::io::sink()), 1 << 20));
+    let serial = Serial16550::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"), sink);
+    let transport = MmioTransport::new(
+        Box::new(Rng::new()),
+        mem(&[]),
+        Interrupt::new(Arc::new(NoLine)),
+    );
+    let mut seeds = Vec::new();
+    for (vcpus, written) in [
+        (1u32, &[][..]),
+        (2, &[0x1000][..]),
+        (1, &[0x10, 0x10_1000][..]),
+    ] {
+        let mut w = RecordWriter::new(Vec::new());
+        w.header(&Header {
+            format: SNAPSHOT_FORMAT,
+            kind: "linux".into(),
+            spec: "{}".into(),
+            vcpus,
+            regions: REGIONS.to_vec(),
+            clock_ns: 1,
+        })
+        .expect("header");
+        for i in 0..vcpus {
+            w.kvm(Tag::Regs, i, &kvm_bindings::kvm_regs::default())
+                .expect("regs");
+        }
+        w.kvm(Tag::Clock, 0, &kvm_bindings::kvm_clock_data::default())
+            .expect("clock");
+        w.record(Tag::Device, 0, &serial.save_state())
+            .expect("uart");
+        w.record(Tag::Device, 16, &transport.save_state())
+            .expect("transport");
+        w.memory(&mem(written), &REGIONS, &|_, _| None)
+            .expect("memory");
+        seeds.push(w.end().expect("end"));
+    }
+    seeds
+}
+
 /// A snapshot's plaintext record stream restored into small guest memory, and every device
 /// record offered to a real UART and a real virtio-mmio transport: errors, never panics, and
 /// a stream that restores has put every region in place.
@@ -60,7 +119,12 @@ pub fn snapshot_stream(data: &[u8]) {
     let Ok(header) = reader.header() else {
         return;
     };
-    let Ok(state) = (Restore { header, reader }).read_body(&mem, &REGIONS) else {
+    let Ok(state) = (Restore {
+        header,
+        reader,
+        lazy: None,
+    })
+    .read_body(&mem, &REGIONS) else {
         return;
     };
     let sink = Arc::new(ConsoleSink::new(Box::new(std::io::sink()), 1 << 20));

@@ -422,7 +422,7 @@ fn run_linux_from(
     let mem = ram.memory();
     let regions: Vec<(u64, u64)> = ram.regions().iter().map(|&(g, s, _)| (g, s)).collect();
     let restored = match restore {
-        Some(snapshot) => Some(snapshot.read_body(mem, &regions)?),
+        Some(snapshot) => Some(snapshot.read(mem, &regions)?),
         None => None,
     };
 
@@ -466,7 +466,7 @@ fn run_linux_from(
     // The VM fd must outlive the vCPUs: closing it deassigns every irqfd and ioeventfd.
     let vm = Arc::new(vm);
     let snapshot_source = LinuxSnapshot {
-        base: SnapshotBase::new(&kvm, &ram, started),
+        base: SnapshotBase::new(&kvm, &ram, started).restored(restored.as_ref()),
         vm: vm.clone(),
         serial: platform.serial.clone(),
         virtio: platform.virtio.clone(),

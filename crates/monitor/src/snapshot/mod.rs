@@ -10,25 +10,30 @@
 //!
 //! The first record is [`Tag::Header`] (JSON, [`Header`]); then per-vCPU records (index = vCPU),
 //! VM-wide KVM state, device records (index = device number, data = the device's own
-//! encoding), one [`Tag::Memory`] record per RAM region (data = gpa:u64 size:u64, followed
-//! outside the record by the region in [`MEMORY_BLOCK`]-byte blocks, each a flag byte — 0: all
-//! zero, nothing follows; 1: the block's bytes follow), and [`Tag::End`]. Untouched guest
-//! memory costs one byte per block, on disk and to seal and authenticate. KVM structures are stored as
-//! their exact bytes; a record of the wrong size is refused. Unknown tags are refused, so a
-//! snapshot from a newer format fails loudly rather than restoring part of a VM.
+//! encoding); then guest memory: one [`Tag::Memory`] record per RAM region (data = gpa:u64
+//! size:u64 and a bitmap of the region's [`MEMORY_BLOCK`]-byte blocks, bit set = stored), a
+//! [`Tag::Pad`] record that puts the next byte at a multiple of [`MEMORY_BLOCK`], the stored
+//! blocks themselves outside any record (whole blocks, region by region), and [`Tag::End`].
+//! Zero memory costs one bit per block. With the sealed container's 64 KiB chunks each stored
+//! block is exactly one chunk, so a restore can decrypt a block when the guest first touches
+//! it ([`lazy`]). KVM structures are stored as their exact bytes; a record of the wrong size is
+//! refused. Unknown tags are refused, so a snapshot from a newer format fails loudly rather
+//! than restoring part of a VM.
 
 pub mod cpu;
+pub mod lazy;
 
 use std::io::{self, Read, Write};
 
 use serde::{Deserialize, Serialize};
 
 /// Version of the record stream (the sealed container has its own).
-pub const SNAPSHOT_FORMAT: u32 = 1;
-/// Granule of a memory region in the stream: zero blocks are a single flag byte.
+pub const SNAPSHOT_FORMAT: u32 = 2;
+/// Granule of guest memory in the stream: a block is stored whole, or not at all when it is
+/// zero. Equal to the sealed container's default chunk size, so that stored blocks are chunks.
 pub const MEMORY_BLOCK: usize = 64 * 1024;
-const BLOCK_ZERO: u8 = 0;
-const BLOCK_DATA: u8 = 1;
+/// Record header bytes (tag, index, length).
+const RECORD_HEAD: u64 = 12;
 
 fn is_zero(block: &[u8]) -> bool {
     let (words, tail) = block.split_at(block.len() / 8 * 8);
@@ -93,7 +98,10 @@ pub enum Tag {
     Pit = 0x22,
     /// Device state; index = the device's place in the VM's device list.
     Device = 0x30,
+    /// A RAM region's layout in the stream (index = region): gpa, size, stored-block bitmap.
     Memory = 0x40,
+    /// Zero bytes up to the next [`MEMORY_BLOCK`] boundary, where the stored blocks start.
+    Pad = 0x41,
     End = 0xff,
 }
 
@@ -117,6 +125,7 @@ impl Tag {
             Pit,
             Device,
             Memory,
+            Pad,
             End,
         ]
         .into_iter()
@@ -156,6 +165,8 @@ pub struct SnapshotBase {
     pub ram_map: Option<crate::memory::RamMap>,
     /// When the VM (or the VM it was restored from) started its clock.
     pub clock_start: std::time::Instant,
+    /// A lazy restore still placing memory: a snapshot waits for it.
+    pub lazy: Option<std::sync::Arc<lazy::LazyRestore>>,
 }
 
 impl SnapshotBase {
@@ -172,7 +183,14 @@ impl SnapshotBase {
             regions: ram.regions().iter().map(|&(g, s, _)| (g, s)).collect(),
             ram_map: ram.ram_map().ok(),
             clock_start,
+            lazy: None,
         }
+    }
+
+    /// Notes the lazy restore (if any) that is still filling this VM's memory.
+    pub fn restored(mut self, state: Option<&RestoredState>) -> Self {
+        self.lazy = state.and_then(|s| s.lazy.clone());
+        self
     }
 }
 
@@ -210,6 +228,8 @@ pub struct Record {
 pub struct RecordWriter<W: Write> {
     out: W,
     progress: Option<Progress>,
+    /// Bytes written so far.
+    pos: u64,
 }
 
 impl<W: Write> RecordWriter<W> {
@@ -217,7 +237,14 @@ impl<W: Write> RecordWriter<W> {
         Self {
             out,
             progress: None,
+            pos: 0,
         }
+    }
+
+    fn write_all(&mut self, data: &[u8]) -> Result<(), SnapshotError> {
+        self.out.write_all(data)?;
+        self.pos += data.len() as u64;
+        Ok(())
     }
 
     /// Reports guest memory written to `progress`.
@@ -237,9 +264,8 @@ impl<W: Write> RecordWriter<W> {
         head[..4].copy_from_slice(&(tag as u32).to_le_bytes());
         head[4..8].copy_from_slice(&index.to_le_bytes());
         head[8..].copy_from_slice(&(data.len() as u32).to_le_bytes());
-        self.out.write_all(&head)?;
-        self.out.write_all(data)?;
-        Ok(())
+        self.write_all(&head)?;
+        self.write_all(data)
     }
 
     /// A KVM structure as its bytes.
@@ -257,51 +283,70 @@ impl<W: Write> RecordWriter<W> {
         self.record(Tag::Header, 0, &json)
     }
 
-    /// A memory region: its record, then its blocks from `mem`. `populated`, when known, lists
-    /// the `(offset, length)` ranges that may hold data; blocks outside them are written as zero
-    /// without being read.
+    /// All guest RAM, the last thing before the end record: a [`Tag::Memory`] record per
+    /// region with the bitmap of its non-zero blocks, a [`Tag::Pad`] record, and the non-zero
+    /// blocks. `populated(i)`, when it knows, lists the `(offset, length)` ranges of region `i`
+    /// that may hold data; blocks outside them are zero without being read.
     pub fn memory(
         &mut self,
-        index: u32,
         mem: &vm_memory::GuestMemoryMmap,
-        (gpa, size): (u64, u64),
-        populated: Option<&[(u64, u64)]>,
+        regions: &[(u64, u64)],
+        populated: &dyn Fn(usize, u64) -> Option<Vec<(u64, u64)>>,
     ) -> Result<(), SnapshotError> {
         use vm_memory::{Bytes, GuestAddress};
-        let mut head = [0u8; 16];
-        head[..8].copy_from_slice(&gpa.to_le_bytes());
-        head[8..].copy_from_slice(&size.to_le_bytes());
-        self.record(Tag::Memory, index, &head)?;
+        let block = MEMORY_BLOCK as u64;
         let mut buf = vec![0u8; MEMORY_BLOCK];
-        let mut done = 0u64;
-        let mut ranges = populated.map(|r| r.iter().peekable());
-        while done < size {
-            let n = buf.len().min((size - done) as usize);
-            let untouched = ranges.as_mut().is_some_and(|r| {
-                while r.next_if(|&&(off, len)| off + len <= done).is_some() {}
-                r.peek().is_none_or(|&&(off, _)| off >= done + n as u64)
-            });
-            if untouched {
-                self.out.write_all(&[BLOCK_ZERO])?;
-                done += n as u64;
-                if let Some(p) = &mut self.progress {
-                    p.advance(n as u64);
+        let read_block = |gpa: u64, size: u64, b: u64, buf: &mut Vec<u8>| {
+            let n = block.min(size - b * block) as usize;
+            buf.fill(0);
+            mem.read_slice(&mut buf[..n], GuestAddress(gpa + b * block))
+                .map_err(|e| SnapshotError::Malformed(format!("reading guest memory: {e}")))
+        };
+        let t0 = std::time::Instant::now();
+        // First pass: which blocks hold anything (the VM is parked, so memory stays as read).
+        let mut maps = Vec::with_capacity(regions.len());
+        for (i, &(gpa, size)) in regions.iter().enumerate() {
+            let ranges = populated(i, size);
+            let mut ranges = ranges.as_deref().map(|r| r.iter().peekable());
+            let blocks = size.div_ceil(block);
+            let mut bitmap = vec![0u8; blocks.div_ceil(8) as usize];
+            for b in 0..blocks {
+                let (start, end) = (b * block, (b * block + block).min(size));
+                let untouched = ranges.as_mut().is_some_and(|r| {
+                    while r.next_if(|&&(off, len)| off + len <= start).is_some() {}
+                    r.peek().is_none_or(|&&(off, _)| off >= end)
+                });
+                if untouched {
+                    continue;
                 }
-                continue;
+                read_block(gpa, size, b, &mut buf)?;
+                if !is_zero(&buf) {
+                    bitmap[(b / 8) as usize] |= 1 << (b % 8);
+                }
             }
-            mem.read_slice(&mut buf[..n], GuestAddress(gpa + done))
-                .map_err(|e| SnapshotError::Malformed(format!("reading guest memory: {e}")))?;
-            if is_zero(&buf[..n]) {
-                self.out.write_all(&[BLOCK_ZERO])?;
-            } else {
-                self.out.write_all(&[BLOCK_DATA])?;
-                self.out.write_all(&buf[..n])?;
-            }
-            done += n as u64;
-            if let Some(p) = &mut self.progress {
-                p.advance(n as u64);
+            let mut data = Vec::with_capacity(16 + bitmap.len());
+            data.extend_from_slice(&gpa.to_le_bytes());
+            data.extend_from_slice(&size.to_le_bytes());
+            data.extend_from_slice(&bitmap);
+            self.record(Tag::Memory, i as u32, &data)?;
+            maps.push(bitmap);
+        }
+        tracing::debug!(elapsed = ?t0.elapsed(), "snapshot: memory block map");
+        let pad = (block - (self.pos + RECORD_HEAD) % block) % block;
+        self.record(Tag::Pad, 0, &vec![0; pad as usize])?;
+        // Second pass: the stored blocks, whole.
+        for (&(gpa, size), bitmap) in regions.iter().zip(&maps) {
+            for b in 0..size.div_ceil(block) {
+                if bitmap[(b / 8) as usize] & (1 << (b % 8)) != 0 {
+                    read_block(gpa, size, b, &mut buf)?;
+                    self.write_all(&buf)?;
+                }
+                if let Some(p) = &mut self.progress {
+                    p.advance(block.min(size - b * block));
+                }
             }
         }
+        tracing::debug!(elapsed = ?t0.elapsed(), "snapshot: memory written");
         Ok(())
     }
 
@@ -315,6 +360,8 @@ impl<W: Write> RecordWriter<W> {
 pub struct RecordReader<R: Read> {
     input: R,
     progress: Option<Progress>,
+    /// Bytes read so far.
+    pos: u64,
 }
 
 impl<R: Read> RecordReader<R> {
@@ -322,7 +369,18 @@ impl<R: Read> RecordReader<R> {
         Self {
             input,
             progress: None,
+            pos: 0,
         }
+    }
+
+    /// Bytes of the stream read so far.
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
+    /// The input, positioned after what was read.
+    pub fn into_inner(self) -> R {
+        self.input
     }
 
     /// Reports guest memory restored to `progress`.
@@ -339,6 +397,7 @@ impl<R: Read> RecordReader<R> {
                 SnapshotError::Io(e)
             }
         })?;
+        self.pos += RECORD_HEAD;
         let word = |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
         let (tag, index, len) = (word(0), word(4), word(8) as usize);
         let tag = Tag::from_u32(tag)
@@ -355,6 +414,7 @@ impl<R: Read> RecordReader<R> {
                 "record {tag:?} is cut short"
             )));
         }
+        self.pos += len as u64;
         Ok(Record { tag, index, data })
     }
 
@@ -385,56 +445,90 @@ impl<R: Read> RecordReader<R> {
         Ok(h)
     }
 
-    /// Copies a memory region's blocks (after its record) into guest memory, which must be
-    /// fresh (all zero): zero blocks are skipped.
-    pub fn memory_into(
+    /// Copies the stored blocks (after the [`Tag::Pad`] record) into guest memory, which
+    /// must be fresh (all zero).
+    fn blocks_into(
         &mut self,
-        rec: &Record,
+        maps: &[MemoryMap],
         mem: &vm_memory::GuestMemoryMmap,
-        regions: &[(u64, u64)],
     ) -> Result<(), SnapshotError> {
         use vm_memory::{Bytes, GuestAddress};
-        let gpa = record_u64(&rec.data, 0)?;
-        let size = record_u64(&rec.data, 8)?;
-        if rec.data.len() != 16 || !regions.contains(&(gpa, size)) {
-            return Err(SnapshotError::Mismatch(format!(
-                "memory record {gpa:#x}+{size:#x} is not one of this VM's RAM regions"
-            )));
-        }
-        let short = |e: io::Error| {
-            if e.kind() == io::ErrorKind::UnexpectedEof {
-                SnapshotError::Malformed("guest memory is cut short".into())
-            } else {
-                SnapshotError::Io(e)
-            }
-        };
         let mut buf = vec![0u8; MEMORY_BLOCK];
-        let mut done = 0u64;
-        while done < size {
-            let n = buf.len().min((size - done) as usize);
-            let mut flag = [0u8];
-            self.input.read_exact(&mut flag).map_err(short)?;
-            match flag[0] {
-                BLOCK_ZERO => {}
-                BLOCK_DATA => {
-                    self.input.read_exact(&mut buf[..n]).map_err(short)?;
-                    mem.write_slice(&buf[..n], GuestAddress(gpa + done))
+        for map in maps {
+            for b in 0..map.blocks() {
+                let n = map.block_len(b);
+                if map.stored(b) {
+                    self.input.read_exact(&mut buf).map_err(|e| {
+                        if e.kind() == io::ErrorKind::UnexpectedEof {
+                            SnapshotError::Malformed("guest memory is cut short".into())
+                        } else {
+                            SnapshotError::Io(e)
+                        }
+                    })?;
+                    self.pos += MEMORY_BLOCK as u64;
+                    mem.write_slice(&buf[..n as usize], GuestAddress(map.gpa + b * BLOCK))
                         .map_err(|e| {
                             SnapshotError::Malformed(format!("writing guest memory: {e}"))
                         })?;
                 }
-                other => {
-                    return Err(SnapshotError::Malformed(format!(
-                        "memory block flag {other}"
-                    )));
+                if let Some(p) = &mut self.progress {
+                    p.advance(n);
                 }
-            }
-            done += n as u64;
-            if let Some(p) = &mut self.progress {
-                p.advance(n as u64);
             }
         }
         Ok(())
+    }
+}
+
+const BLOCK: u64 = MEMORY_BLOCK as u64;
+
+/// A RAM region as the stream lays it out: which of its blocks are stored.
+#[derive(Clone, Debug)]
+pub struct MemoryMap {
+    pub gpa: u64,
+    pub size: u64,
+    bitmap: Vec<u8>,
+}
+
+impl MemoryMap {
+    /// From a [`Tag::Memory`] record, which must describe region `rec.index` of `regions`.
+    fn parse(rec: &Record, regions: &[(u64, u64)]) -> Result<Self, SnapshotError> {
+        let gpa = record_u64(&rec.data, 0)?;
+        let size = record_u64(&rec.data, 8)?;
+        if regions.get(rec.index as usize) != Some(&(gpa, size)) {
+            return Err(SnapshotError::Mismatch(format!(
+                "memory record {gpa:#x}+{size:#x} is not RAM region {} of this VM",
+                rec.index
+            )));
+        }
+        let bitmap = rec.data[16..].to_vec();
+        if bitmap.len() as u64 != size.div_ceil(BLOCK).div_ceil(8) {
+            return Err(SnapshotError::Malformed(format!(
+                "the block map of region {} has {} bytes for {size:#x} bytes of RAM",
+                rec.index,
+                bitmap.len()
+            )));
+        }
+        Ok(Self { gpa, size, bitmap })
+    }
+
+    pub fn blocks(&self) -> u64 {
+        self.size.div_ceil(BLOCK)
+    }
+
+    /// Bytes of RAM in block `b` (the last block of a region may be short).
+    pub fn block_len(&self, b: u64) -> u64 {
+        BLOCK.min(self.size - b * BLOCK)
+    }
+
+    /// Whether block `b` is in the stream (otherwise it is zero).
+    pub fn stored(&self, b: u64) -> bool {
+        self.bitmap[(b / 8) as usize] & (1 << (b % 8)) != 0
+    }
+
+    /// Number of stored blocks.
+    pub fn stored_count(&self) -> u64 {
+        self.bitmap.iter().map(|b| u64::from(b.count_ones())).sum()
     }
 }
 
@@ -491,10 +585,15 @@ impl Drop for Progress {
     }
 }
 
+/// The sealed file a restore reads: sequentially for the state, then by chunk for lazy memory.
+pub type SealedFile = bulwark_seal::SealReader<std::fs::File>;
+
 /// A snapshot opened for restore: its header, and the reader positioned after it.
-pub struct Restore {
+pub struct Restore<R: Read = SealedFile> {
     pub header: Header,
-    pub reader: RecordReader<Box<dyn Read + Send>>,
+    pub reader: RecordReader<R>,
+    /// Fill memory when the guest first touches it, not before it runs.
+    pub lazy: Option<lazy::OnFatal>,
 }
 
 impl Restore {
@@ -503,12 +602,45 @@ impl Restore {
         path: &std::path::Path,
         key: &bulwark_seal::OwnerKey,
     ) -> Result<Self, SnapshotError> {
-        let r = open_sealed(path, key)?;
-        let mut reader = RecordReader::new(Box::new(r.input) as Box<dyn Read + Send>);
+        let mut reader = open_sealed(path, key)?;
         let header = reader.header()?;
-        Ok(Self { header, reader })
+        Ok(Self {
+            header,
+            reader,
+            lazy: None,
+        })
     }
 
+    /// Restores memory lazily ([`lazy`]): the guest runs as soon as its state is back, and
+    /// each memory block is authenticated, decrypted and placed when first touched, or by a
+    /// background pass. A block that fails authentication then cannot be placed; `on_fatal`
+    /// gets the reason and must end the VM (the vCPU that touched it waits forever).
+    pub fn lazily(mut self, on_fatal: lazy::OnFatal) -> Self {
+        self.lazy = Some(on_fatal);
+        self
+    }
+
+    /// Reads the rest (see [`Restore::read_body`]); lazily if asked: then memory is left to
+    /// the returned state's [`lazy::LazyRestore`], already running.
+    pub fn read(
+        mut self,
+        mem: &vm_memory::GuestMemoryMmap,
+        regions: &[(u64, u64)],
+    ) -> Result<RestoredState, SnapshotError> {
+        let Some(on_fatal) = self.lazy.take() else {
+            return self.read_body(mem, regions);
+        };
+        let (mut state, maps) = self.read_state(regions)?;
+        let start = self.reader.position();
+        let sealed = self.reader.into_inner();
+        state.lazy = Some(lazy::LazyRestore::start(
+            sealed, start, maps, mem, on_fatal,
+        )?);
+        Ok(state)
+    }
+}
+
+impl<R: Read> Restore<R> {
     /// Refuses a snapshot of another kind of VM (`function` or `linux`) or vCPU count than
     /// the one being built.
     pub fn check_fits(&self, kind: &str, vcpus: u32) -> Result<(), SnapshotError> {
@@ -521,13 +653,31 @@ impl Restore {
         Ok(())
     }
 
-    /// Reads the rest: vCPU, VM-wide and device state, and memory into `mem`. The header's
-    /// vCPU count and regions must match the VM being built.
+    /// Reads the rest: vCPU, VM-wide and device state, and memory into `mem`, to the sealed
+    /// end of the file. The header's vCPU count and regions must match the VM being built.
     pub fn read_body(
         mut self,
         mem: &vm_memory::GuestMemoryMmap,
         regions: &[(u64, u64)],
     ) -> Result<RestoredState, SnapshotError> {
+        let (state, maps) = self.read_state(regions)?;
+        self.reader.blocks_into(&maps, mem)?;
+        let end = self.reader.next_record()?;
+        if end.tag != Tag::End || !end.data.is_empty() {
+            return Err(SnapshotError::Malformed(format!(
+                "{:?} after guest memory, not the end record",
+                end.tag
+            )));
+        }
+        self.reader.expect_eof()?;
+        Ok(state)
+    }
+
+    /// Reads the records before guest memory's blocks, up to and including the pad record.
+    fn read_state(
+        &mut self,
+        regions: &[(u64, u64)],
+    ) -> Result<(RestoredState, Vec<MemoryMap>), SnapshotError> {
         if self.header.regions != regions {
             return Err(SnapshotError::Mismatch(format!(
                 "the snapshot's memory layout {:x?} differs from the VM's {regions:x?}",
@@ -545,21 +695,44 @@ impl Restore {
             vcpus: (0..n).map(|_| cpu::VcpuState::default()).collect(),
             vm: cpu::VmState::default(),
             devices: Vec::new(),
+            lazy: None,
         };
-        let mut memory_seen = vec![false; regions.len()];
+        let mut maps: Vec<MemoryMap> = Vec::new();
         loop {
             let rec = self.reader.next_record()?;
+            if !maps.is_empty() && !matches!(rec.tag, Tag::Memory | Tag::Pad) {
+                return Err(SnapshotError::Malformed(format!(
+                    "{:?} among the memory records",
+                    rec.tag
+                )));
+            }
             match rec.tag {
                 Tag::End => {
-                    self.reader.expect_eof()?;
-                    break;
+                    return Err(SnapshotError::Malformed("guest memory is missing".into()));
                 }
                 Tag::Header => return Err(SnapshotError::Malformed("a second header".into())),
                 Tag::Memory => {
-                    self.reader.memory_into(&rec, mem, regions)?;
-                    if let Some(seen) = memory_seen.get_mut(rec.index as usize) {
-                        *seen = true;
+                    if rec.index as usize != maps.len() {
+                        return Err(SnapshotError::Malformed(format!(
+                            "memory record for region {} where region {} belongs",
+                            rec.index,
+                            maps.len()
+                        )));
                     }
+                    maps.push(MemoryMap::parse(&rec, regions)?);
+                }
+                Tag::Pad => {
+                    if maps.len() != regions.len() {
+                        return Err(SnapshotError::Malformed("a RAM region is missing".into()));
+                    }
+                    if !self.reader.position().is_multiple_of(BLOCK)
+                        || rec.data.iter().any(|&b| b != 0)
+                    {
+                        return Err(SnapshotError::Malformed(
+                            "guest memory does not start on a block boundary".into(),
+                        ));
+                    }
+                    return Ok((out, maps));
                 }
                 Tag::Device => out.devices.push((rec.index, rec.data)),
                 _ => {
@@ -573,19 +746,17 @@ impl Restore {
                 }
             }
         }
-        if memory_seen.iter().any(|s| !s) {
-            return Err(SnapshotError::Malformed("a RAM region is missing".into()));
-        }
-        Ok(out)
     }
 }
 
-/// Everything of a snapshot but memory (already in place) and the header.
+/// Everything of a snapshot but memory (in place, or being placed by `lazy`) and the header.
 pub struct RestoredState {
     pub vcpus: Vec<cpu::VcpuState>,
     pub vm: cpu::VmState,
     /// Device records: (device number, the device's own encoding).
     pub devices: Vec<(u32, Vec<u8>)>,
+    /// The lazy restore still filling guest memory, if the restore was lazy.
+    pub lazy: Option<std::sync::Arc<lazy::LazyRestore>>,
 }
 
 impl RestoredState {
@@ -681,7 +852,7 @@ impl Mode0600 for std::fs::OpenOptions {
 pub fn open_sealed(
     path: &std::path::Path,
     key: &bulwark_seal::OwnerKey,
-) -> Result<RecordReader<bulwark_seal::SealReader<io::BufReader<std::fs::File>>>, SnapshotError> {
+) -> Result<RecordReader<SealedFile>, SnapshotError> {
     let open = || {
         std::fs::File::open(path).map_err(|e| {
             SnapshotError::Io(io::Error::new(
@@ -690,11 +861,9 @@ pub fn open_sealed(
             ))
         })
     };
-    let reader = bulwark_seal::SealReader::open(
-        io::BufReader::with_capacity(1 << 20, open()?),
-        key,
-        bulwark_seal::VM_SNAPSHOT,
-    )?;
+    // No BufReader: the sealed reader reads a whole chunk per call, and random chunk reads
+    // (lazy restore) would throw a buffer away on every seek.
+    let reader = bulwark_seal::SealReader::open(open()?, key, bulwark_seal::VM_SNAPSHOT)?;
     Ok(RecordReader::new(reader))
 }
 
