@@ -432,7 +432,7 @@ fn progress_bar(op: &str, done: u64, total: u64, elapsed: std::time::Duration) -
     let frac = if total == 0 {
         1.0
     } else {
-        done as f64 / total as f64
+        (done as f64 / total as f64).min(1.0)
     };
     let filled = ((frac * WIDTH as f64) as u64).min(WIDTH);
     format!(
@@ -521,4 +521,31 @@ pub(crate) fn vm(args: VmArgs) -> ExitCode {
     // The stdin reader may sit in a blocking read; do not wait for it.
     rt.shutdown_background();
     code
+}
+
+#[cfg(test)]
+mod tests {
+    use super::progress_bar;
+    use std::time::Duration;
+
+    #[test]
+    fn progress_bar_fills_in_proportion_and_never_overflows() {
+        let t = Duration::from_millis(2100);
+        assert_eq!(
+            progress_bar("snapshot", 0, 1 << 30, t),
+            format!("snapshot [{}]   0% 0/1024 MiB 2.1 s", ".".repeat(30))
+        );
+        assert_eq!(
+            progress_bar("restore", 460 << 20, 1 << 30, t),
+            format!("restore [{}{}]  45% 460/1024 MiB 2.1 s", "#".repeat(13), ".".repeat(17))
+        );
+        let full = format!("restore [{}] 100% 1024/1024 MiB 2.1 s", "#".repeat(30));
+        assert_eq!(progress_bar("restore", 1 << 30, 1 << 30, t), full);
+        // A report past its total (or of nothing) is drawn full, not past the bar.
+        assert_eq!(
+            progress_bar("restore", 2 << 30, 1 << 30, t),
+            full.replace("1024/1024", "2048/1024")
+        );
+        assert!(progress_bar("snapshot", 0, 0, t).contains(&"#".repeat(30)));
+    }
 }
