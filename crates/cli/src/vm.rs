@@ -537,7 +537,11 @@ mod tests {
         );
         assert_eq!(
             progress_bar("restore", 460 << 20, 1 << 30, t),
-            format!("restore [{}{}]  45% 460/1024 MiB 2.1 s", "#".repeat(13), ".".repeat(17))
+            format!(
+                "restore [{}{}]  45% 460/1024 MiB 2.1 s",
+                "#".repeat(13),
+                ".".repeat(17)
+            )
         );
         let full = format!("restore [{}] 100% 1024/1024 MiB 2.1 s", "#".repeat(30));
         assert_eq!(progress_bar("restore", 1 << 30, 1 << 30, t), full);

@@ -309,6 +309,7 @@ fn lazily_restored_guest_carries_on_while_its_memory_follows() {
         })
         .unwrap_or_else(|| panic!("no describe with lazy_restore: {out}"));
     let lazy = &describe["live"]["lazy_restore"];
+    eprintln!("rig: lazy restore progress at the end {lazy}");
     assert_eq!(lazy["complete"], true, "{lazy}");
     assert!(lazy["blocks"].as_u64().unwrap() > 16, "{lazy}");
     assert_eq!(lazy["placed"], lazy["blocks"], "{lazy}");
