@@ -15,8 +15,10 @@
  *       (the payload has touched its memory and is blocked reading the console), reads
  *       /proc/PID/status and /proc/PID/smaps, then closes stdin so the payload exits, and prints
  *         vmhwm_kib= vmrss_kib= rssanon_kib= rssfile_kib= rssshmem_kib= guestram_rss_kib=
- *         maxrss_kib= status= ready=
- *       guestram_rss_kib is the Rss of the guest-RAM memfd mapping in smaps.
+ *         maxrss_kib= jail_outer_rss_kib= status= ready=
+ *       guestram_rss_kib is the Rss of the guest-RAM memfd mapping in smaps. PID is the monitor:
+ *       for a jailed `bulwark run` the only child of the process started, whose own VmRSS (the
+ *       jail's outer process, which only waits) is jail_outer_rss_kib (0 without a jail).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -159,6 +161,35 @@ static long guest_ram_rss(pid_t pid)
     return rss;
 }
 
+/* The monitor of a jailed `bulwark run`: the only child of the process started (the jail's
+ * outer process waits for it); the process itself when it has no child (--no-jail). */
+static pid_t monitor_of(pid_t pid)
+{
+    char path[96], text[256];
+    snprintf(path, sizeof path, "/proc/%d/task/%d/children", pid, pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return pid;
+    size_t len = fread(text, 1, sizeof text - 1, f);
+    text[len] = 0;
+    fclose(f);
+    long child = strtol(text, NULL, 10);
+    return child > 0 ? (pid_t)child : pid;
+}
+
+static long vmrss_of(pid_t pid)
+{
+    char path[64], status[8192];
+    snprintf(path, sizeof path, "/proc/%d/status", pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return -1;
+    size_t len = fread(status, 1, sizeof status - 1, f);
+    status[len] = 0;
+    fclose(f);
+    return status_field(status, "VmRSS:");
+}
+
 static int cmd_mem(char **cmd)
 {
     int out, in;
@@ -167,7 +198,7 @@ static int cmd_mem(char **cmd)
     char buf[4096];
     size_t have = 0;
     int ready = 0;
-    long hwm = -1, rss = -1, anon = -1, file = -1, shmem = -1, ram = -1;
+    long hwm = -1, rss = -1, anon = -1, file = -1, shmem = -1, ram = -1, outer = 0;
     for (;;) {
         ssize_t n = read(out, buf + have, sizeof buf - 1 - have);
         if (n < 0 && errno == EINTR)
@@ -178,8 +209,11 @@ static int cmd_mem(char **cmd)
         buf[have] = 0;
         if (!ready && strstr(buf, "ready") && strchr(strstr(buf, "ready"), '\n')) {
             ready = 1;
+            pid_t mon = monitor_of(pid);
+            if (mon != pid)
+                outer = vmrss_of(pid);
             char path[64], status[8192];
-            snprintf(path, sizeof path, "/proc/%d/status", pid);
+            snprintf(path, sizeof path, "/proc/%d/status", mon);
             FILE *f = fopen(path, "r");
             if (!f)
                 die(path);
@@ -191,7 +225,7 @@ static int cmd_mem(char **cmd)
             anon = status_field(status, "RssAnon:");
             file = status_field(status, "RssFile:");
             shmem = status_field(status, "RssShmem:");
-            ram = guest_ram_rss(pid);
+            ram = guest_ram_rss(mon);
             close(in);
         }
         if (have > sizeof buf / 2)
@@ -204,8 +238,8 @@ static int cmd_mem(char **cmd)
     if (wait4(pid, &st, 0, &ru) < 0)
         die("wait4");
     printf("vmhwm_kib=%ld vmrss_kib=%ld rssanon_kib=%ld rssfile_kib=%ld rssshmem_kib=%ld "
-           "guestram_rss_kib=%ld maxrss_kib=%ld status=%d ready=%d\n",
-           hwm, rss, anon, file, shmem, ram, ru.ru_maxrss, status_code(st), ready);
+           "guestram_rss_kib=%ld maxrss_kib=%ld jail_outer_rss_kib=%ld status=%d ready=%d\n",
+           hwm, rss, anon, file, shmem, ram, ru.ru_maxrss, outer, status_code(st), ready);
     return 0;
 }
 

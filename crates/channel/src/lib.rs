@@ -188,6 +188,19 @@ pub enum Response {
     },
 }
 
+/// An error and its causes as one line (`outer: inner: innermost`), for errors that leave a
+/// process as text (the channel's error replies, the daemon's HTTP error bodies).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 /// Stable error codes a monitor returns.
 pub mod error_code {
     /// The request does not fit the VM's state (resume a running VM).

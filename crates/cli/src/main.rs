@@ -4,6 +4,7 @@
 mod agent;
 mod config;
 mod image_args;
+mod jail;
 mod logging;
 mod monitor;
 mod run;
@@ -94,6 +95,10 @@ pub(crate) struct RunArgs {
     /// Never move a Linux guest into the nested rig, even on a software-virtualization host.
     #[arg(long)]
     pub(crate) no_rig: bool,
+    /// Run the monitor without its jail (namespaces, minimal root, no capabilities, cgroup
+    /// limits). Less safe: for debugging only.
+    #[arg(long)]
+    pub(crate) no_jail: bool,
     /// Guest memory: 16M, 256M, 1G [default: 16M for payloads (a multiple of 2 MiB), 256M for
     /// Linux].
     #[arg(long, value_parser = parse_size)]

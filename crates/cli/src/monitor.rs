@@ -33,6 +33,23 @@ pub(crate) struct MonitorArgs {
     /// Resume the guest as soon as its state is back and restore memory as it is touched.
     #[arg(long, requires = "restore")]
     lazy: bool,
+    /// Run without the jail (less safe: for debugging only).
+    #[arg(long)]
+    no_jail: bool,
+}
+
+/// Enters the jail (state directory writable, `extra` readable), unless told not to.
+fn jail(
+    spec: &VmSpec,
+    dir: &Path,
+    extra: &[std::path::PathBuf],
+    no_jail: bool,
+) -> anyhow::Result<()> {
+    if no_jail {
+        eprintln!("{}", crate::jail::NO_JAIL_WARNING);
+        return Ok(());
+    }
+    crate::jail::enter(spec, Some(dir), extra)
 }
 
 /// `exit.json`: how the VM ended.
@@ -73,7 +90,13 @@ fn write_atomic(path: &Path, text: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-fn restore(dir: &Path, file: &Path, lazy: bool, verbose: bool) -> anyhow::Result<RunReport> {
+fn restore(
+    dir: &Path,
+    file: &Path,
+    lazy: bool,
+    no_jail: bool,
+    verbose: bool,
+) -> anyhow::Result<RunReport> {
     let key = key_from_stdin()?;
     // The whole file is authenticated before anything in it is used (lazily: the state and
     // the file's end before the guest runs, each memory block before the guest sees it).
@@ -108,6 +131,7 @@ fn restore(dir: &Path, file: &Path, lazy: bool, verbose: bool) -> anyhow::Result
     spec.check()?;
     write_atomic(&dir.join(SPEC_FILE), snapshot.header.spec.as_bytes())?;
     let vm = vm_spec_from(&RunArgs::default(), spec, verbose)?;
+    jail(&vm, dir, &[file.to_path_buf()], no_jail)?;
     let io = ConsoleIo::managed(dir)?;
     Ok(match &vm {
         VmSpec::Function(cfg) => bulwark_monitor::restore_function(cfg, snapshot, io)?,
@@ -115,7 +139,7 @@ fn restore(dir: &Path, file: &Path, lazy: bool, verbose: bool) -> anyhow::Result
     })
 }
 
-fn start(dir: &Path, verbose: bool) -> anyhow::Result<RunReport> {
+fn start(dir: &Path, no_jail: bool, verbose: bool) -> anyhow::Result<RunReport> {
     let text = std::fs::read_to_string(dir.join(SPEC_FILE))?;
     let file = FileConfig::from_json(&text)?;
     file.check()?;
@@ -125,6 +149,7 @@ fn start(dir: &Path, verbose: bool) -> anyhow::Result<RunReport> {
             "this host's KVM is software virtualization (kvm_pvm), which cannot run Linux guests in useful time; run bulwarkd on a host with VT-x or AMD-V, or inside `bulwark rig`"
         );
     }
+    jail(&spec, dir, &[], no_jail)?;
     let io = ConsoleIo::managed(dir)?;
     Ok(match &spec {
         VmSpec::Function(cfg) => bulwark_monitor::run_function(cfg, io)?,
@@ -135,8 +160,8 @@ fn start(dir: &Path, verbose: bool) -> anyhow::Result<RunReport> {
 pub(crate) fn run(args: &MonitorArgs, verbose: bool) -> ExitCode {
     let _ = std::fs::remove_file(args.dir.join(EXIT_FILE));
     let result = match &args.restore {
-        Some(file) => restore(&args.dir, file, args.lazy, verbose),
-        None => start(&args.dir, verbose),
+        Some(file) => restore(&args.dir, file, args.lazy, args.no_jail, verbose),
+        None => start(&args.dir, args.no_jail, verbose),
     };
     match result {
         Ok(report) => {

@@ -301,6 +301,12 @@ pub fn run(args: &RunArgs, verbose: bool) -> ExitCode {
         tool_args.extend(argv);
         return crate::tools::exec(tool_args);
     }
+    if args.no_jail {
+        eprintln!("{}", crate::jail::NO_JAIL_WARNING);
+    } else if let Err(e) = crate::jail::enter(&spec, None, &[]) {
+        eprintln!("bulwark: {e:#}");
+        return ExitCode::from(EXIT_SETUP);
+    }
     let result = match &spec {
         VmSpec::Function(cfg) => bulwark_monitor::run_function(cfg, ConsoleIo::stdio()),
         VmSpec::Linux(cfg) => bulwark_monitor::run_linux(cfg, ConsoleIo::stdio()),

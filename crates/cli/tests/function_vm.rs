@@ -336,14 +336,21 @@ fn missing_or_forbidden_kvm_is_explained() {
         stderr(&o)
     );
 
-    // A /dev/kvm the user may not open.
-    let o = in_mount_namespace(&format!(
-        "mount -t tmpfs none /dev && mknod -m 600 /dev/kvm c 10 232 && \
-         exec setpriv --reuid=65534 --regid=65534 --clear-groups {run}"
-    ));
+    // A /dev/kvm the user may not open (an unprivileged user: without the jail, which needs
+    // root — and says so).
+    let as_nobody = "mount -t tmpfs none /dev && mknod -m 600 /dev/kvm c 10 232 && \
+         exec setpriv --reuid=65534 --regid=65534 --clear-groups";
+    let o = in_mount_namespace(&format!("{as_nobody} {run} --no-jail"));
     assert_eq!(o.status.code(), Some(125), "{}", stderr(&o));
     assert!(
         stderr(&o).contains("permission denied opening /dev/kvm"),
+        "{}",
+        stderr(&o)
+    );
+    let o = in_mount_namespace(&format!("{as_nobody} {run}"));
+    assert_eq!(o.status.code(), Some(125), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("the jail needs root") && stderr(&o).contains("--no-jail"),
         "{}",
         stderr(&o)
     );

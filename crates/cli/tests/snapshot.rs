@@ -311,7 +311,7 @@ fn restore_refuses_tampered_truncated_and_wrong_key_files_and_resumes_nothing() 
     let mut con = m.console();
     con.send(b"x\n");
     con.expect("line 1: X\n");
-    let good = t.path("good.bwsnap");
+    let good = t.path("vm/good.bwsnap");
     assert!(matches!(
         snapshot(&m, &good, KEY, false),
         Response::Snapshot { .. }
@@ -380,7 +380,7 @@ fn lazy_restore_resumes_first_and_puts_every_byte_back() {
     let sum = memory_sum(&mut con);
     con.send(b"before\n");
     con.expect("line 1: BEFORE\n");
-    let file = t.path("dense.bwsnap");
+    let file = t.path("vm/dense.bwsnap");
     assert!(matches!(
         snapshot(&m, &file, KEY, false),
         Response::Snapshot { .. }
@@ -408,7 +408,7 @@ fn lazy_restore_resumes_first_and_puts_every_byte_back() {
     con.expect("line 2: AFTER\n");
     // A lazily restored VM snapshots again (once its memory is all in place), and that file
     // restores the ordinary way to the same memory.
-    let again = t.path("again.bwsnap");
+    let again = t.path("lazy/again.bwsnap");
     assert!(matches!(
         snapshot(&r, &again, KEY, false),
         Response::Snapshot { .. }
@@ -488,13 +488,17 @@ fn lazy_restore_resumes_first_and_puts_every_byte_back() {
 fn snapshot_onto_a_full_disk_fails_and_keeps_the_old_snapshot() {
     require_kvm();
     let t = TestDir::new("snap-full");
-    let m = Monitor::start(&tally_vm(&t, "vm", "4M"));
-    // A filesystem with room for one snapshot of this VM but not a second beside it.
-    let probe = t.path("probe.bwsnap");
+    let dir = tally_vm(&t, "vm", "4M");
+    // A filesystem with room for one snapshot of this VM but not a second beside it, inside
+    // the VM's directory (all a jailed monitor sees), mounted before the monitor starts (its
+    // jail does not see later mounts). A first monitor measures the snapshot's size.
+    let probe = t.path("vm/probe.bwsnap");
+    let m = Monitor::start(&dir);
     let r = snapshot(&m, &probe, KEY, false);
     assert!(matches!(r, Response::Snapshot { .. }), "{r:?}");
+    drop(m);
     let room = (std::fs::metadata(&probe).unwrap().len() * 3 / 2).div_ceil(4096) * 4096;
-    let small = t.path("small");
+    let small = t.path("vm/small");
     std::fs::create_dir_all(&small).unwrap();
     let mounted = Command::new("mount")
         .args(["-t", "tmpfs", "-o", &format!("size={room}"), "tmpfs"])
@@ -509,6 +513,7 @@ fn snapshot_onto_a_full_disk_fails_and_keeps_the_old_snapshot() {
         }
     }
     let _unmount = Unmount(small.clone());
+    let m = Monitor::start(&dir);
     let file = small.join("vm.bwsnap");
     let mut con = m.console();
     con.send(b"first\n");
@@ -564,13 +569,23 @@ fn snapshot_requests_with_bad_arguments_are_refused_and_leave_paused_holds() {
         code(snapshot(&m, &t.path("no/such/dir/a.bwsnap"), KEY, false)),
         "failed"
     );
+    // The jail shows the monitor its own VM directory only: a path beside it (which exists
+    // on the host) is refused, and the message says where snapshots go.
+    match snapshot(&m, &t.path("beside-the-vm.bwsnap"), KEY, false) {
+        Response::Error { code, message } => {
+            assert_eq!(code, "failed");
+            assert!(message.contains("VM directory"), "{message}");
+        }
+        other => panic!("a snapshot outside the jail was written: {other:?}"),
+    }
+    assert!(!t.path("beside-the-vm.bwsnap").exists());
     assert_eq!(
         m.state(),
         RunState::Running,
         "failed snapshots resume the VM"
     );
     assert!(matches!(
-        snapshot(&m, &t.path("p.bwsnap"), KEY, true),
+        snapshot(&m, &t.path("vm/p.bwsnap"), KEY, true),
         Response::Snapshot { .. }
     ));
     assert_eq!(m.state(), RunState::Paused);
@@ -587,7 +602,7 @@ fn snapshot_requests_with_bad_arguments_are_refused_and_leave_paused_holds() {
         serde_json::json!({ "payload": payload, "memory": "4M", "drive": [{ "path": disk }] });
     std::fs::write(dir.join("spec.json"), spec.to_string()).unwrap();
     let m = Monitor::start(&dir);
-    match snapshot(&m, &t.path("d.bwsnap"), KEY, false) {
+    match snapshot(&m, &t.path("vm/d.bwsnap"), KEY, false) {
         Response::Error { code, message } => {
             assert_eq!(code, "unsupported");
             assert!(message.contains("virtio drives"), "{message}");
@@ -627,7 +642,7 @@ fn snapshot_and_restore_report_progress_in_the_vm_directory() {
     };
     let over = Arc::new(AtomicBool::new(false));
     let watcher = watch(dir.clone(), "snapshot", over.clone());
-    let file = t.path("p.bwsnap");
+    let file = t.path("vm/p.bwsnap");
     let r = snapshot(&m, &file, KEY, false);
     over.store(true, Ordering::Release);
     assert!(matches!(r, Response::Snapshot { .. }), "{r:?}");

@@ -42,14 +42,4 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/bulwark";
 /// The API socket's name in the state directory.
 pub const SOCKET_NAME: &str = "bulwarkd.sock";
 
-/// An error and its causes, `: `-separated.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use bulwark_channel::error_chain;

@@ -512,10 +512,27 @@ fn monitor_killed_by_signal_is_reported_and_requests_fail_cleanly() {
         let op = d.operator();
         create_echo(&op, "victim").await;
         let pid = monitor_pid(&start(&op, "victim").await);
+        // The jailed monitor is the child of the process the daemon started; it dies with it.
+        let inner: Vec<u32> = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|s| s.parse().ok())
+            .collect();
         Command::new("kill")
             .args(["-9", &pid.to_string()])
             .status()
             .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while inner
+            .iter()
+            .any(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the jailed monitor outlived its process"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         // Right after the kill the daemon may not have noticed yet: either answer is fine.
         let (status, code) = err(&op, "POST", "/v1/vms/victim/pause", None).await;
         assert!(

@@ -50,8 +50,10 @@ pub fn open() -> Result<Kvm, KvmError> {
 
 /// Whether this host's KVM is software virtualization (`kvm_pvm`): CPL3 guest code runs
 /// natively, CPL0 code is emulated, and stock Linux guests cannot boot in useful time.
+/// Asked once per process (a jailed monitor cannot see `/sys`; it asks before the jail).
 pub fn is_software_virtualization() -> bool {
-    Path::new("/sys/module/kvm_pvm").exists()
+    static PVM: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PVM.get_or_init(|| Path::new("/sys/module/kvm_pvm").exists())
 }
 
 /// Total host RAM in bytes.

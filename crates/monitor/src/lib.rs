@@ -25,7 +25,7 @@ pub mod vcpu;
 pub mod vm;
 
 pub use bulwark_devices::virtio::block::DriveConfig;
-pub use bulwark_devices::virtio::net::{NetConfig, random_mac};
+pub use bulwark_devices::virtio::net::{NetConfig, preopen_tap, random_mac};
 pub use bulwark_devices::virtio::vsock::VsockConfig;
 pub use linux::{LinuxVmConfig, restore_linux, run_linux};
 pub use outcome::{FaultReport, RunReport, StopReason, VmStats};

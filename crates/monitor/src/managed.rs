@@ -147,6 +147,22 @@ struct Listeners {
     console: UnixListener,
 }
 
+/// The process id describe reports (0: this process's own).
+static REPORTED_PID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Reports `pid` as the monitor's process id: a jailed monitor is PID 1 of its own namespace,
+/// while the control plane knows the jail's outer process, which it started.
+pub fn set_reported_pid(pid: u32) {
+    REPORTED_PID.store(pid, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn reported_pid() -> u32 {
+    match REPORTED_PID.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => std::process::id(),
+        pid => pid,
+    }
+}
+
 fn bind(dir: &Path, name: &str) -> Result<UnixListener, ManagedError> {
     let path = dir.join(name);
     // A socket left by an earlier monitor of this VM is stale: that monitor is gone (the
@@ -575,12 +591,13 @@ impl ManagedServer {
             Err(e) => Response::error(
                 error_code::FAILED,
                 format!(
-                    "snapshot failed, the VM {}: {e}",
+                    "snapshot failed, the VM {}: {}",
                     if leave_paused || was_paused {
                         "stays paused"
                     } else {
                         "runs on"
-                    }
+                    },
+                    bulwark_channel::error_chain(&e)
                 ),
             ),
         }
@@ -695,7 +712,7 @@ impl ManagedServer {
                         .collect(),
                 })
                 .collect(),
-            pid: std::process::id(),
+            pid: reported_pid(),
             lazy_restore: (self.view.snapshot.as_ref())
                 .and_then(|s| s.base().lazy.as_ref())
                 .map(|l| l.info()),

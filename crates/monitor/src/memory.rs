@@ -238,7 +238,13 @@ impl GuestRam {
     ///
     /// Huge pages matter: every guest TLB miss walks the host's page tables too, and with 4 KiB
     /// host pages a Linux guest boots about twice as slowly (measured in the nested rig).
+    /// Asked once per process (a jailed monitor cannot see `/sys`; it asks before the jail).
     pub fn huge_backing() -> Backing {
+        static BACKING: std::sync::OnceLock<Backing> = std::sync::OnceLock::new();
+        *BACKING.get_or_init(Self::find_huge_backing)
+    }
+
+    fn find_huge_backing() -> Backing {
         let policy = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
             .unwrap_or_default();
         let selected = policy

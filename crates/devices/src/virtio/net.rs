@@ -105,13 +105,39 @@ pub struct Net {
     stats: Arc<DeviceStats>,
 }
 
+/// Taps opened ahead of time, by configured name: a jailed monitor opens its taps before it
+/// drops the privilege that opening (or creating) one takes, and its devices take them here.
+static PREOPENED: std::sync::Mutex<Vec<(String, std::fs::File, String)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Opens (creating if needed) the tap `cfg.tap` now, for the device built later.
+pub fn preopen_tap(cfg: &NetConfig) -> Result<(), NetError> {
+    let (tap, name) =
+        sys::tap_open(&cfg.tap, VNET_HDR_LEN as i32).map_err(|source| NetError::Tap {
+            name: cfg.tap.clone(),
+            source,
+        })?;
+    let mut taps = PREOPENED.lock().unwrap_or_else(|e| e.into_inner());
+    taps.push((cfg.tap.clone(), tap, name));
+    Ok(())
+}
+
 impl Net {
     pub fn new(cfg: &NetConfig, events: DeviceEvents) -> Result<Self, NetError> {
-        let (tap, name) =
-            sys::tap_open(&cfg.tap, VNET_HDR_LEN as i32).map_err(|source| NetError::Tap {
-                name: cfg.tap.clone(),
-                source,
-            })?;
+        let preopened = {
+            let mut taps = PREOPENED.lock().unwrap_or_else(|e| e.into_inner());
+            let at = taps.iter().position(|(n, _, _)| *n == cfg.tap);
+            at.map(|i| taps.remove(i))
+        };
+        let (tap, name) = match preopened {
+            Some((_, tap, name)) => (tap, name),
+            None => {
+                sys::tap_open(&cfg.tap, VNET_HDR_LEN as i32).map_err(|source| NetError::Tap {
+                    name: cfg.tap.clone(),
+                    source,
+                })?
+            }
+        };
         Ok(Self {
             tap,
             name,

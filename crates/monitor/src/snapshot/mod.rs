@@ -812,7 +812,22 @@ pub fn write_sealed(
             .create(true)
             .truncate(true)
             .mode_0600()
-            .open(&tmp)?;
+            .open(&tmp)
+            .map_err(|e| {
+                let outside = matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::ReadOnlyFilesystem
+                );
+                let hint = if outside {
+                    " (a jailed monitor sees only its own VM directory: write snapshots there)"
+                } else {
+                    ""
+                };
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot create {}: {e}{hint}", tmp.display()),
+                )
+            })?;
         let mut sealed = bulwark_seal::SealWriter::new(
             io::BufWriter::with_capacity(1 << 20, file),
             key,

@@ -1,0 +1,220 @@
+//! Putting a monitor in its jail (`bulwark-sandbox`): what a VM needs to see, taken from its
+//! configuration, and the step that enters the jail before the VM is built.
+
+use std::path::{Path, PathBuf};
+
+use bulwark_sandbox::{Bind, Jail, Limits};
+
+use crate::run::VmSpec;
+
+/// Said on every run without a jail.
+pub(crate) const NO_JAIL_WARNING: &str = "bulwark: WARNING: --no-jail: this VM's monitor runs with all of your privileges and sees the whole host; a guest that breaks out of the monitor owns whatever you own. Use it for debugging only.";
+
+/// Where a vsock device's host sockets live: the directory of its socket path (the monitor
+/// listens at PATH and connects to PATH_<port> siblings).
+fn socket_dir(socket: &Path) -> PathBuf {
+    let abs = std::path::absolute(socket).unwrap_or_else(|_| socket.to_path_buf());
+    abs.parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| "/".into())
+}
+
+/// The jail of the VM `spec`; `state_dir` is a managed monitor's directory (written), and
+/// `extra` what else it reads (a snapshot to restore).
+pub(crate) fn plan(spec: &VmSpec, state_dir: Option<&Path>, extra: &[PathBuf]) -> Jail {
+    let mut binds = Vec::new();
+    // /dev/random and /dev/urandom: in this static binary the getrandom crate cannot find
+    // libc's getrandom() and reads the device files instead (it polls /dev/random once, then
+    // reads /dev/urandom); /dev/null for whatever redirects there.
+    let mut devices = vec![
+        PathBuf::from(bulwark_monitor::kvm::KVM_PATH),
+        "/dev/random".into(),
+        "/dev/urandom".into(),
+        "/dev/null".into(),
+    ];
+    let (memory, vcpus, drives, vsock, nets) = match spec {
+        VmSpec::Function(c) => (c.memory, c.vcpus, &c.drives, None, 0),
+        VmSpec::Linux(c) => (c.memory, c.vcpus, &c.drives, c.vsock.as_ref(), c.nets.len()),
+    };
+    for d in drives {
+        let path = std::path::absolute(&d.path).unwrap_or_else(|_| d.path.clone());
+        binds.push(if d.read_only {
+            Bind::read_only(path)
+        } else {
+            Bind::writable(path)
+        });
+    }
+    if let Some(v) = vsock {
+        binds.push(Bind::writable(socket_dir(&v.socket)));
+    }
+    if let Some(dir) = state_dir {
+        binds.push(Bind::writable(
+            std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf()),
+        ));
+    }
+    for p in extra {
+        binds.push(Bind::read_only(
+            std::path::absolute(p).unwrap_or_else(|_| p.clone()),
+        ));
+    }
+    if nets > 0 {
+        devices.push("/dev/net/tun".into());
+    }
+    // Lazy restore's userfaultfd, for a monitor without CAP_SYS_PTRACE.
+    if Path::new("/dev/userfaultfd").exists() {
+        devices.push("/dev/userfaultfd".into());
+    }
+    // A path that does not exist stays out: the monitor then reports it in its own words
+    // (a missing drive, no /dev/kvm) when it tries to use it.
+    binds.retain(|b| b.path.exists());
+    devices.retain(|d| d.exists());
+    binds.sort_by(|a, b| a.path.cmp(&b.path));
+    binds.dedup_by(|a, b| {
+        // The same path twice: keep it writable if either wants that.
+        if a.path == b.path {
+            b.writable |= a.writable;
+            true
+        } else {
+            false
+        }
+    });
+    Jail {
+        name: format!("vm-{}", std::process::id()),
+        binds,
+        devices,
+        host_network: nets > 0,
+        limits: Limits {
+            // Guest RAM is charged to the cgroup; the monitor itself, its page tables and the
+            // page cache of a snapshot being written fit in the rest.
+            memory_bytes: Some(memory + (512 << 20)),
+            cpus: Some(f64::from(vcpus) + 1.0),
+            pids: Some(64 + 4 * u64::from(vcpus)),
+            open_files: 4096,
+        },
+    }
+}
+
+/// Opens what needs privileges, learns what the jail hides, and enters the jail. Returns in
+/// the jailed process (the caller's parent process waits outside and exits as it does).
+pub(crate) fn enter(
+    spec: &VmSpec,
+    state_dir: Option<&Path>,
+    extra: &[PathBuf],
+) -> anyhow::Result<()> {
+    if let VmSpec::Linux(c) = spec {
+        for n in &c.nets {
+            bulwark_monitor::preopen_tap(n)?;
+        }
+    }
+    // Host facts read from /sys, which the jail does not show.
+    bulwark_monitor::kvm::is_software_virtualization();
+    bulwark_monitor::memory::GuestRam::huge_backing();
+    let jail = plan(spec, state_dir, extra);
+    let outer = std::process::id();
+    let entered = bulwark_sandbox::enter(&jail)?;
+    bulwark_monitor::managed::set_reported_pid(outer);
+    for line in &entered.applied {
+        tracing::info!("jail: {line}");
+    }
+    // Test-only hook, in debug builds only: try what the jail must stop, from inside it.
+    if cfg!(debug_assertions) && std::env::var_os("BULWARK_JAIL_PROBE").is_some() {
+        let landlock = entered
+            .applied
+            .iter()
+            .find_map(|l| l.strip_prefix("landlock: "))
+            .unwrap_or("missing");
+        println!("probe landlock: {landlock}");
+        probe(&jail);
+    }
+    Ok(())
+}
+
+/// Prints one line per attempt, `probe <name>: <outcome>`, then exits. Run by the tests
+/// (`crates/cli/tests/jail.rs`) in debug builds; release builds do not have it.
+fn probe(jail: &Jail) -> ! {
+    fn outcome<T>(r: std::io::Result<T>) -> String {
+        match r {
+            Ok(_) => "allowed".into(),
+            Err(e) => format!("denied ({})", e.raw_os_error().map_or(0, |c| c)),
+        }
+    }
+    let say = |name: &str, what: String| println!("probe {name}: {what}");
+    say("read-host-file", outcome(std::fs::read("/etc/passwd")));
+    say(
+        "read-host-kvm-module",
+        outcome(std::fs::metadata("/sys/module/kvm")),
+    );
+    say("write-root", outcome(std::fs::write("/probe", b"x")));
+    say(
+        "mount",
+        outcome(bulwark_sandbox::try_mount_tmpfs(std::path::Path::new(
+            "/proc",
+        ))),
+    );
+    say(
+        "tcp-connect",
+        outcome(std::net::TcpStream::connect_timeout(
+            &"127.0.0.1:22".parse().expect("address"),
+            std::time::Duration::from_millis(200),
+        )),
+    );
+    say(
+        "capabilities",
+        format!(
+            "{:#x}",
+            bulwark_sandbox::effective_capabilities().unwrap_or(u64::MAX)
+        ),
+    );
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    for key in ["NoNewPrivs:", "CapBnd:", "CapAmb:"] {
+        let v = status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or("?")
+            .trim();
+        say(key.trim_end_matches(':'), v.to_string());
+    }
+    say(
+        "random",
+        match bulwark_seal::OwnerKey::generate() {
+            Ok(_) => "allowed".into(),
+            Err(e) => format!("failed: {e}: {:?}", std::error::Error::source(&e)),
+        },
+    );
+    say("pid", std::process::id().to_string());
+    let mut procs: Vec<String> = std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+                .collect()
+        })
+        .unwrap_or_default();
+    procs.sort();
+    say("processes", procs.join(","));
+    match std::fs::read_dir("/") {
+        Ok(d) => {
+            let mut root: Vec<String> = d
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect();
+            root.sort();
+            say("root", root.join(","));
+        }
+        Err(e) => say("root", outcome::<()>(Err(e))),
+    }
+    for b in &jail.binds {
+        let write = std::fs::OpenOptions::new().append(true).open(&b.path);
+        let what = if b.path.is_dir() {
+            outcome(std::fs::read_dir(&b.path))
+        } else {
+            outcome(write)
+        };
+        say(&format!("bind {}", b.path.display()), what);
+    }
+    say(
+        "cgroup",
+        std::fs::read_to_string("/proc/self/cgroup")
+            .unwrap_or_default()
+            .replace('\n', " "),
+    );
+    std::process::exit(0)
+}
