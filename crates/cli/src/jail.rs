@@ -83,6 +83,7 @@ pub(crate) fn plan(spec: &VmSpec, state_dir: Option<&Path>, extra: &[PathBuf]) -
         binds,
         devices,
         host_network: nets > 0,
+        on_violation: state_dir.map(|_| violation as fn(&str)),
         limits: Limits {
             // Guest RAM is charged to the cgroup; the monitor itself, its page tables and the
             // page cache of a snapshot being written fit in the rest.
@@ -91,6 +92,17 @@ pub(crate) fn plan(spec: &VmSpec, state_dir: Option<&Path>, extra: &[PathBuf]) -
             pids: Some(64 + 4 * u64::from(vcpus)),
             open_files: 4096,
         },
+    }
+}
+
+/// A managed monitor's directory, for the outer process's report of a seccomp violation.
+static STATE_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// In the jail's outer process: the jailed monitor broke its seccomp policy; exit.json says
+/// so (the control plane reads it).
+fn violation(report: &str) {
+    if let Some(dir) = STATE_DIR.get() {
+        crate::monitor::write_failure(dir, report, 123);
     }
 }
 
@@ -110,13 +122,38 @@ pub(crate) fn enter(
     bulwark_monitor::kvm::is_software_virtualization();
     bulwark_monitor::memory::GuestRam::huge_backing();
     let jail = plan(spec, state_dir, extra);
+    if let Some(dir) = state_dir {
+        let _ = STATE_DIR.set(dir.to_path_buf());
+    }
     let outer = std::process::id();
     let entered = bulwark_sandbox::enter(&jail)?;
     bulwark_monitor::managed::set_reported_pid(outer);
+    // The random-number crate opens its device files on first use; do that now, while every
+    // thread may still open files (the seccomp filters do not let most of them).
+    let _ = bulwark_seal::OwnerKey::generate();
     for line in &entered.applied {
         tracing::info!("jail: {line}");
     }
     // Test-only hook, in debug builds only: try what the jail must stop, from inside it.
+    if cfg!(debug_assertions)
+        && let Ok(spec) = std::env::var("BULWARK_JAIL_PROBE")
+        && let Some((role, nr)) = spec
+            .strip_prefix("seccomp:")
+            .and_then(|s| s.split_once(':'))
+    {
+        // A thread of `role` makes system call `nr`: a forbidden one ends the process.
+        use bulwark_sandbox::seccomp::Role;
+        let role = match role {
+            "main" => Role::Main,
+            "vcpu" => Role::Vcpu,
+            "device" => Role::Device,
+            _ => Role::LazyRestore,
+        };
+        let nr: i64 = nr.parse().unwrap_or(-1);
+        let r = bulwark_sandbox::seccomp::probe_forbidden(role, nr);
+        println!("probe seccomp {nr}: allowed ({r:?})");
+        std::process::exit(0);
+    }
     if cfg!(debug_assertions) && std::env::var_os("BULWARK_JAIL_PROBE").is_some() {
         let landlock = entered
             .applied

@@ -76,6 +76,21 @@ fn write_exit(dir: &Path, rec: &ExitRecord) {
     }
 }
 
+/// Records in exit.json that the VM ended with `reason` outside the monitor's own control.
+pub(crate) fn write_failure(dir: &Path, reason: &str, status: u8) {
+    write_exit(
+        dir,
+        &ExitRecord {
+            reason: reason.to_string(),
+            status,
+            clean: false,
+            setup_error: false,
+            elapsed_ms: 0,
+            exits: 0,
+        },
+    );
+}
+
 /// Reads the owner's key from stdin: 64 hex digits and an optional newline.
 fn key_from_stdin() -> anyhow::Result<bulwark_seal::OwnerKey> {
     let mut text = String::new();

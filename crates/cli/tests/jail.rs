@@ -234,3 +234,62 @@ fn no_jail_runs_but_says_loudly_that_it_is_less_safe() {
         .unwrap();
     assert!(stderr(&o).contains("WARNING: --no-jail"), "{}", stderr(&o));
 }
+
+#[test]
+fn seccomp_stops_a_monitor_whose_thread_makes_a_call_its_role_forbids_and_says_which() {
+    require_kvm();
+    let t = TestDir::new("jail-seccomp");
+    let payload = build_payload(&t, "tests/payloads/tally.c");
+    let probe = |spec: &str| {
+        Command::new(bulwark())
+            .env("BULWARK_JAIL_PROBE", spec)
+            .args(["run", "--payload"])
+            .arg(&payload)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    // A call the role needs goes through (the probe then reports it and exits 0).
+    let o = probe("seccomp:main:39");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("probe seccomp 39: allowed"));
+    for (role, nr, name) in [
+        ("vcpu", 101, "ptrace"),
+        ("vcpu", 257, "openat"),
+        ("device", 41, "socket"),
+        ("device", 59, "execve"),
+        ("main", 165, "mount"),
+        ("main", 56, "clone"),
+        ("lazy", 42, "connect"),
+    ] {
+        let o = probe(&format!("seccomp:{role}:{nr}"));
+        assert_eq!(o.status.code(), Some(159), "{role} {name}: {}", stderr(&o));
+        let want = format!("the {role} thread made the forbidden system call {nr} ({name})");
+        assert!(stderr(&o).contains(&want), "{role} {name}: {}", stderr(&o));
+        assert!(
+            !stdout(&o).contains("allowed"),
+            "{role} {name} went through"
+        );
+    }
+    // Under bulwarkd the report reaches the control plane: exit.json names the call.
+    let dir = t.path("vm");
+    std::fs::create_dir_all(&dir).unwrap();
+    let spec = serde_json::json!({ "payload": payload, "memory": "8M" });
+    std::fs::write(dir.join("spec.json"), spec.to_string()).unwrap();
+    let o = Command::new(bulwark())
+        .env("BULWARK_JAIL_PROBE", "seccomp:vcpu:101")
+        .args(["monitor", "--dir"])
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(159), "{}", stderr(&o));
+    let exit: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("exit.json")).unwrap()).unwrap();
+    let reason = exit["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("seccomp") && reason.contains("101 (ptrace)") && reason.contains("vcpu"),
+        "{exit}"
+    );
+    assert_eq!(exit["clean"], false);
+}

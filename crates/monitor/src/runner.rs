@@ -325,6 +325,12 @@ pub fn run_to_end(
         vcpu: ctx,
         kick: &kick,
     });
+    // Every thread of the VM runs now: the event loop's filter is inherited by none of them.
+    if let Err(e) = bulwark_sandbox::seccomp::confine_thread(bulwark_sandbox::seccomp::Role::Main) {
+        ctx.control.stop(StopReason::Monitor(format!(
+            "cannot install the event loop's seccomp filter: {e}"
+        )));
+    }
     console.run(&ctx.control, timeout, started, managed);
     Ok(stop_vcpus(handles))
 }

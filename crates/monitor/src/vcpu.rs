@@ -140,6 +140,15 @@ pub struct Vcpu {
 impl Vcpu {
     /// Runs until this vCPU or another stops the VM.
     pub fn run(mut self) -> VcpuCounters {
+        if let Err(e) =
+            bulwark_sandbox::seccomp::confine_thread(bulwark_sandbox::seccomp::Role::Vcpu)
+        {
+            self.stop(StopReason::Monitor(format!(
+                "cannot install vCPU {}'s seccomp filter: {e}",
+                self.index
+            )));
+            return VcpuCounters::default();
+        }
         let ctx = self.ctx.clone();
         let Some(live) = ctx.live.get(self.index as usize) else {
             self.stop(StopReason::Monitor(format!(

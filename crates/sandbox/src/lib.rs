@@ -22,6 +22,7 @@
 //! path it was given still resolves to the same file.
 
 mod cgroup;
+pub mod seccomp;
 mod sys;
 
 use std::path::{Path, PathBuf};
@@ -41,6 +42,9 @@ pub struct Jail {
     /// empty one.
     pub host_network: bool,
     pub limits: Limits,
+    /// Called in the outer process when the jailed one was stopped by its seccomp policy,
+    /// with the report (which thread role, which system call).
+    pub on_violation: Option<fn(&str)>,
 }
 
 /// A host path the jail shows.
@@ -175,10 +179,15 @@ pub fn enter(jail: &Jail) -> Result<Entered, JailError> {
         let _ = std::fs::remove_dir(&root);
         return Err(JailError::Namespaces(e));
     }
+    let (report_r, report_w) = sys::pipe().map_err(JailError::Fork)?;
     match sys::fork().map_err(JailError::Fork)? {
-        sys::Forked::Parent(child) => wait_and_exit(child, &root, cgroup.as_ref()),
+        sys::Forked::Parent(child) => {
+            drop(report_w);
+            wait_and_exit(child, &root, cgroup.as_ref(), report_r, jail.on_violation)
+        }
         sys::Forked::Child => {}
     }
+    drop(report_r);
     // The jailed child from here on. Errors end it; the parent reports its exit.
     sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong).map_err(|source| {
         JailError::Privileges {
@@ -218,16 +227,40 @@ pub fn enter(jail: &Jail) -> Result<Entered, JailError> {
     drop_privileges()?;
     applied.push("no_new_privs, no capabilities".into());
     applied.push(landlock(jail)?);
+    // Seccomp: each thread installs its role's filter when it starts serving the VM.
+    sys::install_sigsys_handler().map_err(|source| JailError::Privileges {
+        what: "SIGSYS handler",
+        source,
+    })?;
+    {
+        use std::os::fd::IntoRawFd;
+        seccomp::REPORT_FD.store(report_w.into_raw_fd(), std::sync::atomic::Ordering::Relaxed);
+    }
+    seccomp::enable();
+    applied.push("seccomp: a filter per thread role (main, vcpu, device, lazy)".into());
     Ok(Entered { applied })
 }
 
 /// The parent's life: wait for the jailed child, clean up, exit as it did.
-fn wait_and_exit(child: libc::pid_t, root: &Path, cgroup: Option<&Cgroup>) -> ! {
+fn wait_and_exit(
+    child: libc::pid_t,
+    root: &Path,
+    cgroup: Option<&Cgroup>,
+    mut report: std::fs::File,
+    on_violation: Option<fn(&str)>,
+) -> ! {
+    use std::io::Read;
     let _ = sys::forward_signals_to(child);
     let status = sys::wait(child);
     let _ = std::fs::remove_dir(root);
     if let Some(c) = cgroup {
         let _ = c.remove();
+    }
+    // The child's end of the pipe closed when it died: this read does not block.
+    let mut text = String::new();
+    let _ = (&mut report).take(4096).read_to_string(&mut text);
+    if let (Some(hook), Some(line)) = (on_violation, text.lines().next()) {
+        hook(line.trim_start_matches("bulwark: "));
     }
     match status {
         Ok(s) if libc::WIFEXITED(s) => std::process::exit(libc::WEXITSTATUS(s)),

@@ -288,3 +288,100 @@ pub fn landlock_restrict(ruleset: &std::os::fd::OwnedFd) -> io::Result<()> {
     let r = unsafe { libc::syscall(libc::SYS_landlock_restrict_self, ruleset.as_raw_fd(), 0u32) };
     check(r as libc::c_int).map(drop)
 }
+
+/// Writes all of `buf` to `fd`, from a signal handler (write only).
+fn write_all_raw(fd: i32, mut buf: &[u8]) {
+    while !buf.is_empty() {
+        // SAFETY: write from a live slice; async-signal-safe.
+        let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            return;
+        }
+        buf = &buf[n as usize..];
+    }
+}
+
+/// Appends `s` to `out` at `len`, as far as it fits.
+fn push(out: &mut [u8], len: &mut usize, s: &[u8]) {
+    let n = s.len().min(out.len() - *len);
+    out[*len..*len + n].copy_from_slice(&s[..n]);
+    *len += n;
+}
+
+extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // `si_syscall` of the SIGSYS member of siginfo's union: after si_signo, si_errno, si_code,
+    // padding (16 bytes) and si_call_addr (8).
+    // The field lies within siginfo's 128 bytes, which the kernel passes to SA_SIGINFO handlers.
+    let field = info.cast::<u8>().wrapping_add(24).cast::<i32>();
+    // SAFETY: `field` points into the valid siginfo (see above).
+    let nr = unsafe { field.read_unaligned() };
+    let mut msg = [0u8; 256];
+    let mut len = 0;
+    push(&mut msg, &mut len, b"bulwark: seccomp: the ");
+    push(
+        &mut msg,
+        &mut len,
+        crate::seccomp::current_role().as_bytes(),
+    );
+    push(
+        &mut msg,
+        &mut len,
+        b" thread made the forbidden system call ",
+    );
+    let mut digits = [0u8; 12];
+    let mut i = digits.len();
+    let mut v = i64::from(nr).unsigned_abs();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    push(&mut msg, &mut len, &digits[i..]);
+    push(&mut msg, &mut len, b" (");
+    push(
+        &mut msg,
+        &mut len,
+        crate::seccomp::syscall_name(i64::from(nr)).as_bytes(),
+    );
+    push(&mut msg, &mut len, b"); the monitor stops\n");
+    write_all_raw(2, &msg[..len]);
+    let fd = crate::seccomp::REPORT_FD.load(Ordering::Relaxed);
+    if fd >= 0 {
+        write_all_raw(fd, &msg[..len]);
+    }
+    // SAFETY: _exit ends the process at once; async-signal-safe.
+    unsafe { libc::_exit(128 + libc::SIGSYS) };
+}
+
+/// Makes system call `nr` with zero arguments (for the jail's tests: a call a policy forbids).
+pub fn raw_syscall(nr: i64) -> i64 {
+    // SAFETY: the calls the tests make with zero arguments (ptrace(PTRACE_TRACEME), socket(0,
+    // 0, 0), mount of nothing, ...) touch no memory of ours.
+    unsafe { libc::syscall(nr, 0usize, 0usize, 0usize, 0usize) }
+}
+
+/// Installs the SIGSYS handler that reports a seccomp violation and ends the process.
+pub fn install_sigsys_handler() -> io::Result<()> {
+    // SAFETY: sigaction is plain data; all-zero is a valid starting value.
+    let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+    act.sa_sigaction = on_sigsys as *const () as usize;
+    act.sa_flags = libc::SA_SIGINFO;
+    // SAFETY: installs a handler that uses only write and _exit; `act` lives across the call.
+    check(unsafe { libc::sigaction(libc::SIGSYS, &act, std::ptr::null_mut()) }).map(drop)
+}
+
+/// A close-on-exec pipe: (read end, write end).
+pub fn pipe() -> io::Result<(std::fs::File, std::fs::File)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 writes two fds into our array.
+    check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: both fds were just created and are owned by nobody else.
+    let r = unsafe { std::fs::File::from_raw_fd(fds[0]) };
+    // SAFETY: as above.
+    let w = unsafe { std::fs::File::from_raw_fd(fds[1]) };
+    Ok((r, w))
+}

@@ -57,6 +57,11 @@ impl DeviceWorker {
 }
 
 fn run(transport: &MmioTransport, notifiers: &[EventFd], events: &DeviceEvents) {
+    if let Err(e) = bulwark_sandbox::seccomp::confine_thread(bulwark_sandbox::seccomp::Role::Device)
+    {
+        tracing::error!(error = %e, "virtio device thread: no seccomp filter; device stops");
+        return;
+    }
     let mut ready = vec![EpollEvent::default(); 32];
     loop {
         let n = match events.epoll().wait(-1, &mut ready) {

@@ -156,7 +156,11 @@ impl LazyRestore {
         std::thread::Builder::new()
             .name("lazy-restore".into())
             .spawn(move || {
-                let result = filler.run();
+                let result = bulwark_sandbox::seccomp::confine_thread(
+                    bulwark_sandbox::seccomp::Role::LazyRestore,
+                )
+                .map_err(|e| format!("cannot install the seccomp filter: {e}"))
+                .and_then(|()| filler.run());
                 let mut status = me.status.lock().unwrap_or_else(|e| e.into_inner());
                 match result {
                     Ok(()) => {
