@@ -264,7 +264,7 @@ fn seccomp_stops_a_monitor_whose_thread_makes_a_call_its_role_forbids_and_says_w
     ] {
         let o = probe(&format!("seccomp:{role}:{nr}"));
         assert_eq!(o.status.code(), Some(159), "{role} {name}: {}", stderr(&o));
-        let want = format!("the {role} thread made the forbidden system call {nr} ({name})");
+        let want = format!("the {role} thread made the forbidden system call {nr} ({name}, args");
         assert!(stderr(&o).contains(&want), "{role} {name}: {}", stderr(&o));
         assert!(
             !stdout(&o).contains("allowed"),
@@ -288,7 +288,7 @@ fn seccomp_stops_a_monitor_whose_thread_makes_a_call_its_role_forbids_and_says_w
         serde_json::from_str(&std::fs::read_to_string(dir.join("exit.json")).unwrap()).unwrap();
     let reason = exit["reason"].as_str().unwrap();
     assert!(
-        reason.contains("seccomp") && reason.contains("101 (ptrace)") && reason.contains("vcpu"),
+        reason.contains("seccomp") && reason.contains("101 (ptrace") && reason.contains("vcpu"),
         "{exit}"
     );
     assert_eq!(exit["clean"], false);

@@ -308,7 +308,7 @@ fn push(out: &mut [u8], len: &mut usize, s: &[u8]) {
     *len += n;
 }
 
-extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // `si_syscall` of the SIGSYS member of siginfo's union: after si_signo, si_errno, si_code,
     // padding (16 bytes) and si_call_addr (8).
     // The field lies within siginfo's 128 bytes, which the kernel passes to SA_SIGINFO handlers.
@@ -346,6 +346,33 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
         &mut len,
         crate::seccomp::syscall_name(i64::from(nr)).as_bytes(),
     );
+    // The first two arguments, as the registers held them (rdi, rsi), to tell an ioctl or a
+    // socket family apart.
+    let uc = ctx.cast::<libc::ucontext_t>();
+    if !uc.is_null() {
+        // SAFETY: for SA_SIGINFO handlers the third argument is the interrupted context.
+        let regs = unsafe { (*uc).uc_mcontext.gregs };
+        for (label, reg) in [
+            (&b", args "[..], libc::REG_RDI),
+            (&b", "[..], libc::REG_RSI),
+        ] {
+            push(&mut msg, &mut len, label);
+            push(&mut msg, &mut len, b"0x");
+            let v = regs[reg as usize] as u64;
+            let mut hex = [0u8; 16];
+            let mut n = 0;
+            let mut shift = 60i32;
+            while shift >= 0 {
+                let d = ((v >> shift) & 0xf) as u8;
+                if n > 0 || d != 0 || shift == 0 {
+                    hex[n] = if d < 10 { b'0' + d } else { b'a' + d - 10 };
+                    n += 1;
+                }
+                shift -= 4;
+            }
+            push(&mut msg, &mut len, &hex[..n]);
+        }
+    }
     push(&mut msg, &mut len, b"); the monitor stops\n");
     write_all_raw(2, &msg[..len]);
     let fd = crate::seccomp::REPORT_FD.load(Ordering::Relaxed);
