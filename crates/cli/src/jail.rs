@@ -150,8 +150,13 @@ pub(crate) fn enter(
             _ => Role::LazyRestore,
         };
         let nr: i64 = nr.parse().unwrap_or(-1);
-        let r = bulwark_sandbox::seccomp::probe_forbidden(role, nr);
-        println!("probe seccomp {nr}: allowed ({r:?})");
+        match bulwark_sandbox::seccomp::probe_forbidden(role, nr) {
+            Ok(v) => println!("probe seccomp {nr}: returned {v}"),
+            Err(e) => println!(
+                "probe seccomp {nr}: failed ({})",
+                e.raw_os_error().unwrap_or(0)
+            ),
+        }
         std::process::exit(0);
     }
     if cfg!(debug_assertions) && std::env::var_os("BULWARK_JAIL_PROBE").is_some() {

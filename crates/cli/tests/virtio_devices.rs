@@ -151,7 +151,7 @@ fn script() -> String {
                  bulwark exec --vsock /tmp/a.sock -- /no/such/program; echo missing-status=$?; \
                  bulwark agent ps --vsock /tmp/a.sock; \
                  bulwark agent ps --vsock /tmp/a.sock --json; echo; \
-                 bulwark exec --vsock /tmp/a.sock -- poweroff -f; wait; echo vm=$?"
+                 bulwark exec --vsock /tmp/a.sock -- poweroff -f; wait; echo vm=$?; cat /tmp/agent-vm.log"
             ),
         ),
         // O_DIRECT on tmpfs is refused by the kernel: the error names the fix.

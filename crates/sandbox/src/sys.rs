@@ -384,10 +384,15 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
 }
 
 /// Makes system call `nr` with zero arguments (for the jail's tests: a call a policy forbids).
-pub fn raw_syscall(nr: i64) -> i64 {
+pub fn raw_syscall(nr: i64) -> io::Result<i64> {
     // SAFETY: the calls the tests make with zero arguments (ptrace(PTRACE_TRACEME), socket(0,
     // 0, 0), mount of nothing, ...) touch no memory of ours.
-    unsafe { libc::syscall(nr, 0usize, 0usize, 0usize, 0usize) }
+    let r = unsafe { libc::syscall(nr, 0usize, 0usize, 0usize, 0usize) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
 }
 
 /// Installs the SIGSYS handler that reports a seccomp violation and ends the process.
