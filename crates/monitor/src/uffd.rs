@@ -100,6 +100,27 @@ pub enum Fill {
     Exists,
 }
 
+/// Runs a fill ioctl until `len` bytes are placed: `step(done)` makes one call from `done` on
+/// and returns its result and how many bytes it placed (the kernel may stop early: EAGAIN
+/// means go on, EEXIST that a page was there already).
+fn fill_in_steps(len: u64, mut step: impl FnMut(u64) -> (i32, i64)) -> io::Result<Fill> {
+    let mut done = 0u64;
+    while done < len {
+        let (r, placed) = step(done);
+        if placed > 0 {
+            done += placed as u64;
+        }
+        if r < 0 {
+            match io::Error::last_os_error().raw_os_error() {
+                Some(libc::EAGAIN) => continue,
+                Some(libc::EEXIST) => return Ok(Fill::Exists),
+                _ => return Err(io::Error::last_os_error()),
+            }
+        }
+    }
+    Ok(Fill::Done)
+}
+
 fn check(r: i32) -> io::Result<()> {
     if r < 0 {
         Err(io::Error::last_os_error())
@@ -177,8 +198,7 @@ impl Userfault {
 
     /// Places `src` at `dst` (page-aligned, registered, missing) and wakes whoever waits there.
     pub fn copy(&self, dst: u64, src: &[u8]) -> io::Result<Fill> {
-        let mut done = 0u64;
-        while done < src.len() as u64 {
+        fill_in_steps(src.len() as u64, |done| {
             let mut arg = CopyArg {
                 dst: dst + done,
                 src: src.as_ptr() as u64 + done,
@@ -190,25 +210,14 @@ impl Userfault {
             // and fills only pages of a registered range that are missing: no memory the
             // program already uses changes.
             let r = unsafe { ioctl_with_mut_ref(&self.file, UFFDIO_COPY(), &mut arg) };
-            if arg.copy > 0 {
-                done += arg.copy as u64;
-            }
-            if r < 0 {
-                match io::Error::last_os_error().raw_os_error() {
-                    Some(libc::EAGAIN) => continue,
-                    Some(libc::EEXIST) => return Ok(Fill::Exists),
-                    _ => return Err(io::Error::last_os_error()),
-                }
-            }
-        }
-        Ok(Fill::Done)
+            (r, arg.copy)
+        })
     }
 
     /// Fills `[start, start + len)` (page-aligned, registered, missing) with zeros and wakes
     /// whoever waits there.
     pub fn zero(&self, start: u64, len: u64) -> io::Result<Fill> {
-        let mut done = 0u64;
-        while done < len {
+        fill_in_steps(len, |done| {
             let mut arg = ZeropageArg {
                 range: Range {
                     start: start + done,
@@ -219,18 +228,8 @@ impl Userfault {
             };
             // SAFETY: UFFDIO_ZEROPAGE fills only missing pages of a registered range.
             let r = unsafe { ioctl_with_mut_ref(&self.file, UFFDIO_ZEROPAGE(), &mut arg) };
-            if arg.zeropage > 0 {
-                done += arg.zeropage as u64;
-            }
-            if r < 0 {
-                match io::Error::last_os_error().raw_os_error() {
-                    Some(libc::EAGAIN) => continue,
-                    Some(libc::EEXIST) => return Ok(Fill::Exists),
-                    _ => return Err(io::Error::last_os_error()),
-                }
-            }
-        }
-        Ok(Fill::Done)
+            (r, arg.zeropage)
+        })
     }
 
     /// Waits up to `timeout_ms` (-1: forever) for page faults and returns their addresses

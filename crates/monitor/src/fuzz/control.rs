@@ -45,6 +45,17 @@ impl InterruptLine for NoLine {
 /// Two small RAM regions, as a Linux VM has around its MMIO gap.
 const REGIONS: [(u64, u64); 2] = [(0, 0x4000), (0x10_0000, 0x2000)];
 
+/// Fresh guest memory laid out as [`REGIONS`].
+fn regions_memory() -> GuestMemoryMmap {
+    GuestMemoryMmap::<()>::from_ranges(
+        &REGIONS
+            .iter()
+            .map(|&(g, s)| (GuestAddress(g), s as usize))
+            .collect::<Vec<_>>(),
+    )
+    .expect("guest memory")
+}
+
 /// Valid record streams for [`snapshot_stream`] to start from: a header for [`REGIONS`], vCPU
 /// and VM-wide records, a UART and a virtio transport record, and memory with some blocks
 /// stored and some zero. Each restores in the harness (the corpus test checks).
@@ -52,13 +63,7 @@ pub fn snapshot_stream_seeds() -> Vec<Vec<u8>> {
     use crate::snapshot::{Header, RecordWriter, SNAPSHOT_FORMAT, Tag};
     use vm_memory::Bytes;
     let mem = |written: &[u64]| {
-        let mem = GuestMemoryMmap::<()>::from_ranges(
-            &REGIONS
-                .iter()
-                .map(|&(g, s)| (GuestAddress(g), s as usize))
-                .collect::<Vec<_>>(),
-        )
-        .expect("guest memory");
+        let mem = regions_memory();
         for &at in written {
             mem.write_obj(0x5eed_u32, GuestAddress(at)).expect("in RAM");
         }
@@ -108,13 +113,7 @@ pub fn snapshot_stream_seeds() -> Vec<Vec<u8>> {
 /// record offered to a real UART and a real virtio-mmio transport: errors, never panics, and
 /// a stream that restores has put every region in place.
 pub fn snapshot_stream(data: &[u8]) {
-    let mem = GuestMemoryMmap::<()>::from_ranges(
-        &REGIONS
-            .iter()
-            .map(|&(g, s)| (GuestAddress(g), s as usize))
-            .collect::<Vec<_>>(),
-    )
-    .expect("guest memory");
+    let mem = regions_memory();
     let mut reader = RecordReader::new(Box::new(Cursor::new(data.to_vec())) as Box<_>);
     let Ok(header) = reader.header() else {
         return;
