@@ -60,6 +60,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// The `bulwark` executable (its hidden `monitor` subcommand).
     pub monitor: PathBuf,
+    /// Start monitors with `--no-jail` (debugging only).
+    pub no_jail: bool,
 }
 
 #[derive(Debug)]
@@ -475,6 +477,7 @@ impl Daemon {
         })?;
         let launch = Launch {
             monitor: &self.cfg.monitor,
+            no_jail: self.cfg.no_jail,
             dir: &dir,
             restore: restore.as_ref(),
         };

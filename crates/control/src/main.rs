@@ -26,6 +26,9 @@ struct Args {
     /// The `bulwark` executable that runs monitors [default: `bulwark` beside bulwarkd].
     #[arg(long)]
     monitor: Option<PathBuf>,
+    /// Start monitors without their jail (less safe: for debugging only).
+    #[arg(long)]
+    no_jail: bool,
 }
 
 fn init_logging() {
@@ -53,9 +56,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
             monitor.display()
         );
     }
+    if args.no_jail {
+        tracing::warn!(
+            "--no-jail: every VM's monitor runs with bulwarkd's privileges and sees the whole host; a guest that breaks out of its monitor owns this machine. Use it for debugging only."
+        );
+    }
     let daemon = Daemon::open(Config {
         state_dir: args.state_dir.clone(),
         monitor,
+        no_jail: args.no_jail,
     })
     .await?;
     let socket = args

@@ -42,6 +42,8 @@ pub struct Launch<'a> {
     pub dir: &'a Path,
     /// Restore from a snapshot instead of booting.
     pub restore: Option<&'a RestoreFrom>,
+    /// Pass `--no-jail` (debugging only).
+    pub no_jail: bool,
 }
 
 /// A snapshot to start a VM from.
@@ -73,6 +75,9 @@ pub async fn spawn(l: &Launch<'_>) -> Result<tokio::process::Child, MonitorError
     })?;
     let mut cmd = tokio::process::Command::new(l.monitor);
     cmd.arg("monitor").arg("--dir").arg(l.dir);
+    if l.no_jail {
+        cmd.arg("--no-jail");
+    }
     if let Some(r) = l.restore {
         cmd.arg("--restore").arg(&r.path).arg("--key-stdin");
         if r.lazy {

@@ -83,10 +83,16 @@ struct Daemon {
     dir: PathBuf,
     child: Option<Child>,
     log: PathBuf,
+    /// Extra bulwarkd arguments.
+    args: Vec<&'static str>,
 }
 
 impl Daemon {
     fn start(test: &str) -> Self {
+        Self::start_with(test, &[])
+    }
+
+    fn start_with(test: &str, args: &[&'static str]) -> Self {
         require_kvm();
         cli_bin("bulwark");
         let dir = std::env::temp_dir().join(format!("bulwarkd-test-{}-{test}", std::process::id()));
@@ -96,6 +102,7 @@ impl Daemon {
             log: dir.join("daemon.log"),
             dir,
             child: None,
+            args: args.to_vec(),
         };
         d.spawn();
         d
@@ -119,6 +126,7 @@ impl Daemon {
         let child = Command::new(env!("CARGO_BIN_EXE_bulwarkd"))
             .arg("--state-dir")
             .arg(self.state())
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -994,4 +1002,30 @@ fn snapshot_then_restore_through_the_api_resumes_the_guest() {
         con.write_all(b"lazily\n").await.unwrap();
         read_until(&mut con, &mut Vec::new(), "LAZILY\n").await;
     });
+}
+
+#[test]
+fn monitors_are_jailed_unless_the_daemon_says_no_jail_and_then_it_warns() {
+    for (args, jailed) in [(&[][..], true), (&["--no-jail"][..], false)] {
+        let d = Daemon::start_with(if jailed { "jailed" } else { "nojail" }, args);
+        rt().block_on(async {
+            let op = d.operator();
+            create_echo(&op, "j").await;
+            let pid = monitor_pid(&start(&op, "j").await);
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+            let no_jail = cmdline.split(|&b| b == 0).any(|a| a == b"--no-jail");
+            assert_eq!(no_jail, !jailed);
+            // A jailed monitor is the only child of the process the daemon started, in its
+            // own mount namespace.
+            let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                .unwrap_or_default();
+            assert_eq!(
+                !children.trim().is_empty(),
+                jailed,
+                "children: {children:?}"
+            );
+            ok(&op, "POST", "/v1/vms/j/kill", None).await;
+        });
+        assert_eq!(d.logs().contains("--no-jail: every VM"), !jailed);
+    }
 }
