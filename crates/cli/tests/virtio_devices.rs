@@ -29,7 +29,7 @@ fn net_script() -> String {
                  i=0; while ! ip link show bwtap0 >/dev/null 2>&1 && [ $i -lt 300 ]; do i=$((i+1)); sleep 0.1; done; \
                  ip addr add 10.0.2.1/24 dev bwtap0; ip link set bwtap0 up; \
                  i=0; while [ $i -lt 120 ] && ! ping -c1 -W1 10.0.2.2 >/dev/null 2>&1; do i=$((i+1)); done; \
-                 nc 10.0.2.2 5000 < /tmp/n; wait $V; \
+                 timeout 280 nc 10.0.2.2 5000 < /tmp/n; echo host-nc=$?; wait $V; \
                  kill $L 2>/dev/null; wait $L 2>/dev/null; \
                  echo host-got $(sha256sum < /tmp/host-data) bytes=$(wc -c < /tmp/host-data); cat /tmp/net-vm.log"
     )
