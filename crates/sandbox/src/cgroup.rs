@@ -54,6 +54,7 @@ impl Cgroup {
         }
         let mut dirs = Vec::new();
         for ctrl in v1 {
+            sweep(&root.join(ctrl).join("bulwark"));
             let dir = root.join(ctrl).join("bulwark").join(name);
             mkdir(&dir)?;
             match ctrl {
@@ -83,6 +84,7 @@ impl Cgroup {
     }
 
     fn create_v2(root: &Path, name: &str, limits: &Limits) -> Result<Self, JailError> {
+        sweep(&root.join("bulwark"));
         let parent = root.join("bulwark");
         mkdir(&parent)?;
         // Controllers must be enabled in every ancestor's subtree_control; a host that does
@@ -125,6 +127,28 @@ impl Cgroup {
             fs::remove_dir(dir)?;
         }
         Ok(())
+    }
+}
+
+/// Removes the cgroups of jails whose outer process is gone (killed before it could clean
+/// up): `vm-<pid>` for a pid that no longer exists. One that still runs, or still has a
+/// process, stays (rmdir of a populated cgroup fails anyway).
+fn sweep(parent: &Path) {
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("vm-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = fs::remove_dir(e.path());
+        }
     }
 }
 

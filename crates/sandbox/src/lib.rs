@@ -155,12 +155,7 @@ pub fn enter(jail: &Jail) -> Result<Entered, JailError> {
             return Err(JailError::Missing(b.path.clone()));
         }
     }
-    let root = std::env::temp_dir().join(format!("bulwark-jail-{}", std::process::id()));
-    std::fs::create_dir(&root).map_err(|source| JailError::Mount {
-        what: "create the jail root",
-        path: root.clone(),
-        source,
-    })?;
+    let root = jail_root_dir()?;
     let cgroup = match Cgroup::create(&jail.name, &jail.limits) {
         Ok(c) => c,
         Err(e) => {
@@ -239,6 +234,37 @@ pub fn enter(jail: &Jail) -> Result<Entered, JailError> {
     seccomp::enable();
     applied.push("seccomp: a filter per thread role (main, vcpu, device, lazy)".into());
     Ok(Entered { applied })
+}
+
+/// A fresh, empty directory for the jail's root to be mounted on (in the jail's own mount
+/// namespace: on the host it stays an empty directory). The name carries the pid and the time,
+/// since a jail whose outer process was killed leaves its directory behind and pids repeat.
+fn jail_root_dir() -> Result<PathBuf, JailError> {
+    let pid = std::process::id();
+    let mut last = None;
+    for attempt in 0..16u32 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let root = std::env::temp_dir().join(format!("bulwark-jail-{pid}-{nanos:08x}{attempt:x}"));
+        match std::fs::create_dir(&root) {
+            Ok(()) => return Ok(root),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some((root, e)),
+            Err(source) => {
+                return Err(JailError::Mount {
+                    what: "create the jail root",
+                    path: root,
+                    source,
+                });
+            }
+        }
+    }
+    let (path, source) = last.expect("16 attempts");
+    Err(JailError::Mount {
+        what: "create the jail root",
+        path,
+        source,
+    })
 }
 
 /// The parent's life: wait for the jailed child, clean up, exit as it did.
