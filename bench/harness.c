@@ -177,17 +177,18 @@ static pid_t monitor_of(pid_t pid)
     return child > 0 ? (pid_t)child : pid;
 }
 
-static long vmrss_of(pid_t pid)
+/* Reads /proc/PID/status into `status` (size `cap`); 0 on success, -1 if it is gone. */
+static int read_status(pid_t pid, char *status, size_t cap)
 {
-    char path[64], status[8192];
+    char path[64];
     snprintf(path, sizeof path, "/proc/%d/status", pid);
     FILE *f = fopen(path, "r");
     if (!f)
         return -1;
-    size_t len = fread(status, 1, sizeof status - 1, f);
+    size_t len = fread(status, 1, cap - 1, f);
     status[len] = 0;
     fclose(f);
-    return status_field(status, "VmRSS:");
+    return 0;
 }
 
 static int cmd_mem(char **cmd)
@@ -210,16 +211,11 @@ static int cmd_mem(char **cmd)
         if (!ready && strstr(buf, "ready") && strchr(strstr(buf, "ready"), '\n')) {
             ready = 1;
             pid_t mon = monitor_of(pid);
-            if (mon != pid)
-                outer = vmrss_of(pid);
-            char path[64], status[8192];
-            snprintf(path, sizeof path, "/proc/%d/status", mon);
-            FILE *f = fopen(path, "r");
-            if (!f)
-                die(path);
-            size_t len = fread(status, 1, sizeof status - 1, f);
-            status[len] = 0;
-            fclose(f);
+            char status[8192];
+            if (mon != pid && read_status(pid, status, sizeof status) == 0)
+                outer = status_field(status, "VmRSS:");
+            if (read_status(mon, status, sizeof status) != 0)
+                die("/proc/PID/status of the monitor");
             hwm = status_field(status, "VmHWM:");
             rss = status_field(status, "VmRSS:");
             anon = status_field(status, "RssAnon:");

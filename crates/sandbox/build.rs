@@ -4,11 +4,9 @@
 use std::fmt::Write as _;
 
 fn main() {
-    let policy = std::env::var("BULWARK_SECCOMP_POLICY")
-        .unwrap_or_else(|_| "seccomp/x86_64.json".to_string());
+    let policy = "seccomp/x86_64.json";
     println!("cargo:rerun-if-changed={policy}");
-    println!("cargo:rerun-if-env-changed=BULWARK_SECCOMP_POLICY");
-    let file = std::fs::File::open(&policy).unwrap_or_else(|e| panic!("{policy}: {e}"));
+    let file = std::fs::File::open(policy).unwrap_or_else(|e| panic!("{policy}: {e}"));
     let map = seccompiler::compile_from_json(file, seccompiler::TargetArch::x86_64)
         .unwrap_or_else(|e| panic!("{policy}: {e}"));
     let mut roles: Vec<_> = map.into_iter().collect();

@@ -10,11 +10,16 @@ use crate::run::VmSpec;
 /// Said on every run without a jail.
 pub(crate) const NO_JAIL_WARNING: &str = "bulwark: WARNING: --no-jail: this VM's monitor runs with all of your privileges and sees the whole host; a guest that breaks out of the monitor owns whatever you own. Use it for debugging only.";
 
+/// `p` as an absolute path (the jail shows each path at its own absolute place).
+fn abs(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
 /// Where a vsock device's host sockets live: the directory of its socket path (the monitor
 /// listens at PATH and connects to PATH_<port> siblings).
 fn socket_dir(socket: &Path) -> PathBuf {
-    let abs = std::path::absolute(socket).unwrap_or_else(|_| socket.to_path_buf());
-    abs.parent()
+    abs(socket)
+        .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| "/".into())
 }
@@ -37,33 +42,24 @@ pub(crate) fn plan(spec: &VmSpec, state_dir: Option<&Path>, extra: &[PathBuf]) -
         VmSpec::Linux(c) => (c.memory, c.vcpus, &c.drives, c.vsock.as_ref(), c.nets.len()),
     };
     for d in drives {
-        let path = std::path::absolute(&d.path).unwrap_or_else(|_| d.path.clone());
         binds.push(if d.read_only {
-            Bind::read_only(path)
+            Bind::read_only(abs(&d.path))
         } else {
-            Bind::writable(path)
+            Bind::writable(abs(&d.path))
         });
     }
     if let Some(v) = vsock {
         binds.push(Bind::writable(socket_dir(&v.socket)));
     }
     if let Some(dir) = state_dir {
-        binds.push(Bind::writable(
-            std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf()),
-        ));
+        binds.push(Bind::writable(abs(dir)));
     }
-    for p in extra {
-        binds.push(Bind::read_only(
-            std::path::absolute(p).unwrap_or_else(|_| p.clone()),
-        ));
-    }
+    binds.extend(extra.iter().map(|p| Bind::read_only(abs(p))));
     if nets > 0 {
         devices.push("/dev/net/tun".into());
     }
-    // Lazy restore's userfaultfd, for a monitor without CAP_SYS_PTRACE.
-    if Path::new("/dev/userfaultfd").exists() {
-        devices.push("/dev/userfaultfd".into());
-    }
+    // Lazy restore's userfaultfd, for a monitor without CAP_SYS_PTRACE (where the host has it).
+    devices.push("/dev/userfaultfd".into());
     // A path that does not exist stays out: the monitor then reports it in its own words
     // (a missing drive, no /dev/kvm) when it tries to use it.
     binds.retain(|b| b.path.exists());
@@ -79,7 +75,6 @@ pub(crate) fn plan(spec: &VmSpec, state_dir: Option<&Path>, extra: &[PathBuf]) -
         }
     });
     Jail {
-        name: format!("vm-{}", std::process::id()),
         binds,
         devices,
         host_network: nets > 0,

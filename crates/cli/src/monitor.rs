@@ -121,17 +121,7 @@ fn restore(
         snapshot = snapshot.lazily(Box::new(move |reason| {
             let reason = format!("lazy restore failed: {reason}");
             eprintln!("bulwark monitor: {reason}");
-            write_exit(
-                &dir,
-                &ExitRecord {
-                    reason,
-                    status: 125,
-                    clean: false,
-                    setup_error: false,
-                    elapsed_ms: 0,
-                    exits: 0,
-                },
-            );
+            write_failure(&dir, &reason, 125);
             // The vCPU that wanted the block is stuck on it; nothing of this VM may go on.
             std::process::exit(125);
         }));

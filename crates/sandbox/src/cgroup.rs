@@ -38,9 +38,10 @@ fn mkdir(path: &Path) -> Result<(), JailError> {
 }
 
 impl Cgroup {
-    /// Creates `bulwark/<name>` with `limits` in the host's cgroup hierarchy; `None` when the
-    /// host mounts none (the reason is logged by the caller).
-    pub fn create(name: &str, limits: &Limits) -> Result<Option<Self>, JailError> {
+    /// Creates `bulwark/vm-<pid>` (`pid`: the jail's outer process, which removes it) with
+    /// `limits` in the host's cgroup hierarchy; `None` when the host mounts none.
+    pub fn create(pid: u32, limits: &Limits) -> Result<Option<Self>, JailError> {
+        let name = &format!("vm-{pid}");
         let root = Path::new(ROOT);
         if root.join("cgroup.controllers").exists() {
             return Self::create_v2(root, name, limits).map(Some);

@@ -32,8 +32,6 @@ pub use cgroup::Cgroup;
 /// What a jailed monitor may see and use.
 #[derive(Debug, Clone, Default)]
 pub struct Jail {
-    /// Names the cgroup (`bulwark/<name>`); `[a-zA-Z0-9_.-]`, made unique by the caller.
-    pub name: String,
     /// Files and directories of the host, each visible at its own path.
     pub binds: Vec<Bind>,
     /// Device nodes (for example `/dev/kvm`), each visible at its own path, read-write.
@@ -156,7 +154,7 @@ pub fn enter(jail: &Jail) -> Result<Entered, JailError> {
         }
     }
     let root = jail_root_dir()?;
-    let cgroup = match Cgroup::create(&jail.name, &jail.limits) {
+    let cgroup = match Cgroup::create(std::process::id(), &jail.limits) {
         Ok(c) => c,
         Err(e) => {
             let _ = std::fs::remove_dir(&root);

@@ -57,7 +57,7 @@ pub(crate) fn enable() {
 }
 
 /// Whether threads of this process install filters.
-pub fn enabled() -> bool {
+fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
 

@@ -6,7 +6,7 @@
 use std::io::Cursor;
 use std::sync::Arc;
 
-use bulwark_channel::{FrameBuffer, Request};
+use bulwark_channel::{FrameBuffer, Request, Response};
 use bulwark_devices::console::ConsoleSink;
 use bulwark_devices::serial::Serial16550;
 use bulwark_devices::state::DeviceState;
@@ -19,7 +19,9 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::snapshot::{RecordReader, Restore};
 
 /// Control channel frames: any split of any bytes decodes to a request or an error, never a
-/// panic; a decoded request encodes to a frame that decodes to itself.
+/// panic; a decoded request encodes to a frame that decodes to itself. The same frames are
+/// decoded as responses too: bulwarkd reads those from a monitor, which a guest may have taken
+/// over.
 pub fn control_channel(data: &[u8]) {
     let mut fb = FrameBuffer::default();
     let cut = data.first().map_or(0, |&b| usize::from(b)).min(data.len());
@@ -31,6 +33,12 @@ pub fn control_channel(data: &[u8]) {
                 let back: Request =
                     bulwark_channel::decode(&again[4..]).expect("an encoded request decodes");
                 assert_eq!(back, req, "request did not round-trip");
+            }
+            if let Ok(resp) = bulwark_channel::decode::<Response>(&frame) {
+                let again = bulwark_channel::encode(&resp);
+                let back: Response =
+                    bulwark_channel::decode(&again[4..]).expect("an encoded response decodes");
+                assert_eq!(back, resp, "response did not round-trip");
             }
         }
     }

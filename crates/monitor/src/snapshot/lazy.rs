@@ -233,9 +233,8 @@ struct Filler {
 
 impl Filler {
     fn run(mut self) -> Result<(), String> {
-        let mut left = self.progress.blocks;
         let mut cursor = (0usize, 0u64);
-        while left > 0 {
+        while self.progress.placed.load(Ordering::Relaxed) < self.progress.blocks {
             let faults = self
                 .uffd
                 .faults(0)
@@ -247,7 +246,6 @@ impl Filler {
                 if self.regions[r].chunk[b as usize].is_some() {
                     if self.fill(r, b)? {
                         self.progress.on_demand.fetch_add(1, Ordering::Relaxed);
-                        left -= 1;
                     }
                 } else {
                     self.zero(r, b)?;
@@ -265,9 +263,7 @@ impl Filler {
                 let b = cursor.1;
                 cursor.1 += 1;
                 if region.chunk[b as usize].is_some() && !region.filled[b as usize] {
-                    if self.fill(cursor.0, b)? {
-                        left -= 1;
-                    }
+                    self.fill(cursor.0, b)?;
                     break;
                 }
             }

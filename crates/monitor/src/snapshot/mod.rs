@@ -373,6 +373,19 @@ impl<R: Read> RecordReader<R> {
         }
     }
 
+    /// Fills `buf` from the stream; a stream that ends first is malformed (`short` says how).
+    fn read_exact(&mut self, buf: &mut [u8], short: &str) -> Result<(), SnapshotError> {
+        self.input.read_exact(buf).map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                SnapshotError::Malformed(short.into())
+            } else {
+                SnapshotError::Io(e)
+            }
+        })?;
+        self.pos += buf.len() as u64;
+        Ok(())
+    }
+
     /// Bytes of the stream read so far.
     pub fn position(&self) -> u64 {
         self.pos
@@ -389,15 +402,8 @@ impl<R: Read> RecordReader<R> {
     }
 
     pub fn next_record(&mut self) -> Result<Record, SnapshotError> {
-        let mut head = [0u8; 12];
-        self.input.read_exact(&mut head).map_err(|e| {
-            if e.kind() == io::ErrorKind::UnexpectedEof {
-                SnapshotError::Malformed("the record stream ends before its end record".into())
-            } else {
-                SnapshotError::Io(e)
-            }
-        })?;
-        self.pos += RECORD_HEAD;
+        let mut head = [0u8; RECORD_HEAD as usize];
+        self.read_exact(&mut head, "the record stream ends before its end record")?;
         let word = |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
         let (tag, index, len) = (word(0), word(4), word(8) as usize);
         let tag = Tag::from_u32(tag)
@@ -458,14 +464,7 @@ impl<R: Read> RecordReader<R> {
             for b in 0..map.blocks() {
                 let n = map.block_len(b);
                 if map.stored(b) {
-                    self.input.read_exact(&mut buf).map_err(|e| {
-                        if e.kind() == io::ErrorKind::UnexpectedEof {
-                            SnapshotError::Malformed("guest memory is cut short".into())
-                        } else {
-                            SnapshotError::Io(e)
-                        }
-                    })?;
-                    self.pos += MEMORY_BLOCK as u64;
+                    self.read_exact(&mut buf, "guest memory is cut short")?;
                     mem.write_slice(&buf[..n as usize], GuestAddress(map.gpa + b * BLOCK))
                         .map_err(|e| {
                             SnapshotError::Malformed(format!("writing guest memory: {e}"))
