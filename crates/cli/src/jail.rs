@@ -90,6 +90,26 @@ pub(crate) fn plan(spec: &VmSpec, state_dir: Option<&Path>, extra: &[PathBuf]) -
     }
 }
 
+/// Starts the back-end launcher when the VM has a device whose back-end runs in a process of
+/// its own: now, while the monitor has one thread and no guest memory (see
+/// `bulwark_backends::launcher`). Called inside the jail, or without one under `--no-jail`.
+pub(crate) fn start_backends(spec: &VmSpec) -> anyhow::Result<()> {
+    let drives = match spec {
+        VmSpec::Function(c) => &c.drives,
+        VmSpec::Linux(c) => &c.drives,
+    };
+    if drives
+        .iter()
+        .any(|d| d.isolation == bulwark_monitor::Isolation::Process)
+    {
+        let launcher = bulwark_monitor::backends::launcher::Launcher::start()
+            .map_err(|e| anyhow::anyhow!("cannot start the device back-end launcher: {e}"))?;
+        tracing::debug!(pid = launcher.pid(), "device back-end launcher started");
+        launcher.install();
+    }
+    Ok(())
+}
+
 /// A managed monitor's directory, for the outer process's report of a seccomp violation.
 static STATE_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
@@ -123,6 +143,7 @@ pub(crate) fn enter(
     let outer = std::process::id();
     let entered = bulwark_sandbox::enter(&jail)?;
     bulwark_monitor::managed::set_reported_pid(outer);
+    start_backends(spec)?;
     // The random-number crate opens its device files on first use; do that now, while every
     // thread may still open files (the seccomp filters do not let most of them).
     let _ = bulwark_seal::OwnerKey::generate();

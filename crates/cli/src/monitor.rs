@@ -47,7 +47,7 @@ fn jail(
 ) -> anyhow::Result<()> {
     if no_jail {
         eprintln!("{}", crate::jail::NO_JAIL_WARNING);
-        return Ok(());
+        return crate::jail::start_backends(spec);
     }
     crate::jail::enter(spec, Some(dir), extra)
 }

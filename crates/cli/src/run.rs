@@ -6,12 +6,12 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use bulwark_monitor::{
-    ConsoleIo, DriveConfig, FunctionVmConfig, LinuxVmConfig, NetConfig, RunReport, StopReason,
-    VsockConfig, random_mac,
+    ConsoleIo, DriveConfig, FunctionVmConfig, Isolation, LinuxVmConfig, NetConfig, RunReport,
+    StopReason, VsockConfig, random_mac,
 };
 
 use crate::RunArgs;
-use crate::config::{ConfigError, DriveSpec, FileConfig, parse_duration, parse_size};
+use crate::config::{ConfigError, DriveBackend, DriveSpec, FileConfig, parse_duration, parse_size};
 
 /// Exit status when bulwark could not start the VM (bad config, no KVM, bad payload).
 const EXIT_SETUP: u8 = 125;
@@ -213,6 +213,10 @@ fn drives(root: Option<DriveSpec>, args: &RunArgs, file: &FileConfig) -> Vec<Dri
             read_only: d.read_only,
             direct: d.direct,
             serial: d.serial.unwrap_or_else(|| format!("bulwark{i}")),
+            isolation: match d.backend {
+                DriveBackend::Process => Isolation::Process,
+                DriveBackend::Inline => Isolation::Inline,
+            },
         })
         .collect()
 }
@@ -303,6 +307,10 @@ pub fn run(args: &RunArgs, verbose: bool) -> ExitCode {
     }
     if args.no_jail {
         eprintln!("{}", crate::jail::NO_JAIL_WARNING);
+        if let Err(e) = crate::jail::start_backends(&spec) {
+            eprintln!("bulwark: {e:#}");
+            return ExitCode::from(EXIT_SETUP);
+        }
     } else if let Err(e) = crate::jail::enter(&spec, None, &[]) {
         eprintln!("bulwark: {e:#}");
         return ExitCode::from(EXIT_SETUP);

@@ -24,7 +24,8 @@ pub mod uffd;
 pub mod vcpu;
 pub mod vm;
 
-pub use bulwark_devices::virtio::block::DriveConfig;
+pub use bulwark_backends as backends;
+pub use bulwark_devices::virtio::block::{DriveConfig, Isolation};
 pub use bulwark_devices::virtio::net::{NetConfig, preopen_tap, random_mac};
 pub use bulwark_devices::virtio::vsock::VsockConfig;
 pub use linux::{LinuxVmConfig, restore_linux, run_linux};

@@ -8,7 +8,7 @@
 use std::ffi::CStr;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd};
 
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
@@ -315,6 +315,9 @@ impl GuestRam {
         if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
             return Err(MemoryError::Seal(io::Error::last_os_error()));
         }
+        // The ownership table: this file is guest RAM, private to the VM; no descriptor of it
+        // may ever be handed to a device back-end.
+        bulwark_backends::ownership::mark_guest_memory(file.as_fd()).map_err(MemoryError::Memfd)?;
         let mut mapped = Vec::new();
         let mut offset = 0u64;
         let mut offsets = Vec::new();

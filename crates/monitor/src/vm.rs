@@ -233,7 +233,7 @@ fn build_devices(
     }
     let mut virtio = Vec::new();
     for (i, d) in cfg.drives.iter().enumerate() {
-        let dev = Block::open(d).map_err(PayloadError::from)?;
+        let dev = Block::open(d, &format!("blk{i}")).map_err(PayloadError::from)?;
         let transport = Arc::new(MmioTransport::new(
             Box::new(dev),
             mem.clone(),

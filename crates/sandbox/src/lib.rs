@@ -512,6 +512,24 @@ fn landlock(jail: &Jail) -> Result<String, JailError> {
     ))
 }
 
+/// Landlock that allows no path at all (a device back-end works on the descriptors it was
+/// given and opens nothing). Layered on the jail's own ruleset; fails only if the kernel has
+/// Landlock and refuses.
+pub(crate) fn landlock_nothing() -> std::io::Result<()> {
+    let Ok(abi) = sys::landlock_abi() else {
+        return Ok(());
+    };
+    let mut handled = LL_ABI1;
+    if abi >= 2 {
+        handled |= LL_REFER;
+    }
+    if abi >= 3 {
+        handled |= LL_TRUNCATE;
+    }
+    let ruleset = sys::landlock_ruleset(handled)?;
+    sys::landlock_restrict(&ruleset)
+}
+
 /// This thread's effective capabilities (0 inside the jail).
 pub fn effective_capabilities() -> std::io::Result<u64> {
     sys::effective_capabilities()

@@ -75,6 +75,32 @@ pub fn confine_thread(role: Role) -> std::io::Result<()> {
     apply(role.name())
 }
 
+/// Confines a device back-end process (`bulwark-backends`; single-threaded): Landlock with no
+/// path at all, then `policy`'s filter. A violation is reported as `label` (for example
+/// "blk0 back-end") on `report`, its channel to the monitor, and ends only the back-end; the
+/// monitor starts another. A no-op outside a jail.
+pub fn confine_backend(policy: &str, label: &'static str, report: i32) -> std::io::Result<()> {
+    if !enabled() {
+        return Ok(());
+    }
+    ROLE.with(|r| r.set(label));
+    REPORT_FD.store(report, Ordering::Relaxed);
+    BACKEND.store(true, Ordering::Relaxed);
+    crate::landlock_nothing()?;
+    apply("no_open")?;
+    apply(policy)
+}
+
+/// The calling process is a back-end (the SIGSYS report says it is restarted, not that the
+/// monitor stops).
+pub(crate) static BACKEND: AtomicBool = AtomicBool::new(false);
+
+/// Makes system call `nr` with zero arguments (the back-ends' test hook: a call their policy
+/// forbids).
+pub fn forbidden_call(nr: i64) -> std::io::Result<i64> {
+    crate::sys::raw_syscall(nr)
+}
+
 fn apply(name: &str) -> std::io::Result<()> {
     let (_, prog) = POLICIES
         .iter()

@@ -373,7 +373,11 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
             push(&mut msg, &mut len, &hex[..n]);
         }
     }
-    push(&mut msg, &mut len, b"); the monitor stops\n");
+    if crate::seccomp::BACKEND.load(Ordering::Relaxed) {
+        push(&mut msg, &mut len, b"); the back-end stops\n");
+    } else {
+        push(&mut msg, &mut len, b"); the monitor stops\n");
+    }
     write_all_raw(2, &msg[..len]);
     let fd = crate::seccomp::REPORT_FD.load(Ordering::Relaxed);
     if fd >= 0 {

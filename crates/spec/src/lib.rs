@@ -25,7 +25,9 @@ pub enum ConfigError {
     Conflict,
     #[error("{0}")]
     BadCommand(String),
-    #[error("bad --drive `{0}`: {1}; use path=FILE[,ro=on][,direct=on][,serial=NAME] or just FILE")]
+    #[error(
+        "bad --drive `{0}`: {1}; use path=FILE[,ro=on][,direct=on][,serial=NAME][,backend=process|inline] or just FILE"
+    )]
     BadDrive(String, &'static str),
     #[error("bad --vsock `{0}`: {1}; use cid=N,socket=PATH or just PATH (CID 3)")]
     BadVsock(String, &'static str),
@@ -177,6 +179,21 @@ pub struct DriveSpec {
     pub direct: bool,
     /// Up to 20 bytes; the guest reads it from /sys/block/vdX/serial.
     pub serial: Option<String>,
+    /// Where the drive's file I/O runs.
+    #[serde(default)]
+    pub backend: DriveBackend,
+}
+
+/// Where a drive's file I/O runs: `backend=process` (default) or `backend=inline`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DriveBackend {
+    /// A jailed back-end process of its own that never sees guest memory; restarted if it dies.
+    #[default]
+    Process,
+    /// The monitor's device thread, straight into guest memory (faster for small requests,
+    /// less isolated).
+    Inline,
 }
 
 fn parse_switch(v: &str) -> Option<bool> {
@@ -212,7 +229,18 @@ pub fn parse_drive(s: &str) -> Result<DriveSpec, ConfigError> {
             }
             "direct" => d.direct = parse_switch(v).ok_or_else(|| bad("direct takes on or off"))?,
             "serial" => d.serial = Some(v.to_string()),
-            _ => return Err(bad("unknown option (known: path, ro, direct, serial)")),
+            "backend" => {
+                d.backend = match v {
+                    "process" => DriveBackend::Process,
+                    "inline" => DriveBackend::Inline,
+                    _ => return Err(bad("backend takes process or inline")),
+                }
+            }
+            _ => {
+                return Err(bad(
+                    "unknown option (known: path, ro, direct, serial, backend)",
+                ));
+            }
         }
     }
     d.path = path.ok_or_else(|| bad("no path=FILE"))?;
@@ -436,9 +464,13 @@ mod tests {
                 read_only: true,
                 direct: true,
                 serial: Some("data1".into()),
+                backend: DriveBackend::Process,
             }
         );
+        let inline = parse_drive("path=/d.img,backend=inline").unwrap();
+        assert_eq!(inline.backend, DriveBackend::Inline);
         for (bad, why) in [
+            ("path=x,backend=thread", "backend takes process or inline"),
             ("", "no file"),
             ("ro=on", "no path"),
             ("path=x,ro=maybe", "ro takes"),

@@ -7,20 +7,27 @@
 //! device-writable ones, data directions must match the request type, lengths must be whole
 //! sectors, and every byte must lie in guest RAM. A request that breaks a rule fails with
 //! `VIRTIO_BLK_S_IOERR` (when it has a status byte to say so) and is counted; the queue goes on.
-//! Data moves with one `preadv`/`pwritev` straight between the file and guest memory.
+//!
+//! The file I/O runs in one of two places ([`Isolation`]): by default in a back-end process of
+//! its own (`bulwark-backends`), which never sees guest memory — this device copies request
+//! data between guest buffers and the drive's I/O window, and restarts the back-end if it dies —
+//! or, with `backend=inline`, on this device's thread with one `preadv`/`pwritev` straight
+//! between the file and guest memory.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use bulwark_backends::client::{BackEnd, BackEndStats, RemoteDisk};
+use bulwark_backends::disk::{Disk, Punch};
+use bulwark_backends::launcher::{self, Launcher};
 use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
 use super::chain::{self, Segment, Streams, read_stream, stream_len, sub_stream, write_stream};
 use super::{ActivateError, DeviceStats, Interrupt, VirtioDevice, serve_device_queue};
-use crate::sys::{self, Direction, falloc};
 
 pub const SECTOR: u64 = 512;
 /// Queue size offered to the driver.
@@ -75,6 +82,18 @@ pub struct DriveConfig {
     /// Up to 20 bytes; the guest sees it in `/sys/block/vdX/serial` (and udev makes
     /// `/dev/disk/by-id/virtio-<serial>`).
     pub serial: String,
+    /// Where the file I/O runs.
+    pub isolation: Isolation,
+}
+
+/// Where a drive's file I/O runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Isolation {
+    /// In a jailed back-end process that never sees guest memory (the default).
+    #[default]
+    Process,
+    /// On the device's thread in the monitor, straight into guest memory.
+    Inline,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +111,10 @@ pub enum DriveError {
     Empty(PathBuf),
     #[error("drive serial {0:?} is longer than {SERIAL_LEN} bytes")]
     SerialTooLong(String),
+    #[error(
+        "drive {0}: cannot start its back-end process: {1}; attach it with backend=inline to run its I/O in the monitor (less isolated)"
+    )]
+    BackEnd(PathBuf, String),
     #[error(
         "drive {path}: O_DIRECT is not supported by the filesystem holding it ({source}); drop direct=on"
     )]
@@ -318,35 +341,72 @@ struct Active {
     interrupt: Option<Interrupt>,
 }
 
+/// Where a drive's I/O goes.
+#[derive(Debug)]
+enum Storage {
+    Inline(Disk),
+    Process(RemoteDisk),
+}
+
 /// A virtio block device on an open image file.
 #[derive(Debug)]
 pub struct Block {
-    file: File,
+    storage: Storage,
     path: PathBuf,
     capacity: u64,
     read_only: bool,
-    direct: bool,
     serial: [u8; SERIAL_LEN],
     active: Active,
     stats: Arc<DeviceStats>,
 }
 
 impl Block {
-    /// Opens (and locks) the drive's image.
-    pub fn open(cfg: &DriveConfig) -> Result<Self, DriveError> {
+    /// Opens (and locks) the drive's image; with [`Isolation::Process`] starts its back-end,
+    /// named `name` (`blk0`), through the process's back-end launcher.
+    pub fn open(cfg: &DriveConfig, name: &str) -> Result<Self, DriveError> {
         let (file, capacity) = cfg.open()?;
         let mut serial = [0u8; SERIAL_LEN];
         serial[..cfg.serial.len()].copy_from_slice(cfg.serial.as_bytes());
+        let storage = match cfg.isolation {
+            Isolation::Inline => Storage::Inline(Disk::new(file, cfg.direct)),
+            Isolation::Process => {
+                let fail = |why: String| DriveError::BackEnd(cfg.path.clone(), why);
+                let launcher = Launcher::global().ok_or_else(|| {
+                    fail(
+                        "this process has no back-end launcher (it starts before the VM is built)"
+                            .into(),
+                    )
+                })?;
+                let flags = if cfg.direct { launcher::FLAG_DIRECT } else { 0 };
+                let backend = BackEnd::start(
+                    launcher,
+                    bulwark_backends::Kind::Block,
+                    name,
+                    flags,
+                    file.into(),
+                    bulwark_backends::window::BLOCK_WINDOW,
+                )
+                .map_err(|e| fail(e.to_string()))?;
+                Storage::Process(RemoteDisk::new(backend))
+            }
+        };
         Ok(Self {
-            file,
+            storage,
             path: cfg.path.clone(),
             capacity,
             read_only: cfg.read_only,
-            direct: cfg.direct,
             serial,
             active: Active::default(),
             stats: Arc::default(),
         })
+    }
+
+    /// The back-end's counters, when the drive has one.
+    pub fn backend_stats(&self) -> Option<Arc<BackEndStats>> {
+        match &self.storage {
+            Storage::Process(r) => Some(r.stats()),
+            Storage::Inline(_) => None,
+        }
     }
 
     /// Disk size in sectors.
@@ -374,51 +434,52 @@ impl Block {
     }
 
     /// Runs one checked request; returns the status and the bytes written into guest buffers.
-    fn execute(&self, mem: &GuestMemoryMmap, r: &Request) -> (u8, u64) {
-        let io = |res: std::io::Result<()>| match res {
-            Ok(()) => status::OK,
-            Err(e) => {
-                tracing::debug!(path = %self.path.display(), error = %e, "drive I/O failed");
-                DeviceStats::add(&self.stats.io_errors, 1);
-                status::IOERR
-            }
-        };
-        match r.kind {
-            req::IN => {
-                let st = io(self.transfer(mem, r, Direction::ToGuest));
-                if st == status::OK {
-                    DeviceStats::add(&self.stats.bytes_in, r.data_len);
-                }
-                (st, if st == status::OK { r.data_len } else { 0 })
-            }
-            req::OUT => {
-                let st = io(self.transfer(mem, r, Direction::FromGuest));
-                if st == status::OK {
-                    DeviceStats::add(&self.stats.bytes_out, r.data_len);
-                }
-                (st, 0)
-            }
-            req::FLUSH => (io(self.file.sync_data()), 0),
+    fn execute(&mut self, mem: &GuestMemoryMmap, r: &Request) -> (u8, u64) {
+        let result = match r.kind {
+            req::IN | req::OUT => self.transfer(mem, r),
+            req::FLUSH => match &mut self.storage {
+                Storage::Inline(d) => d.flush(),
+                Storage::Process(d) => d.flush(),
+            },
             req::GET_ID => {
                 let n = r.data_len.min(SERIAL_LEN as u64) as usize;
-                match write_stream(mem, &r.data, &self.serial[..n]) {
+                return match write_stream(mem, &r.data, &self.serial[..n]) {
                     Ok(()) => (status::OK, n as u64),
                     Err(_) => (status::IOERR, 0),
-                }
+                };
             }
             req::DISCARD | req::WRITE_ZEROES => match parse_ranges(mem, r, self.capacity) {
-                Ok(ranges) => (io(self.punch(r.kind, &ranges)), 0),
+                Ok(ranges) => self.punch(r.kind, &ranges),
                 Err(e) => {
                     tracing::debug!(error = %e, "bad discard request");
                     DeviceStats::add(&self.stats.bad_requests, 1);
-                    (status::IOERR, 0)
+                    return (status::IOERR, 0);
                 }
             },
-            _ => (status::UNSUPP, 0),
+            _ => return (status::UNSUPP, 0),
+        };
+        if let Some(b) = self.backend_stats() {
+            DeviceStats::set(&self.stats.restarts, DeviceStats::get(&b.restarts));
+        }
+        if let Err(e) = result {
+            tracing::debug!(path = %self.path.display(), error = %e, "drive I/O failed");
+            DeviceStats::add(&self.stats.io_errors, 1);
+            return (status::IOERR, 0);
+        }
+        match r.kind {
+            req::IN => {
+                DeviceStats::add(&self.stats.bytes_in, r.data_len);
+                (status::OK, r.data_len)
+            }
+            req::OUT => {
+                DeviceStats::add(&self.stats.bytes_out, r.data_len);
+                (status::OK, 0)
+            }
+            _ => (status::OK, 0),
         }
     }
 
-    fn transfer(&self, mem: &GuestMemoryMmap, r: &Request, dir: Direction) -> std::io::Result<()> {
+    fn transfer(&mut self, mem: &GuestMemoryMmap, r: &Request) -> std::io::Result<()> {
         let slices: Vec<VolatileSlice<'_>> = r
             .data
             .iter()
@@ -426,86 +487,34 @@ impl Block {
             .collect::<Result<_, _>>()
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         let offset = r.sector * SECTOR;
-        let aligned = r
-            .data
-            .iter()
-            .all(|s| s.addr.0.is_multiple_of(SECTOR) && s.len.is_multiple_of(SECTOR));
-        if self.direct && !aligned {
-            return self.transfer_bounced(&slices, offset, r.data_len, dir);
+        match (&mut self.storage, r.kind) {
+            (Storage::Inline(d), req::IN) => d.read(offset, &slices),
+            (Storage::Inline(d), _) => d.write(offset, &slices),
+            (Storage::Process(d), req::IN) => d.read(offset, &slices),
+            (Storage::Process(d), _) => d.write(offset, &slices),
         }
-        sys::transfer_all(&self.file, dir, offset, &slices).map(|_| ())
     }
 
-    /// `O_DIRECT` needs sector-aligned memory: buffers the guest placed anywhere go through
-    /// an aligned bounce buffer.
-    fn transfer_bounced(
-        &self,
-        slices: &[VolatileSlice<'_>],
-        offset: u64,
-        len: u64,
-        dir: Direction,
-    ) -> std::io::Result<()> {
-        const ALIGN: usize = 4096;
-        let mut raw = vec![0u8; len as usize + ALIGN];
-        let skip = raw.as_ptr().align_offset(ALIGN);
-        let buf = &mut raw[skip..skip + len as usize];
-        match dir {
-            Direction::ToGuest => {
-                self.file.read_exact_at(buf, offset)?;
-                let mut at = 0;
-                for s in slices {
-                    s.copy_from(&buf[at..at + s.len()]);
-                    at += s.len();
-                }
-            }
-            Direction::FromGuest => {
-                let mut at = 0;
-                for s in slices {
-                    s.copy_to(&mut buf[at..at + s.len()]);
-                    at += s.len();
-                }
-                self.file.write_all_at(buf, offset)?;
-            }
-        }
-        Ok(())
-    }
-
-    fn punch(&self, kind: u32, ranges: &[(u64, u64, u32)]) -> std::io::Result<()> {
+    fn punch(&mut self, kind: u32, ranges: &[(u64, u64, u32)]) -> std::io::Result<()> {
         for &(sector, count, flags) in ranges {
-            let (off, len) = (sector * SECTOR, count * SECTOR);
-            if kind == req::DISCARD || flags & WRITE_ZEROES_UNMAP != 0 {
-                match sys::fallocate(&self.file, falloc::PUNCH_HOLE, off, len) {
-                    Ok(()) => continue,
-                    // Discard is a hint: a filesystem without hole punching ignores it.
-                    Err(e) if kind == req::DISCARD && is_unsupported(&e) => continue,
-                    Err(e) if is_unsupported(&e) => {}
-                    Err(e) => return Err(e),
-                }
+            let how = if kind == req::DISCARD {
+                Punch::Discard
+            } else if flags & WRITE_ZEROES_UNMAP != 0 {
+                Punch::ZeroUnmap
             } else {
-                match sys::fallocate(&self.file, falloc::ZERO_RANGE, off, len) {
-                    Ok(()) => continue,
-                    Err(e) if is_unsupported(&e) => {}
-                    Err(e) => return Err(e),
-                }
+                Punch::Zero
+            };
+            let (off, len) = (sector * SECTOR, count * SECTOR);
+            match &mut self.storage {
+                Storage::Inline(d) => d.punch(how, off, len)?,
+                Storage::Process(d) => d.punch(how, off, len)?,
             }
-            self.write_zeroes(off, len)?;
-        }
-        Ok(())
-    }
-
-    fn write_zeroes(&self, mut off: u64, len: u64) -> std::io::Result<()> {
-        let end = off + len;
-        let chunk = vec![0u8; (1 << 20).min(len as usize)];
-        while off < end {
-            let n = chunk.len().min((end - off) as usize);
-            self.file.write_all_at(&chunk[..n], off)?;
-            off += n as u64;
         }
         Ok(())
     }
 
     /// Serves one chain; returns the bytes written into its device-writable buffers.
-    fn serve(&self, mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
+    fn serve(&mut self, mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
         let descriptors = chain::descriptors(chain);
         DeviceStats::add(&self.stats.requests, 1);
         let (st, written, at) = match parse(mem, &descriptors, self.capacity, self.read_only) {
@@ -525,13 +534,6 @@ impl Block {
         }
         u32::try_from(written + 1).unwrap_or(u32::MAX)
     }
-}
-
-fn is_unsupported(e: &std::io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL)
-    )
 }
 
 impl VirtioDevice for Block {
@@ -589,7 +591,9 @@ impl VirtioDevice for Block {
             queue: Some(q),
             interrupt: Some(irq),
         } = &mut active
-            && !serve_device_queue(q, mem, irq, &self.stats, |chain| self.serve(mem, chain))
+            && !serve_device_queue(q, mem, irq, &self.stats.clone(), |chain| {
+                self.serve(mem, chain)
+            })
         {
             active.queue = None;
         }
@@ -647,12 +651,16 @@ mod tests {
 
     fn rig(tag: &str, size: u64, read_only: bool) -> Rig {
         let path = temp_image(tag, size);
-        let mut dev = Block::open(&DriveConfig {
-            path: path.clone(),
-            read_only,
-            direct: false,
-            serial: "disk-serial-01".into(),
-        })
+        let mut dev = Block::open(
+            &DriveConfig {
+                path: path.clone(),
+                read_only,
+                direct: false,
+                serial: "disk-serial-01".into(),
+                isolation: Isolation::Inline,
+            },
+            "blk0",
+        )
         .unwrap();
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
         let ring = SplitRing::new(0x1000, 0x2000, 0x3000, 16);
@@ -761,12 +769,16 @@ mod tests {
         assert!(r.file().iter().all(|&b| b == 0), "nothing written");
         assert_eq!(DeviceStats::get(&r.dev.stats().bad_requests), 1);
         // Opening the same image writable while the read-only lock is held fails.
-        let err = Block::open(&DriveConfig {
-            path: r.path.clone(),
-            read_only: false,
-            direct: false,
-            serial: String::new(),
-        })
+        let err = Block::open(
+            &DriveConfig {
+                path: r.path.clone(),
+                read_only: false,
+                direct: false,
+                serial: String::new(),
+                isolation: Isolation::Inline,
+            },
+            "blk0",
+        )
         .unwrap_err();
         assert!(matches!(err, DriveError::InUse(_)), "{err}");
     }
@@ -895,24 +907,32 @@ mod tests {
 
     #[test]
     fn block_refuses_bad_drives_with_clear_errors() {
-        let missing = Block::open(&DriveConfig {
-            path: "/nonexistent/disk.img".into(),
-            read_only: false,
-            direct: false,
-            serial: String::new(),
-        })
+        let missing = Block::open(
+            &DriveConfig {
+                path: "/nonexistent/disk.img".into(),
+                read_only: false,
+                direct: false,
+                serial: String::new(),
+                isolation: Isolation::Inline,
+            },
+            "blk0",
+        )
         .unwrap_err();
         assert!(
             missing.to_string().contains("/nonexistent/disk.img"),
             "{missing}"
         );
         let empty = temp_image("empty", 0);
-        let e = Block::open(&DriveConfig {
-            path: empty.clone(),
-            read_only: false,
-            direct: false,
-            serial: String::new(),
-        })
+        let e = Block::open(
+            &DriveConfig {
+                path: empty.clone(),
+                read_only: false,
+                direct: false,
+                serial: String::new(),
+                isolation: Isolation::Inline,
+            },
+            "blk0",
+        )
         .unwrap_err();
         std::fs::remove_file(&empty).unwrap();
         assert!(matches!(e, DriveError::Empty(_)), "{e}");
@@ -921,9 +941,10 @@ mod tests {
             read_only: false,
             direct: false,
             serial: "x".repeat(21),
+            isolation: Isolation::Inline,
         };
         assert!(matches!(
-            Block::open(&long).unwrap_err(),
+            Block::open(&long, "blk0").unwrap_err(),
             DriveError::SerialTooLong(_)
         ));
     }

@@ -121,6 +121,8 @@ pub struct DeviceStats {
     pub io_errors: AtomicU64,
     /// Queues found broken (the device then needs a reset).
     pub broken_queues: AtomicU64,
+    /// Back-end processes started again after one died (devices with a back-end).
+    pub restarts: AtomicU64,
 }
 
 /// A snapshot of [`DeviceStats`].
@@ -132,11 +134,12 @@ pub struct DeviceCounters {
     pub bad_requests: u64,
     pub io_errors: u64,
     pub broken_queues: u64,
+    pub restarts: u64,
 }
 
 impl DeviceCounters {
     /// Every counter by name, in a fixed order (reports, the control channel, metrics).
-    pub fn fields(&self) -> [(&'static str, u64); 6] {
+    pub fn fields(&self) -> [(&'static str, u64); 7] {
         [
             ("requests", self.requests),
             ("bytes_out", self.bytes_out),
@@ -144,6 +147,7 @@ impl DeviceCounters {
             ("bad_requests", self.bad_requests),
             ("io_errors", self.io_errors),
             ("broken_queues", self.broken_queues),
+            ("restarts", self.restarts),
         ]
     }
 }
@@ -167,11 +171,16 @@ impl DeviceStats {
             bad_requests: Self::get(&self.bad_requests),
             io_errors: Self::get(&self.io_errors),
             broken_queues: Self::get(&self.broken_queues),
+            restarts: Self::get(&self.restarts),
         }
     }
 
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn set(counter: &AtomicU64, n: u64) {
+        counter.store(n, Ordering::Relaxed);
     }
 
     pub fn get(counter: &AtomicU64) -> u64 {

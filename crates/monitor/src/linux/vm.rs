@@ -169,8 +169,9 @@ impl VirtioSpec {
 fn virtio_devices(cfg: &LinuxVmConfig) -> Result<Vec<VirtioSpec>, VmError> {
     let mut specs = Vec::new();
     for (i, d) in cfg.drives.iter().enumerate() {
-        specs.push(VirtioSpec::build(format!("blk{i}"), |_| {
-            Ok(Box::new(Block::open(d)?))
+        let name = format!("blk{i}");
+        specs.push(VirtioSpec::build(name.clone(), |_| {
+            Ok(Box::new(Block::open(d, &name)?))
         })?);
     }
     for (i, n) in cfg.nets.iter().enumerate() {

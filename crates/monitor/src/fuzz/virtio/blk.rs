@@ -5,7 +5,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::{Mutex, OnceLock};
 
-use bulwark_devices::virtio::block::{Block, DriveConfig};
+use bulwark_devices::virtio::block::{Block, DriveConfig, Isolation};
 use bulwark_devices::virtio::chain::{Segment, stream_len, sub_stream};
 use bulwark_devices::virtio::driver::{SplitRing, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use bulwark_devices::virtio::{
@@ -58,12 +58,16 @@ fn drives() -> &'static [Drive; 2] {
             ));
             let pristine = image_pattern();
             std::fs::write(&path, &pristine).expect("fuzz drive image");
-            let dev = Block::open(&DriveConfig {
-                path: path.clone(),
-                read_only,
-                direct: false,
-                serial: "fuzz".into(),
-            })
+            let dev = Block::open(
+                &DriveConfig {
+                    path: path.clone(),
+                    read_only,
+                    direct: false,
+                    serial: "fuzz".into(),
+                    isolation: Isolation::Inline,
+                },
+                "blk0",
+            )
             .expect("fuzz drive");
             let image = File::open(&path).expect("fuzz drive image");
             let _ = std::fs::remove_file(&path);
