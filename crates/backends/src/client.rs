@@ -202,8 +202,13 @@ impl BackEnd {
     /// One request and its reply on the live channel.
     fn exchange(&mut self, msg: &Msg) -> Result<u32, Death> {
         let ch = self.channel.as_ref().expect("a live back-end");
-        sys::send(ch.as_fd(), &msg.encode(), &[])
-            .map_err(|e| Death::Gone(format!("sending failed: {e}")))?;
+        if let Err(e) = sys::send(ch.as_fd(), &msg.encode(), &[]) {
+            // A back-end stopped by its policy wrote why before it died: that is the news.
+            return Err(match expect(ch, Duration::ZERO) {
+                Err(Death::Violation(r)) => Death::Violation(r),
+                _ => Death::Gone(format!("sending failed: {e}")),
+            });
+        }
         let reply = expect(ch, REPLY_TIMEOUT)?;
         if reply.op != Op::Done || reply.id != msg.id {
             return Err(Death::Gone(format!(

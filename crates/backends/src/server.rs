@@ -100,7 +100,19 @@ fn serve_block(channel: &OwnedFd, window: &Window, disk: &Disk, what: &Spawn) ->
         if let Some((after, nr)) = probe
             && served == after
         {
-            let _ = bulwark_sandbox::seccomp::forbidden_call(nr);
+            // A call the policy forbids ends the process here; one it answers (openat: EACCES)
+            // is reported and the back-end goes on.
+            match bulwark_sandbox::seccomp::forbidden_call(nr) {
+                Ok(v) => eprintln!(
+                    "bulwark: {} probe: system call {nr} returned {v}",
+                    what.name
+                ),
+                Err(e) => eprintln!(
+                    "bulwark: {} probe: system call {nr} failed ({})",
+                    what.name,
+                    e.raw_os_error().unwrap_or(0)
+                ),
+            }
         }
     }
 }

@@ -460,6 +460,7 @@ impl Block {
         };
         if let Some(b) = self.backend_stats() {
             DeviceStats::set(&self.stats.restarts, DeviceStats::get(&b.restarts));
+            DeviceStats::set(&self.stats.violations, DeviceStats::get(&b.violations));
         }
         if let Err(e) = result {
             tracing::debug!(path = %self.path.display(), error = %e, "drive I/O failed");

@@ -123,6 +123,8 @@ pub struct DeviceStats {
     pub broken_queues: AtomicU64,
     /// Back-end processes started again after one died (devices with a back-end).
     pub restarts: AtomicU64,
+    /// Back-end processes stopped by their seccomp policy (each also counts a restart).
+    pub violations: AtomicU64,
 }
 
 /// A snapshot of [`DeviceStats`].
@@ -135,11 +137,12 @@ pub struct DeviceCounters {
     pub io_errors: u64,
     pub broken_queues: u64,
     pub restarts: u64,
+    pub violations: u64,
 }
 
 impl DeviceCounters {
     /// Every counter by name, in a fixed order (reports, the control channel, metrics).
-    pub fn fields(&self) -> [(&'static str, u64); 7] {
+    pub fn fields(&self) -> [(&'static str, u64); 8] {
         [
             ("requests", self.requests),
             ("bytes_out", self.bytes_out),
@@ -148,6 +151,7 @@ impl DeviceCounters {
             ("io_errors", self.io_errors),
             ("broken_queues", self.broken_queues),
             ("restarts", self.restarts),
+            ("violations", self.violations),
         ]
     }
 }
@@ -172,6 +176,7 @@ impl DeviceStats {
             io_errors: Self::get(&self.io_errors),
             broken_queues: Self::get(&self.broken_queues),
             restarts: Self::get(&self.restarts),
+            violations: Self::get(&self.violations),
         }
     }
 
