@@ -6,7 +6,8 @@
 //! accepted from a live back-end, so a write the guest saw acknowledged was acknowledged by a
 //! back-end that did it: a restart loses nothing the guest was told is done.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,9 +26,9 @@ use crate::{Kind, disk::Punch};
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 /// A new back-end must say hello within this.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Back-ends started for one request before the request fails (the device then answers the
-/// guest with an I/O error and tries again on the next request).
-const MAX_STARTS_PER_REQUEST: u32 = 4;
+/// Back-ends started in a row without one answering a request before the device gives up on
+/// this request (the guest gets an I/O error; the next request tries again).
+const MAX_STARTS_UNANSWERED: u32 = 4;
 
 /// What a back-end's monitor side counts (for `--stats`, describe and tests).
 #[derive(Debug, Default)]
@@ -38,7 +39,8 @@ pub struct BackEndStats {
     pub violations: AtomicU64,
     /// Requests answered.
     pub requests: AtomicU64,
-    /// How long the last restart took, death noticed → new back-end said hello, in µs.
+    /// How long the last restart took, in µs: from noticing the back-end dead to the reply of a
+    /// new one to the request in flight.
     pub last_restart_us: AtomicU64,
     /// The live back-end's pid (in the monitor's PID namespace), 0 while none runs.
     pub pid: AtomicI32,
@@ -48,7 +50,7 @@ pub struct BackEndStats {
 
 /// Why the current back-end is no longer used.
 #[derive(Debug)]
-enum Death {
+pub(crate) enum Death {
     Gone(String),
     Violation(String),
 }
@@ -63,6 +65,12 @@ pub struct BackEnd {
     resource: OwnedFd,
     channel: Option<OwnedFd>,
     next_id: u64,
+    /// Requests sent and not yet answered, by id.
+    in_flight: BTreeMap<u64, Op>,
+    /// When the last back-end was found dead, until a new one answers a request.
+    died_at: Option<Instant>,
+    /// Back-ends started since one last answered a request.
+    starts_unanswered: u32,
     stats: Arc<BackEndStats>,
 }
 
@@ -92,6 +100,9 @@ impl BackEnd {
             resource,
             channel: None,
             next_id: 1,
+            in_flight: BTreeMap::new(),
+            died_at: None,
+            starts_unanswered: 0,
             stats: Arc::default(),
         };
         b.launch()?;
@@ -102,8 +113,13 @@ impl BackEnd {
         self.stats.clone()
     }
 
-    pub fn window_len(&self) -> u64 {
-        self.window.len()
+    pub fn window(&self) -> &Window {
+        &self.window
+    }
+
+    /// The live back-end's channel, for an event loop to watch (it changes on a restart).
+    pub fn channel_fd(&self) -> Option<RawFd> {
+        self.channel.as_ref().map(AsRawFd::as_raw_fd)
     }
 
     /// Starts a back-end process and waits for its hello.
@@ -118,7 +134,13 @@ impl BackEnd {
         drop(theirs);
         self.what.incarnation += 1;
         let hello = match expect(&ours, HELLO_TIMEOUT) {
-            Ok(m) => m,
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                return Err(std::io::Error::other(format!(
+                    "the {} back-end did not start: no hello in {HELLO_TIMEOUT:?}",
+                    self.what.name
+                )));
+            }
             Err(Death::Gone(why) | Death::Violation(why)) => {
                 return Err(std::io::Error::other(format!(
                     "the {} back-end did not start: {why}",
@@ -137,11 +159,14 @@ impl BackEnd {
         Ok(())
     }
 
-    /// The back-end is gone or unusable: count it, forget it.
-    fn bury(&mut self, death: Death) {
+    /// The back-end is gone or unusable: count it, forget it; every window range it held
+    /// returns to the monitor and its requests are no longer in flight.
+    pub(crate) fn bury(&mut self, death: Death) {
         self.channel = None;
         self.stats.pid.store(0, Ordering::Relaxed);
         self.table.take_all_back();
+        self.in_flight.clear();
+        self.died_at.get_or_insert_with(Instant::now);
         match death {
             Death::Gone(why) => {
                 tracing::warn!(backend = %self.what.name, "back-end lost ({why}); starting another");
@@ -158,50 +183,37 @@ impl BackEnd {
         }
     }
 
-    /// Sends `msg` (its `id` is filled in), restarting the back-end as needed; returns the
-    /// errno of the reply (0: done).
-    fn call(&mut self, mut msg: Msg) -> std::io::Result<u32> {
-        let mut starts = 0;
-        let mut died_at: Option<Instant> = None;
-        loop {
-            if self.channel.is_none() {
-                if starts == MAX_STARTS_PER_REQUEST {
-                    return Err(std::io::Error::other(format!(
-                        "the {} back-end died {starts} times in one request",
-                        self.what.name
-                    )));
-                }
-                starts += 1;
-                let t0 = died_at.unwrap_or_else(Instant::now);
-                self.launch()?;
-                self.stats.restarts.fetch_add(1, Ordering::Relaxed);
-                self.stats
-                    .last_restart_us
-                    .store(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
-            }
-            msg.id = self.next_id;
-            self.next_id += 1;
-            if matches!(msg.op, Op::Read | Op::Write) {
-                self.table
-                    .lend(msg.window, msg.len, msg.id)
-                    .map_err(std::io::Error::other)?;
-            }
-            match self.exchange(&msg) {
-                Ok(errno) => {
-                    self.stats.requests.fetch_add(1, Ordering::Relaxed);
-                    return Ok(errno);
-                }
-                Err(death) => {
-                    died_at = Some(Instant::now());
-                    self.bury(death);
-                }
-            }
+    /// Makes sure a back-end runs. `Ok(true)`: a new one was started (what the old one was
+    /// told — offloads, receive slots — must be told again).
+    pub(crate) fn ensure_running(&mut self) -> std::io::Result<bool> {
+        if self.channel.is_some() {
+            return Ok(false);
         }
+        if self.starts_unanswered >= MAX_STARTS_UNANSWERED {
+            return Err(std::io::Error::other(format!(
+                "the {} back-end died {} times without answering a request",
+                self.what.name, self.starts_unanswered
+            )));
+        }
+        self.starts_unanswered += 1;
+        self.launch()?;
+        self.stats.restarts.fetch_add(1, Ordering::Relaxed);
+        Ok(true)
     }
 
-    /// One request and its reply on the live channel.
-    fn exchange(&mut self, msg: &Msg) -> Result<u32, Death> {
-        let ch = self.channel.as_ref().expect("a live back-end");
+    /// Sends request `msg` (its id is filled in and returned), lending the window range it
+    /// names.
+    pub(crate) fn send(&mut self, mut msg: Msg) -> Result<u64, Death> {
+        let Some(ch) = self.channel.as_ref() else {
+            return Err(Death::Gone("not running".into()));
+        };
+        msg.id = self.next_id;
+        self.next_id += 1;
+        if msg.lends_window() {
+            self.table
+                .lend(msg.window, msg.len, msg.id)
+                .map_err(|e| Death::Gone(format!("window: {e}")))?;
+        }
         if let Err(e) = sys::send(ch.as_fd(), &msg.encode(), &[]) {
             // A back-end stopped by its policy wrote why before it died: that is the news.
             return Err(match expect(ch, Duration::ZERO) {
@@ -209,36 +221,124 @@ impl BackEnd {
                 _ => Death::Gone(format!("sending failed: {e}")),
             });
         }
-        let reply = expect(ch, REPLY_TIMEOUT)?;
-        if reply.op != Op::Done || reply.id != msg.id {
+        self.in_flight.insert(msg.id, msg.op);
+        Ok(msg.id)
+    }
+
+    /// The back-end's next message (`None`: nothing within `timeout`), checked against what is
+    /// in flight: a reply ends its request and returns its window range to the monitor.
+    pub(crate) fn recv(&mut self, timeout: Duration) -> Result<Option<Msg>, Death> {
+        let Some(ch) = self.channel.as_ref() else {
+            return Err(Death::Gone("not running".into()));
+        };
+        let Some(m) = expect(ch, timeout)? else {
+            return Ok(None);
+        };
+        let op = self.in_flight.get(&m.id).copied();
+        let fits = match (m.op, op) {
+            (Op::Done, Some(op)) => op != Op::RxPost,
+            (Op::Received, Some(Op::RxPost)) => true,
+            _ => false,
+        };
+        if !fits {
             return Err(Death::Gone(format!(
-                "protocol violation: {:?} for request {} while {} was in flight",
-                reply.op, reply.id, msg.id
+                "protocol violation: {:?} for request {} ({op:?})",
+                m.op, m.id
             )));
         }
-        if matches!(msg.op, Op::Read | Op::Write) {
-            self.table
-                .take_back(reply.id)
+        self.in_flight.remove(&m.id);
+        if op.is_some_and(|op| Msg::new(op, 0).lends_window()) {
+            let (_, lent) = self
+                .table
+                .take_back(m.id)
                 .map_err(|e| Death::Gone(format!("protocol violation: {e}")))?;
+            if m.op == Op::Received && m.len > lent {
+                return Err(Death::Gone(format!(
+                    "protocol violation: a {}-byte frame in a {lent}-byte slot",
+                    m.len
+                )));
+            }
         }
-        Ok(reply.arg)
+        self.answered();
+        Ok(Some(m))
+    }
+
+    /// A back-end answered: a restart (if one was under way) is over.
+    fn answered(&mut self) {
+        self.starts_unanswered = 0;
+        if let Some(t0) = self.died_at.take() {
+            let us = t0.elapsed().as_micros() as u64;
+            self.stats.last_restart_us.store(us, Ordering::Relaxed);
+            tracing::warn!(
+                backend = %self.what.name,
+                restart_us = us,
+                "a new back-end answered {us} µs after the old one was found dead"
+            );
+        }
+    }
+
+    /// Sends `msg` to the live back-end and waits for its reply; returns the reply's errno
+    /// (0: done). Other messages that arrive meanwhile go to `other`. `Err(Died)`: the
+    /// back-end died (it is buried; start another and send again).
+    pub(crate) fn call_once(&mut self, msg: Msg, other: &mut dyn FnMut(Msg)) -> Result<u32, Died> {
+        let id = match self.send(msg) {
+            Ok(id) => id,
+            Err(d) => {
+                self.bury(d);
+                return Err(Died);
+            }
+        };
+        loop {
+            match self.recv(REPLY_TIMEOUT) {
+                Ok(Some(m)) if m.id == id => {
+                    self.stats.requests.fetch_add(1, Ordering::Relaxed);
+                    return Ok(m.arg);
+                }
+                Ok(Some(m)) => other(m),
+                Ok(None) => {
+                    self.bury(Death::Gone(format!("no answer in {REPLY_TIMEOUT:?}")));
+                    return Err(Died);
+                }
+                Err(d) => {
+                    self.bury(d);
+                    return Err(Died);
+                }
+            }
+        }
+    }
+
+    /// Sends `msg` and waits for its reply, starting a new back-end and sending again as
+    /// often as one dies (within [`MAX_STARTS_UNANSWERED`] in a row).
+    fn call(&mut self, msg: Msg) -> std::io::Result<u32> {
+        loop {
+            self.ensure_running()?;
+            if let Ok(errno) = self.call_once(msg, &mut |m| {
+                tracing::debug!("unexpected {:?} ignored", m.op);
+            }) {
+                return Ok(errno);
+            }
+        }
     }
 }
 
-/// The next message on `ch` within `timeout`; a violation report is returned as such (the
-/// back-end is dead after it).
-fn expect(ch: &OwnedFd, timeout: Duration) -> Result<Msg, Death> {
+/// The back-end died during a call (and was buried).
+#[derive(Debug)]
+pub(crate) struct Died;
+
+/// The next message on `ch` within `timeout` (`None`: none came); a violation report is
+/// returned as such (the back-end is dead after it).
+fn expect(ch: &OwnedFd, timeout: Duration) -> Result<Option<Msg>, Death> {
     let mut buf = [0u8; 256];
     let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
     match sys::wait_readable(ch.as_fd(), ms) {
         Ok(true) => {}
-        Ok(false) => return Err(Death::Gone(format!("no answer in {timeout:?}"))),
+        Ok(false) => return Ok(None),
         Err(e) => return Err(Death::Gone(format!("waiting failed: {e}"))),
     }
     match sys::recv(ch.as_fd(), &mut buf) {
         Ok((0, _)) => Err(Death::Gone("it exited".into())),
         Ok((n, _)) => match Msg::decode(&buf[..n]) {
-            Ok(m) => Ok(m),
+            Ok(m) => Ok(Some(m)),
             Err(ProtoError::Report(r)) => Err(Death::Violation(r)),
             Err(e) => Err(Death::Gone(format!("protocol violation: {e}"))),
         },
@@ -302,7 +402,7 @@ impl RemoteDisk {
     /// Moves `bufs` through the window in window-sized pieces: guest → window → back-end for
     /// writes, back-end → window → guest for reads.
     fn pieces(&mut self, offset: u64, bufs: &[VolatileSlice<'_>], op: Op) -> std::io::Result<()> {
-        let cap = self.backend.window_len();
+        let cap = self.backend.window.len();
         let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         let mut done = 0u64;
         while done < total {
@@ -377,5 +477,215 @@ fn copy_out(win: &VolatileSlice<'_>, parts: &[VolatileSlice<'_>]) {
             src.copy_to_volatile_slice(*p);
         }
         at += p.len();
+    }
+}
+
+/// One frame slot of a network window: a 12-byte virtio-net header plus a 64 KiB GSO frame and
+/// its Ethernet header fit, rounded up to pages.
+pub const NET_SLOT: u64 = 68 << 10;
+/// Receive slots posted to a network back-end at a time.
+pub const NET_RX_SLOTS: u64 = 8;
+/// A network window: one transmit slot, then the receive slots.
+pub const NET_WINDOW: u64 = NET_SLOT * (1 + NET_RX_SLOTS);
+
+/// A tap served by a back-end process. Transmit is synchronous (the frame is in the window's
+/// transmit slot until the back-end has written it to the tap); receive is asynchronous: the
+/// back-end fills posted receive slots as frames arrive and says so on its channel, which the
+/// device's event loop watches ([`Self::channel_fd`]).
+#[derive(Debug)]
+pub struct RemoteTap {
+    backend: BackEnd,
+    /// Received frames not yet taken: (slot offset, length). The monitor owns these slots.
+    ready: std::collections::VecDeque<(u64, u64)>,
+    /// Receive slots lent to the back-end, by request id → slot offset.
+    posted: BTreeMap<u64, u64>,
+    /// The offload flags the guest accepted, told again to every new back-end.
+    offload: Option<u32>,
+}
+
+impl RemoteTap {
+    /// Takes over a started back-end of kind [`Kind::Net`] (window of [`NET_WINDOW`] bytes)
+    /// and posts its receive slots.
+    pub fn new(backend: BackEnd) -> std::io::Result<Self> {
+        let mut t = Self {
+            backend,
+            ready: Default::default(),
+            posted: BTreeMap::new(),
+            offload: None,
+        };
+        if let Err(d) = t.post_free_slots() {
+            t.backend.bury(d);
+        }
+        Ok(t)
+    }
+
+    pub fn stats(&self) -> Arc<BackEndStats> {
+        self.backend.stats()
+    }
+
+    /// The live back-end's channel (readable when a frame arrived or the back-end died); it
+    /// changes when the back-end is restarted.
+    pub fn channel_fd(&self) -> Option<RawFd> {
+        self.backend.channel_fd()
+    }
+
+    /// Whether received frames wait to be taken (no event will announce them again).
+    pub fn has_frames(&self) -> bool {
+        !self.ready.is_empty()
+    }
+
+    fn slot_offsets() -> impl Iterator<Item = u64> {
+        (1..=NET_RX_SLOTS).map(|i| i * NET_SLOT)
+    }
+
+    /// Posts every receive slot that is neither lent nor holding a frame.
+    fn post_free_slots(&mut self) -> Result<(), Death> {
+        for at in Self::slot_offsets() {
+            let busy =
+                self.posted.values().any(|&p| p == at) || self.ready.iter().any(|&(r, _)| r == at);
+            if !busy {
+                self.post(at)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn post(&mut self, at: u64) -> Result<(), Death> {
+        let id = self.backend.send(Msg {
+            window: at,
+            len: NET_SLOT,
+            ..Msg::new(Op::RxPost, 0)
+        })?;
+        self.posted.insert(id, at);
+        Ok(())
+    }
+
+    /// What a new back-end must be told: the offloads and the receive slots.
+    fn restarted(&mut self) -> Result<(), Death> {
+        self.posted.clear();
+        if let Some(flags) = self.offload {
+            let id = self.backend.send(Msg {
+                arg: flags,
+                ..Msg::new(Op::SetOffload, 0)
+            })?;
+            loop {
+                match self.backend.recv(REPLY_TIMEOUT)? {
+                    Some(m) if m.id == id => break,
+                    Some(m) => self.note(m)?,
+                    None => return Err(Death::Gone("no answer to set offloads".into())),
+                }
+            }
+        }
+        self.post_free_slots()
+    }
+
+    /// A message that is not the reply being waited for: a received frame.
+    fn note(&mut self, m: Msg) -> Result<(), Death> {
+        match (m.op, self.posted.remove(&m.id)) {
+            (Op::Received, Some(at)) => {
+                self.ready.push_back((at, m.len));
+                Ok(())
+            }
+            _ => Err(Death::Gone(format!(
+                "protocol violation: unexpected {:?}",
+                m.op
+            ))),
+        }
+    }
+
+    /// Restarts the back-end if it is gone. Errors only when it cannot be started at all.
+    fn live(&mut self) -> std::io::Result<()> {
+        while self.backend.ensure_running()? {
+            match self.restarted() {
+                Ok(()) => break,
+                Err(d) => self.backend.bury(d),
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends one frame (virtio-net header first) to the tap. A frame the back-end could not
+    /// write (a full tap queue) is an error, as it is for an inline tap.
+    pub fn transmit(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        let len = frame.len() as u64;
+        let Some(slot) = self.backend.window.slice(0, len.min(NET_SLOT)) else {
+            return Err(std::io::Error::other("frame larger than a window slot"));
+        };
+        if len > NET_SLOT {
+            return Err(std::io::Error::other("frame larger than a window slot"));
+        }
+        slot.copy_from(frame);
+        let msg = Msg {
+            window: 0,
+            len,
+            ..Msg::new(Op::Transmit, 0)
+        };
+        let errno = self.call(msg)?;
+        if errno == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::from_raw_os_error(errno as i32))
+        }
+    }
+
+    /// The next received frame (header first) into `buf`; its length, or `None` when none is
+    /// waiting. Reads what the back-end sent without blocking, restarting it if it died.
+    pub fn receive(&mut self, buf: &mut [u8]) -> Option<usize> {
+        loop {
+            if let Some((at, len)) = self.ready.pop_front() {
+                let n = (len as usize).min(buf.len());
+                if let Some(slot) = self.backend.window.slice(at, n as u64) {
+                    slot.copy_to(&mut buf[..n]);
+                }
+                if self.backend.channel_fd().is_some()
+                    && let Err(d) = self.post(at)
+                {
+                    self.backend.bury(d);
+                }
+                return Some(n);
+            }
+            if self.live().is_err() {
+                return None;
+            }
+            match self.backend.recv(Duration::ZERO) {
+                Ok(Some(m)) => {
+                    if let Err(d) = self.note(m) {
+                        self.backend.bury(d);
+                    }
+                }
+                Ok(None) => return None,
+                Err(d) => self.backend.bury(d),
+            }
+        }
+    }
+
+    /// Sets the tap's offloads (and remembers them for the next back-end).
+    pub fn set_offload(&mut self, flags: u32) -> std::io::Result<()> {
+        self.offload = Some(flags);
+        match self.call(Msg {
+            arg: flags,
+            ..Msg::new(Op::SetOffload, 0)
+        })? {
+            0 => Ok(()),
+            e => Err(std::io::Error::from_raw_os_error(e as i32)),
+        }
+    }
+
+    /// `msg` to a live back-end (restarting it, with what it must be told, as often as it
+    /// dies); frames that arrive meanwhile are kept.
+    fn call(&mut self, msg: Msg) -> std::io::Result<u32> {
+        loop {
+            self.live()?;
+            let mut noted: Vec<Msg> = Vec::new();
+            let r = self.backend.call_once(msg, &mut |m| noted.push(m));
+            for m in noted {
+                if let Err(d) = self.note(m) {
+                    self.backend.bury(d);
+                }
+            }
+            if let Ok(errno) = r {
+                return Ok(errno);
+            }
+        }
     }
 }

@@ -17,6 +17,7 @@
 
 pub mod client;
 pub mod disk;
+pub mod fuzz;
 pub mod launcher;
 pub mod ownership;
 pub mod proto;
@@ -30,12 +31,15 @@ pub mod window;
 pub enum Kind {
     /// A virtio-blk image file.
     Block = 1,
+    /// A virtio-net tap.
+    Net = 2,
 }
 
 impl Kind {
     pub fn from_u16(v: u16) -> Option<Self> {
         match v {
             1 => Some(Kind::Block),
+            2 => Some(Kind::Net),
             _ => None,
         }
     }
@@ -44,6 +48,7 @@ impl Kind {
     pub fn policy(self) -> &'static str {
         match self {
             Kind::Block => "backend_block",
+            Kind::Net => "backend_net",
         }
     }
 }

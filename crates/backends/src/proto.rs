@@ -49,8 +49,17 @@ pub enum Op {
     Discard = 5,
     /// Zero `len` bytes at `offset`; `arg` bit 0: the back-end may unmap them.
     WriteZeroes = 6,
+    /// Send the frame of `len` bytes at `window` (a network back-end: to its tap).
+    Transmit = 7,
+    /// The `len` bytes at `window` are a receive slot the back-end may fill with one frame; it
+    /// answers with [`Op::Received`] when it did.
+    RxPost = 8,
+    /// Set the tap's offloads to `arg` (`TUNSETOFFLOAD` flags).
+    SetOffload = 9,
     /// Back-end → monitor: request `id` finished; `arg` is 0 or the errno it failed with.
     Done = 0x80,
+    /// Back-end → monitor: receive slot `id` holds a frame of `len` bytes.
+    Received = 0x81,
 }
 
 impl Op {
@@ -62,7 +71,11 @@ impl Op {
             4 => Op::Flush,
             5 => Op::Discard,
             6 => Op::WriteZeroes,
+            7 => Op::Transmit,
+            8 => Op::RxPost,
+            9 => Op::SetOffload,
             0x80 => Op::Done,
+            0x81 => Op::Received,
             _ => return None,
         })
     }
@@ -187,6 +200,9 @@ impl Msg {
         let fields_ok = match op {
             Op::Hello => m.offset == 0 && m.window == 0 && m.len == 0 && m.id == 0,
             Op::Read | Op::Write => m.len > 0 && m.arg == 0,
+            Op::Transmit | Op::RxPost => m.offset == 0 && m.len > 0 && m.arg == 0,
+            Op::SetOffload => m.offset == 0 && m.window == 0 && m.len == 0,
+            Op::Received => m.offset == 0 && m.window == 0 && m.len > 0 && m.arg == 0,
             Op::Flush => m.offset == 0 && m.window == 0 && m.len == 0 && m.arg == 0,
             Op::Discard => m.window == 0 && m.len > 0 && m.arg == 0,
             Op::WriteZeroes => m.window == 0 && m.len > 0 && m.arg & !ZEROES_MAY_UNMAP == 0,
@@ -209,8 +225,8 @@ impl Msg {
     /// its data lies inside the `window_len`-byte window.
     pub fn check_request(&self, window_len: u64) -> Result<(), ProtoError> {
         match self.op {
-            Op::Hello | Op::Done => Err(ProtoError::Fields { op: self.op }),
-            Op::Read | Op::Write => {
+            Op::Hello | Op::Done | Op::Received => Err(ProtoError::Fields { op: self.op }),
+            Op::Read | Op::Write | Op::Transmit | Op::RxPost => {
                 if self
                     .window
                     .checked_add(self.len)
@@ -226,8 +242,13 @@ impl Msg {
                     Ok(())
                 }
             }
-            Op::Flush | Op::Discard | Op::WriteZeroes => Ok(()),
+            Op::Flush | Op::Discard | Op::WriteZeroes | Op::SetOffload => Ok(()),
         }
+    }
+
+    /// Whether the request borrows the window range it names (until its reply).
+    pub fn lends_window(&self) -> bool {
+        matches!(self.op, Op::Read | Op::Write | Op::Transmit | Op::RxPost)
     }
 
     /// The reply to request `id`: 0 for success, else the errno.

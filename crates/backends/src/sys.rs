@@ -440,3 +440,69 @@ pub fn identity(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
     check(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
     Ok((st.st_dev, st.st_ino))
 }
+
+/// One `read(2)` from `fd` into `buf` (a tap hands over one frame per read).
+pub fn read_into(fd: BorrowedFd<'_>, buf: &VolatileSlice<'_>) -> io::Result<usize> {
+    loop {
+        let guard = buf.ptr_guard_mut();
+        // SAFETY: the kernel writes at most `buf.len()` bytes into the live mapping the slice
+        // borrows.
+        let n = unsafe { libc::read(fd.as_raw_fd(), guard.as_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// One `write(2)` of `buf` to `fd` (a tap takes one frame per write).
+pub fn write_from(fd: BorrowedFd<'_>, buf: &VolatileSlice<'_>) -> io::Result<usize> {
+    loop {
+        let guard = buf.ptr_guard();
+        // SAFETY: the kernel reads `buf.len()` bytes from the live mapping the slice borrows.
+        let n = unsafe { libc::write(fd.as_raw_fd(), guard.as_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+
+/// `TUNSETOFFLOAD`: which offloaded frames the tap may hand over.
+pub fn tap_set_offload(tap: BorrowedFd<'_>, flags: u32) -> io::Result<()> {
+    // SAFETY: TUNSETOFFLOAD takes its flags as the integer argument.
+    check(unsafe { libc::ioctl(tap.as_raw_fd(), TUNSETOFFLOAD, libc::c_ulong::from(flags)) })
+        .map(drop)
+}
+
+/// Waits (forever) until one of `fds` is readable or hung up; which ones, in order. A `None`
+/// entry is not watched.
+pub fn wait_any(fds: &[Option<BorrowedFd<'_>>]) -> io::Result<Vec<bool>> {
+    let mut p: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|f| libc::pollfd {
+            fd: f.map_or(-1, |f| f.as_raw_fd()),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    loop {
+        // SAFETY: `p` is a live array of `p.len()` pollfds.
+        let r = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, -1) };
+        if r >= 0 {
+            return Ok(p.iter().map(|x| x.revents != 0).collect());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}

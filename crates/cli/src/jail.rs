@@ -94,14 +94,15 @@ pub(crate) fn plan(spec: &VmSpec, state_dir: Option<&Path>, extra: &[PathBuf]) -
 /// its own: now, while the monitor has one thread and no guest memory (see
 /// `bulwark_backends::launcher`). Called inside the jail, or without one under `--no-jail`.
 pub(crate) fn start_backends(spec: &VmSpec) -> anyhow::Result<()> {
-    let drives = match spec {
-        VmSpec::Function(c) => &c.drives,
-        VmSpec::Linux(c) => &c.drives,
+    use bulwark_monitor::Isolation;
+    let needed = match spec {
+        VmSpec::Function(c) => c.drives.iter().any(|d| d.isolation == Isolation::Process),
+        VmSpec::Linux(c) => {
+            c.drives.iter().any(|d| d.isolation == Isolation::Process)
+                || c.nets.iter().any(|n| n.isolation == Isolation::Process)
+        }
     };
-    if drives
-        .iter()
-        .any(|d| d.isolation == bulwark_monitor::Isolation::Process)
-    {
+    if needed {
         let launcher = bulwark_monitor::backends::launcher::Launcher::start()
             .map_err(|e| anyhow::anyhow!("cannot start the device back-end launcher: {e}"))?;
         tracing::debug!(pid = launcher.pid(), "device back-end launcher started");

@@ -11,7 +11,7 @@ use bulwark_monitor::{
 };
 
 use crate::RunArgs;
-use crate::config::{ConfigError, DriveBackend, DriveSpec, FileConfig, parse_duration, parse_size};
+use crate::config::{Backend, ConfigError, DriveSpec, FileConfig, parse_duration, parse_size};
 
 /// Exit status when bulwark could not start the VM (bad config, no KVM, bad payload).
 const EXIT_SETUP: u8 = 125;
@@ -213,12 +213,16 @@ fn drives(root: Option<DriveSpec>, args: &RunArgs, file: &FileConfig) -> Vec<Dri
             read_only: d.read_only,
             direct: d.direct,
             serial: d.serial.unwrap_or_else(|| format!("bulwark{i}")),
-            isolation: match d.backend {
-                DriveBackend::Process => Isolation::Process,
-                DriveBackend::Inline => Isolation::Inline,
-            },
+            isolation: isolation(d.backend),
         })
         .collect()
+}
+
+fn isolation(b: Backend) -> Isolation {
+    match b {
+        Backend::Process => Isolation::Process,
+        Backend::Inline => Isolation::Inline,
+    }
 }
 
 /// The network interfaces from the flags, or else from the config file; MAC addresses are
@@ -238,7 +242,11 @@ fn nets(args: &RunArgs, file: &FileConfig) -> Result<Vec<NetConfig>, ConfigError
                 })?,
                 None => random_mac(),
             };
-            Ok(NetConfig { mac, tap: n.tap })
+            Ok(NetConfig {
+                mac,
+                tap: n.tap,
+                isolation: isolation(n.backend),
+            })
         })
         .collect()
 }

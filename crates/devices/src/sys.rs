@@ -16,13 +16,12 @@ struct IfReq {
 }
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
 
-/// Offload flags for [`tap_set_offload`].
+/// Offload flags for `TUNSETOFFLOAD` (`bulwark_backends::sys::tap_set_offload`).
 pub mod tun {
     pub const F_CSUM: u32 = 0x01;
     pub const F_TSO4: u32 = 0x02;
@@ -68,17 +67,6 @@ pub fn tap_open(name: &str, vnet_hdr_len: i32) -> io::Result<(File, String)> {
         .position(|&b| b == 0)
         .unwrap_or(libc::IFNAMSIZ);
     Ok((file, String::from_utf8_lossy(&req.name[..len]).into_owned()))
-}
-
-/// Tells the tap which offloads the guest can take on received frames (`tun::F_*`).
-pub fn tap_set_offload(tap: &File, flags: u32) -> io::Result<()> {
-    // SAFETY: TUNSETOFFLOAD takes its argument by value; no memory is passed.
-    let r = unsafe { libc::ioctl(tap.as_raw_fd(), TUNSETOFFLOAD, libc::c_ulong::from(flags)) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
 }
 
 /// Connects to the unix stream socket at `path` without blocking: a listener whose backlog is

@@ -80,6 +80,9 @@ pub struct SpecSummary {
 pub struct NetSpec {
     pub tap: String,
     pub mac: Option<String>,
+    /// Where the tap is served.
+    #[serde(default)]
+    pub backend: Backend,
 }
 
 /// Parses `02:00:00:00:00:01`.
@@ -114,7 +117,11 @@ pub fn parse_net(s: &str) -> Result<NetSpec, ConfigError> {
                     parse_mac(v).ok_or_else(|| bad("mac must be six hex bytes, unicast"))?;
                     n.mac = Some(v.to_string());
                 }
-                _ => return Err(bad("unknown option (known: tap, mac)")),
+                "backend" => {
+                    n.backend =
+                        Backend::parse(v).ok_or_else(|| bad("backend takes process or inline"))?;
+                }
+                _ => return Err(bad("unknown option (known: tap, mac, backend)")),
             }
         }
     }
@@ -181,19 +188,30 @@ pub struct DriveSpec {
     pub serial: Option<String>,
     /// Where the drive's file I/O runs.
     #[serde(default)]
-    pub backend: DriveBackend,
+    pub backend: Backend,
 }
 
-/// Where a drive's file I/O runs: `backend=process` (default) or `backend=inline`.
+/// Where a device's host side runs (a drive's file I/O, a network interface's tap):
+/// `backend=process` (default) or `backend=inline`.
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
-pub enum DriveBackend {
+pub enum Backend {
     /// A jailed back-end process of its own that never sees guest memory; restarted if it dies.
     #[default]
     Process,
     /// The monitor's device thread, straight into guest memory (faster for small requests,
     /// less isolated).
     Inline,
+}
+
+impl Backend {
+    fn parse(v: &str) -> Option<Self> {
+        match v {
+            "process" => Some(Backend::Process),
+            "inline" => Some(Backend::Inline),
+            _ => None,
+        }
+    }
 }
 
 fn parse_switch(v: &str) -> Option<bool> {
@@ -230,11 +248,8 @@ pub fn parse_drive(s: &str) -> Result<DriveSpec, ConfigError> {
             "direct" => d.direct = parse_switch(v).ok_or_else(|| bad("direct takes on or off"))?,
             "serial" => d.serial = Some(v.to_string()),
             "backend" => {
-                d.backend = match v {
-                    "process" => DriveBackend::Process,
-                    "inline" => DriveBackend::Inline,
-                    _ => return Err(bad("backend takes process or inline")),
-                }
+                d.backend =
+                    Backend::parse(v).ok_or_else(|| bad("backend takes process or inline"))?;
             }
             _ => {
                 return Err(bad(
@@ -464,11 +479,11 @@ mod tests {
                 read_only: true,
                 direct: true,
                 serial: Some("data1".into()),
-                backend: DriveBackend::Process,
+                backend: Backend::Process,
             }
         );
         let inline = parse_drive("path=/d.img,backend=inline").unwrap();
-        assert_eq!(inline.backend, DriveBackend::Inline);
+        assert_eq!(inline.backend, Backend::Inline);
         for (bad, why) in [
             ("path=x,backend=thread", "backend takes process or inline"),
             ("", "no file"),

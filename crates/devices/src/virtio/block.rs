@@ -86,15 +86,7 @@ pub struct DriveConfig {
     pub isolation: Isolation,
 }
 
-/// Where a drive's file I/O runs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Isolation {
-    /// In a jailed back-end process that never sees guest memory (the default).
-    #[default]
-    Process,
-    /// On the device's thread in the monitor, straight into guest memory.
-    Inline,
-}
+pub use super::Isolation;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DriveError {
@@ -461,6 +453,10 @@ impl Block {
         if let Some(b) = self.backend_stats() {
             DeviceStats::set(&self.stats.restarts, DeviceStats::get(&b.restarts));
             DeviceStats::set(&self.stats.violations, DeviceStats::get(&b.violations));
+            DeviceStats::set(
+                &self.stats.last_restart_us,
+                DeviceStats::get(&b.last_restart_us),
+            );
         }
         if let Err(e) = result {
             tracing::debug!(path = %self.path.display(), error = %e, "drive I/O failed");

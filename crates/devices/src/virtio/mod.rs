@@ -125,6 +125,9 @@ pub struct DeviceStats {
     pub restarts: AtomicU64,
     /// Back-end processes stopped by their seccomp policy (each also counts a restart).
     pub violations: AtomicU64,
+    /// How long the last back-end restart took, from noticing the death to the new back-end's
+    /// hello, in µs (a gauge).
+    pub last_restart_us: AtomicU64,
 }
 
 /// A snapshot of [`DeviceStats`].
@@ -138,11 +141,12 @@ pub struct DeviceCounters {
     pub broken_queues: u64,
     pub restarts: u64,
     pub violations: u64,
+    pub last_restart_us: u64,
 }
 
 impl DeviceCounters {
     /// Every counter by name, in a fixed order (reports, the control channel, metrics).
-    pub fn fields(&self) -> [(&'static str, u64); 8] {
+    pub fn fields(&self) -> [(&'static str, u64); 9] {
         [
             ("requests", self.requests),
             ("bytes_out", self.bytes_out),
@@ -152,6 +156,7 @@ impl DeviceCounters {
             ("broken_queues", self.broken_queues),
             ("restarts", self.restarts),
             ("violations", self.violations),
+            ("last_restart_us", self.last_restart_us),
         ]
     }
 }
@@ -177,6 +182,7 @@ impl DeviceStats {
             broken_queues: Self::get(&self.broken_queues),
             restarts: Self::get(&self.restarts),
             violations: Self::get(&self.violations),
+            last_restart_us: Self::get(&self.last_restart_us),
         }
     }
 
@@ -191,6 +197,16 @@ impl DeviceStats {
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
     }
+}
+
+/// Where a device's host side runs (a drive's file I/O, a tap).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Isolation {
+    /// In a jailed back-end process that never sees guest memory (the default).
+    #[default]
+    Process,
+    /// On the device's thread in the monitor, straight into guest memory.
+    Inline,
 }
 
 /// Why a device refused to start.

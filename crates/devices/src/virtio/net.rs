@@ -10,11 +10,20 @@
 //! must lie in guest RAM, and a bad chain is dropped and counted without touching the tap.
 //! The tap is watched only while the guest has receive buffers, so a guest that posts none
 //! costs nothing and loses only its own frames.
+//!
+//! The tap itself is served, by default, by a back-end process of its own
+//! (`bulwark-backends`, [`RemoteTap`]) that never sees guest memory: frames cross the device's
+//! I/O window, and a back-end that dies is replaced (frames in flight are lost, as on a wire,
+//! and TCP retransmits them). With `backend=inline` this device's thread reads and writes the
+//! tap itself.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::Arc;
+
+use bulwark_backends::client::{BackEnd, BackEndStats, NET_WINDOW, RemoteTap};
+use bulwark_backends::launcher::Launcher;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
@@ -22,7 +31,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::chain::{self, Streams, read_stream, stream_len, sub_stream};
 use super::{
-    ActivateError, DeviceEvents, DeviceStats, HOST_TOKEN_BASE, Interrupt, VirtioDevice,
+    ActivateError, DeviceEvents, DeviceStats, HOST_TOKEN_BASE, Interrupt, Isolation, VirtioDevice,
     interrupt_if_wanted, serve_device_queue,
 };
 use crate::sys;
@@ -58,6 +67,8 @@ pub struct NetConfig {
     /// The tap interface: opened if it exists, created if not (creating needs CAP_NET_ADMIN).
     pub tap: String,
     pub mac: [u8; 6],
+    /// Who reads and writes the tap.
+    pub isolation: Isolation,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +79,10 @@ pub enum NetError {
     Tap { name: String, source: io::Error },
     #[error("cannot watch tap {name}: {source}")]
     Events { name: String, source: io::Error },
+    #[error(
+        "tap {name}: cannot start its back-end process: {why}; attach it with backend=inline to serve it in the monitor (less isolated)"
+    )]
+    BackEnd { name: String, why: String },
 }
 
 /// A random locally administered unicast MAC address.
@@ -89,10 +104,55 @@ struct Active {
     mergeable: bool,
 }
 
+/// Who reads and writes the tap.
+#[derive(Debug)]
+enum Port {
+    Inline(File),
+    Process(Box<RemoteTap>),
+}
+
+impl Port {
+    /// The descriptor that is readable when frames may be waiting.
+    fn watch_fd(&self) -> Option<RawFd> {
+        match self {
+            Port::Inline(tap) => Some(tap.as_raw_fd()),
+            Port::Process(r) => r.channel_fd(),
+        }
+    }
+
+    /// One frame (header first) into `buf`: its length, or `None` when none is waiting.
+    fn read_frame(&mut self, buf: &mut [u8]) -> Option<usize> {
+        match self {
+            Port::Inline(tap) => loop {
+                match tap.read(buf) {
+                    Ok(n) => return Some(n),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => return None, // WouldBlock (or the tap went away)
+                }
+            },
+            Port::Process(r) => r.receive(buf),
+        }
+    }
+
+    fn write_frame(&mut self, frame: &[u8]) -> io::Result<()> {
+        match self {
+            Port::Inline(tap) => tap.write(frame).map(drop),
+            Port::Process(r) => r.transmit(frame),
+        }
+    }
+
+    fn set_offload(&mut self, flags: u32) -> io::Result<()> {
+        match self {
+            Port::Inline(tap) => bulwark_backends::sys::tap_set_offload(tap.as_fd(), flags),
+            Port::Process(r) => r.set_offload(flags),
+        }
+    }
+}
+
 /// The network device.
 #[derive(Debug)]
 pub struct Net {
-    tap: File,
+    port: Port,
     name: String,
     mac: [u8; 6],
     events: DeviceEvents,
@@ -100,7 +160,8 @@ pub struct Net {
     /// The length of a frame (with its header) read from the tap into `buf` that did not fit
     /// the buffers on offer yet.
     pending: Option<usize>,
-    watching_tap: bool,
+    /// The descriptor registered in the event set (the tap, or the back-end's channel).
+    watching: Option<RawFd>,
     buf: Vec<u8>,
     stats: Arc<DeviceStats>,
 }
@@ -123,7 +184,8 @@ pub fn preopen_tap(cfg: &NetConfig) -> Result<(), NetError> {
 }
 
 impl Net {
-    pub fn new(cfg: &NetConfig, events: DeviceEvents) -> Result<Self, NetError> {
+    /// The device for `cfg`, named `device` (`net0`: its back-end is `bw-net0`).
+    pub fn new(cfg: &NetConfig, events: DeviceEvents, device: &str) -> Result<Self, NetError> {
         let preopened = {
             let mut taps = PREOPENED.lock().unwrap_or_else(|e| e.into_inner());
             let at = taps.iter().position(|(n, _, _)| *n == cfg.tap);
@@ -138,17 +200,64 @@ impl Net {
                 })?
             }
         };
+        let port = match cfg.isolation {
+            Isolation::Inline => Port::Inline(tap),
+            Isolation::Process => {
+                let fail = |why: String| NetError::BackEnd {
+                    name: name.clone(),
+                    why,
+                };
+                let launcher = Launcher::global().ok_or_else(|| {
+                    fail(
+                        "this process has no back-end launcher (it starts before the VM is built)"
+                            .into(),
+                    )
+                })?;
+                let backend = BackEnd::start(
+                    launcher,
+                    bulwark_backends::Kind::Net,
+                    device,
+                    0,
+                    tap.into(),
+                    NET_WINDOW,
+                )
+                .map_err(|e| fail(e.to_string()))?;
+                Port::Process(Box::new(
+                    RemoteTap::new(backend).map_err(|e| fail(e.to_string()))?,
+                ))
+            }
+        };
         Ok(Self {
-            tap,
+            port,
             name,
             mac: cfg.mac,
             events,
             active: Active::default(),
             pending: None,
-            watching_tap: false,
+            watching: None,
             buf: vec![0; VNET_HDR_LEN + MAX_FRAME],
             stats: Arc::default(),
         })
+    }
+
+    /// The back-end's counters, when the tap has one.
+    pub fn backend_stats(&self) -> Option<Arc<BackEndStats>> {
+        match &self.port {
+            Port::Process(r) => Some(r.stats()),
+            Port::Inline(_) => None,
+        }
+    }
+
+    /// Copies the back-end's restart counters into the device's.
+    fn sync_backend_stats(&self) {
+        if let Some(b) = self.backend_stats() {
+            DeviceStats::set(&self.stats.restarts, DeviceStats::get(&b.restarts));
+            DeviceStats::set(&self.stats.violations, DeviceStats::get(&b.violations));
+            DeviceStats::set(
+                &self.stats.last_restart_us,
+                DeviceStats::get(&b.last_restart_us),
+            );
+        }
     }
 
     /// The tap interface's name.
@@ -156,18 +265,21 @@ impl Net {
         &self.name
     }
 
+    /// Watches the port's descriptor (or not). A back-end's channel changes when it is
+    /// restarted: the old one left the event set when it was closed, the new one is added.
     fn watch_tap(&mut self, on: bool) {
-        if on == self.watching_tap {
+        let want = if on { self.port.watch_fd() } else { None };
+        if want == self.watching {
             return;
         }
-        let fd = self.tap.as_raw_fd();
-        let r = if on {
-            self.events.add(fd, TAP_TOKEN, EventSet::IN)
-        } else {
-            self.events.remove(fd)
-        };
-        if r.is_ok() {
-            self.watching_tap = on;
+        if let Some(old) = self.watching.take() {
+            // Fails harmlessly when the descriptor was closed (a dead back-end's channel).
+            let _ = self.events.remove(old);
+        }
+        if let Some(fd) = want
+            && self.events.add(fd, TAP_TOKEN, EventSet::IN).is_ok()
+        {
+            self.watching = Some(fd);
         }
     }
 
@@ -185,11 +297,10 @@ impl Net {
         {
             loop {
                 if self.pending.is_none() {
-                    match self.tap.read(&mut self.buf) {
-                        Ok(n) if n > VNET_HDR_LEN => self.pending = Some(n),
-                        Ok(_) => continue,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(_) => break, // WouldBlock (or the tap went away)
+                    match self.port.read_frame(&mut self.buf) {
+                        Some(n) if n > VNET_HDR_LEN => self.pending = Some(n),
+                        Some(_) => continue,
+                        None => break,
                     }
                 }
                 let Some(len) = self.pending else {
@@ -231,6 +342,7 @@ impl Net {
         let running = active.rx.is_some();
         self.active = active;
         self.watch_tap(running && !dry);
+        self.sync_backend_stats();
     }
 
     fn transmit(&mut self) {
@@ -243,11 +355,11 @@ impl Net {
         } = &mut active
         {
             let stats = &self.stats;
-            let tap = &mut self.tap;
+            let port = &mut self.port;
             let served = serve_device_queue(tx, mem, irq, stats, |c| {
                 DeviceStats::add(&stats.requests, 1);
                 match read_tx_frame(mem, &chain::descriptors(c)) {
-                    Some(frame) => match tap.write(&frame) {
+                    Some(frame) => match port.write_frame(&frame) {
                         Ok(_) => {
                             DeviceStats::add(&stats.bytes_out, (frame.len() - VNET_HDR_LEN) as u64)
                         }
@@ -263,6 +375,12 @@ impl Net {
             }
         }
         self.active = active;
+        // Frames a back-end sent while this thread waited for transmit replies were read off
+        // its channel then: no event will announce them again.
+        if matches!(&self.port, Port::Process(r) if r.has_frames()) {
+            self.receive();
+        }
+        self.sync_backend_stats();
     }
 }
 
@@ -416,7 +534,7 @@ impl VirtioDevice for Net {
                 offload |= sys::tun::F_TSO_ECN;
             }
         }
-        if let Err(e) = sys::tap_set_offload(&self.tap, offload) {
+        if let Err(e) = self.port.set_offload(offload) {
             tracing::warn!(tap = %self.name, error = %e, "tap refused offloads; frames go unoffloaded");
         }
         self.active = Active {

@@ -175,8 +175,9 @@ fn virtio_devices(cfg: &LinuxVmConfig) -> Result<Vec<VirtioSpec>, VmError> {
         })?);
     }
     for (i, n) in cfg.nets.iter().enumerate() {
-        specs.push(VirtioSpec::build(format!("net{i}"), |ev| {
-            Ok(Box::new(Net::new(n, ev.clone())?))
+        let name = format!("net{i}");
+        specs.push(VirtioSpec::build(name.clone(), |ev| {
+            Ok(Box::new(Net::new(n, ev.clone(), &name)?))
         })?);
     }
     if let Some(v) = &cfg.vsock {
