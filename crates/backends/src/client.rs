@@ -26,9 +26,9 @@ use crate::{Kind, disk::Punch};
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 /// A new back-end must say hello within this.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Back-ends started in a row without one answering a request before the device gives up on
-/// this request (the guest gets an I/O error; the next request tries again).
-const MAX_STARTS_UNANSWERED: u32 = 4;
+/// Back-ends started for one request before the device gives up on it (the guest gets an I/O
+/// error; the next request tries again). Bounds a request that kills every back-end it meets.
+const MAX_STARTS_PER_REQUEST: u32 = 4;
 
 /// What a back-end's monitor side counts (for `--stats`, describe and tests).
 #[derive(Debug, Default)]
@@ -69,8 +69,6 @@ pub struct BackEnd {
     in_flight: BTreeMap<u64, Op>,
     /// When the last back-end was found dead, until a new one answers a request.
     died_at: Option<Instant>,
-    /// Back-ends started since one last answered a request.
-    starts_unanswered: u32,
     stats: Arc<BackEndStats>,
 }
 
@@ -102,7 +100,6 @@ impl BackEnd {
             next_id: 1,
             in_flight: BTreeMap::new(),
             died_at: None,
-            starts_unanswered: 0,
             stats: Arc::default(),
         };
         b.launch()?;
@@ -189,13 +186,6 @@ impl BackEnd {
         if self.channel.is_some() {
             return Ok(false);
         }
-        if self.starts_unanswered >= MAX_STARTS_UNANSWERED {
-            return Err(std::io::Error::other(format!(
-                "the {} back-end died {} times without answering a request",
-                self.what.name, self.starts_unanswered
-            )));
-        }
-        self.starts_unanswered += 1;
         self.launch()?;
         self.stats.restarts.fetch_add(1, Ordering::Relaxed);
         Ok(true)
@@ -265,7 +255,6 @@ impl BackEnd {
 
     /// A back-end answered: a restart (if one was under way) is over.
     fn answered(&mut self) {
-        self.starts_unanswered = 0;
         if let Some(t0) = self.died_at.take() {
             let us = t0.elapsed().as_micros() as u64;
             self.stats.last_restart_us.store(us, Ordering::Relaxed);
@@ -308,9 +297,9 @@ impl BackEnd {
     }
 
     /// Sends `msg` and waits for its reply, starting a new back-end and sending again as
-    /// often as one dies (within [`MAX_STARTS_UNANSWERED`] in a row).
+    /// often as one dies (at most [`MAX_STARTS_PER_REQUEST`] times).
     fn call(&mut self, msg: Msg) -> std::io::Result<u32> {
-        loop {
+        for _ in 0..=MAX_STARTS_PER_REQUEST {
             self.ensure_running()?;
             if let Ok(errno) = self.call_once(msg, &mut |m| {
                 tracing::debug!("unexpected {:?} ignored", m.op);
@@ -318,7 +307,14 @@ impl BackEnd {
                 return Ok(errno);
             }
         }
+        Err(gave_up(&self.what.name))
     }
+}
+
+fn gave_up(name: &str) -> std::io::Error {
+    std::io::Error::other(format!(
+        "the {name} back-end died {MAX_STARTS_PER_REQUEST} times in a row under one request"
+    ))
 }
 
 /// The back-end died during a call (and was buried).
@@ -593,15 +589,19 @@ impl RemoteTap {
         }
     }
 
-    /// Restarts the back-end if it is gone. Errors only when it cannot be started at all.
+    /// Restarts the back-end if it is gone (and tells the new one what it must know). Errors
+    /// when it cannot be started, or dies again at once, [`MAX_STARTS_PER_REQUEST`] times.
     fn live(&mut self) -> std::io::Result<()> {
-        while self.backend.ensure_running()? {
+        for _ in 0..MAX_STARTS_PER_REQUEST {
+            if !self.backend.ensure_running()? {
+                return Ok(());
+            }
             match self.restarted() {
-                Ok(()) => break,
+                Ok(()) => return Ok(()),
                 Err(d) => self.backend.bury(d),
             }
         }
-        Ok(())
+        Err(gave_up(&self.backend.what.name))
     }
 
     /// Sends one frame (virtio-net header first) to the tap. A frame the back-end could not
@@ -631,6 +631,7 @@ impl RemoteTap {
     /// The next received frame (header first) into `buf`; its length, or `None` when none is
     /// waiting. Reads what the back-end sent without blocking, restarting it if it died.
     pub fn receive(&mut self, buf: &mut [u8]) -> Option<usize> {
+        let mut deaths = 0;
         loop {
             if let Some((at, len)) = self.ready.pop_front() {
                 let n = (len as usize).min(buf.len());
@@ -644,17 +645,21 @@ impl RemoteTap {
                 }
                 return Some(n);
             }
-            if self.live().is_err() {
+            if deaths > MAX_STARTS_PER_REQUEST || self.live().is_err() {
                 return None;
             }
             match self.backend.recv(Duration::ZERO) {
                 Ok(Some(m)) => {
                     if let Err(d) = self.note(m) {
+                        deaths += 1;
                         self.backend.bury(d);
                     }
                 }
                 Ok(None) => return None,
-                Err(d) => self.backend.bury(d),
+                Err(d) => {
+                    deaths += 1;
+                    self.backend.bury(d);
+                }
             }
         }
     }
@@ -674,7 +679,7 @@ impl RemoteTap {
     /// `msg` to a live back-end (restarting it, with what it must be told, as often as it
     /// dies); frames that arrive meanwhile are kept.
     fn call(&mut self, msg: Msg) -> std::io::Result<u32> {
-        loop {
+        for _ in 0..=MAX_STARTS_PER_REQUEST {
             self.live()?;
             let mut noted: Vec<Msg> = Vec::new();
             let r = self.backend.call_once(msg, &mut |m| noted.push(m));
@@ -687,5 +692,6 @@ impl RemoteTap {
                 return Ok(errno);
             }
         }
+        Err(gave_up(&self.backend.what.name))
     }
 }

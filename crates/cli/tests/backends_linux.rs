@@ -1,0 +1,235 @@
+//! Device back-ends under a stock Debian guest (one nested-rig boot, real kvm_amd on QEMU's
+//! emulated SVM; "host" is the rig's L1): the block and network back-ends are killed
+//! (SIGKILL) every few hundred milliseconds while the guest writes and fsyncs its disk or
+//! streams TCP, and the guest carries on with every byte intact; while disk and network I/O
+//! run, no back-end's address space holds a secret the guest keeps in its memory, while the
+//! monitor's does.
+
+mod common;
+
+use std::sync::OnceLock;
+
+use bulwark_testrig::{GuestImage, RigRun, RigSpec};
+use common::*;
+
+const B: &str = "bulwark run --image /images/virtio --no-rig --timeout 600s --memory 512M";
+/// 1 MiB blocks the block check writes, each with an fsync.
+const BLOCKS: usize = 24;
+
+/// Shell helpers every check uses.
+const HELPERS: &str = r#"
+cp /images/virtio/memscan /tmp/memscan && chmod 755 /tmp/memscan
+# pids_of COMM: the processes named COMM.
+pids_of() { for p in /proc/[0-9]*; do [ "$(cat $p/comm 2>/dev/null)" = "$1" ] && echo ${p#/proc/}; done; }
+# killer COMM PERIOD STOPFILE: SIGKILL every process named COMM every PERIOD seconds until
+# STOPFILE exists; prints how many it killed.
+killer() { n=0; while [ ! -e $3 ]; do for p in $(pids_of $1); do kill -9 $p 2>/dev/null && n=$((n+1)); done; sleep $2; done; echo kills-$1=$n; }
+# The host end of a guest's TCP stream: read everything into /tmp/host-data, then tell the
+# guest (which waits on port 5002 before powering off, so nothing is cut short).
+printf '#!/bin/sh\ncat > /tmp/host-data\nexec 0<&- 1>&- 2>&-\ni=0\nwhile [ $i -lt 100 ] && ! nc 10.0.2.2 5002 < /dev/null 2>/dev/null; do sleep 0.2; i=$((i+1)); done\n' > /tmp/recv
+chmod 755 /tmp/recv
+# tap_up NAME: waits for bulwark to create tap NAME, then addresses it.
+tap_up() { i=0; while ! ip link show $1 >/dev/null 2>&1 && [ $i -lt 600 ]; do i=$((i+1)); sleep 0.1; done; ip addr add 10.0.2.1/24 dev $1; ip link set $1 up; }
+"#;
+
+/// The guest's side of a TCP stream of `mib` MiB to the host, after bringing eth0 up.
+fn guest_stream(mib: u64) -> String {
+    format!(
+        "ip link set lo up; ip addr add 10.0.2.2/24 dev eth0; ip link set eth0 up; \
+         head -c {} /dev/urandom > /tmp/d; echo guest-sent $(sha256sum < /tmp/d); \
+         until ping -c1 -W1 10.0.2.1 >/dev/null 2>&1; do :; done; \
+         nc 10.0.2.1 5001 < /tmp/d; echo guest-nc=$?; nc -l -p 5002 > /dev/null",
+        mib << 20
+    )
+}
+
+fn script() -> String {
+    // Block: 24 random MiB written to /dev/vda one MiB at a time, each with an fsync, while
+    // the host kills the block back-end every 300 ms; then read back in the guest from the
+    // device (page cache dropped) and on the host from the file.
+    let blk = format!(
+        "truncate -s 64M /tmp/bd.img; rm -f /tmp/stop; \
+         killer bw-blk0 0.3 /tmp/stop > /tmp/kills & K=$!; \
+         {B} --stats --drive /tmp/bd.img -- sh -c 'i=0; while [ $i -lt {BLOCKS} ]; do \
+           head -c 1048576 /dev/urandom > /tmp/f; echo w$i $(sha256sum < /tmp/f); \
+           dd if=/tmp/f of=/dev/vda bs=1M seek=$i conv=fsync 2>/dev/null || echo dd-failed; \
+           i=$((i+1)); done; echo 3 > /proc/sys/vm/drop_caches; \
+           i=0; while [ $i -lt {BLOCKS} ]; do \
+           echo r$i $(dd if=/dev/vda bs=1M skip=$i count=1 2>/dev/null | sha256sum); i=$((i+1)); done; \
+           echo ioerr-lines=$(dmesg | grep -ci \"i/o error\")'; echo vm=$?; \
+         touch /tmp/stop; wait $K; cat /tmp/kills; \
+         i=0; while [ $i -lt {BLOCKS} ]; do \
+           echo h$i $(dd if=/tmp/bd.img bs=1M skip=$i count=1 2>/dev/null | sha256sum); i=$((i+1)); done"
+    );
+    // Network: 32 random MiB guest → host over TCP while the host kills the network back-end
+    // every 500 ms. In a network namespace of its own.
+    let net = format!(
+        "rm -f /tmp/stopn; nc -l -p 5001 -e /tmp/recv & L=$!; \
+         {B} --stats --net tap=bwtap0 -- sh -c '{}' > /tmp/netr.log 2>&1 & V=$!; \
+         tap_up bwtap0; \
+         killer bw-net0 0.5 /tmp/stopn > /tmp/killsn & K=$!; \
+         wait $V; echo vm=$?; touch /tmp/stopn; wait $K; cat /tmp/killsn; \
+         kill $L 2>/dev/null; wait $L 2>/dev/null; \
+         echo host-got $(sha256sum < /tmp/host-data) bytes=$(wc -c < /tmp/host-data); cat /tmp/netr.log",
+        guest_stream(32)
+    );
+    // Secrecy: the guest keeps a random secret in a file in its RAM and a shell variable,
+    // then writes 48 MiB to its disk and streams 24 MiB to the host; meanwhile and after,
+    // the host scans every back-end and the launcher, and at the end the monitor.
+    let secrecy = format!(
+        "nc -l -p 5001 -e /tmp/recv & L=$!; \
+         {B} --stats --drive /tmp/sd.img --net tap=bwtap1 -- sh -c 'S=secret-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d \" \\n\"); \
+           echo $S > /tmp/secret; echo guest-secret $S; echo io-start; \
+           (dd if=/dev/urandom of=/dev/vda bs=1M count=48 conv=fsync 2>/dev/null; echo dd-done) & \
+           {}; wait; echo io-done; cat /tmp/secret' > /tmp/sec.log 2>&1 & V=$!; \
+         tap_up bwtap1; \
+         i=0; while ! grep -q io-start /tmp/sec.log && [ $i -lt 900 ]; do i=$((i+1)); sleep 0.2; done; \
+         S=$(sed -n 's/^guest-secret //p' /tmp/sec.log | tr -d '\\r'); echo needle-length=${{#S}}; \
+         scans=0; while ! grep -q io-done /tmp/sec.log && [ $scans -lt 40 ]; do \
+           for c in bw-blk0 bw-net0 bw-launcher; do for p in $(pids_of $c); do /tmp/memscan $p $S; done; done; \
+           scans=$((scans+1)); done; echo scans=$scans; \
+         for c in bw-blk0 bw-net0 bw-launcher bulwark; do for p in $(pids_of $c); do /tmp/memscan $p $S; done; done; \
+         wait $V; echo vm=$?; kill $L 2>/dev/null; wait $L 2>/dev/null; cat /tmp/sec.log",
+        guest_stream(24)
+    );
+    let mut s = String::from(HELPERS);
+    s.push_str(&format!(
+        "cat > /tmp/net.sh <<'NET'\n{HELPERS}\n{net}\nNET\n"
+    ));
+    s.push_str(&format!(
+        "truncate -s 64M /tmp/sd.img\ncat > /tmp/secrecy.sh <<'SEC'\n{HELPERS}\n{secrecy}\nSEC\n"
+    ));
+    for (name, cmd) in [
+        ("blk_restart", blk),
+        ("net_restart", "unshare -n sh /tmp/net.sh".to_string()),
+        ("secrecy", "unshare -n sh /tmp/secrecy.sh".to_string()),
+    ] {
+        s.push_str(&format!("section {name}\n{cmd} 2>&1\necho \"status=$?\"\n"));
+    }
+    s
+}
+
+fn rig_run() -> &'static RigRun {
+    static RUN: OnceLock<Result<RigRun, String>> = OnceLock::new();
+    rig_once(&RUN, || {
+        let tools = TestDir::new("backends-tools");
+        let memscan = build_static_c(&tools, "tests/guest/memscan.c");
+        let image = build_image("test-image-virtio-backends", &[]);
+        std::fs::copy(&memscan, image.join("memscan")).unwrap();
+        let mut spec = RigSpec::new(bulwark());
+        spec.images = vec![GuestImage::new("virtio", image)];
+        spec.cmdline_extra = "loglevel=1".into();
+        spec.memory_mib = 2048;
+        spec.timeout = std::time::Duration::from_secs(1500);
+        (spec, script())
+    })
+}
+
+fn value<'a>(out: &'a str, key: &str) -> &'a str {
+    out.lines()
+        .find_map(|l| l.trim_end_matches('\r').strip_prefix(key))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no `{key}` in:\n{out}"))
+}
+
+fn device_counter(out: &str, device: &str, key: &str) -> u64 {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(&format!("bulwark: device {device}:")))
+        .unwrap_or_else(|| panic!("no stats for {device}:\n{out}"));
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+}
+
+#[test]
+fn a_linux_guest_keeps_every_fsynced_block_while_its_block_backend_is_killed() {
+    let (out, status) = section_status(rig_run(), "blk_restart");
+    assert_eq!(status, 0, "{out}");
+    assert_eq!(value(&out, "vm="), "0", "the guest's job ended well: {out}");
+    assert!(!out.contains("dd-failed"), "{out}");
+    assert_eq!(
+        value(&out, "ioerr-lines="),
+        "0",
+        "no I/O error in the guest: {out}"
+    );
+    for i in 0..BLOCKS {
+        let w = value(&out, &format!("w{i} "));
+        assert_eq!(
+            value(&out, &format!("r{i} ")),
+            w,
+            "block {i} in the guest: {out}"
+        );
+        assert_eq!(
+            value(&out, &format!("h{i} ")),
+            w,
+            "block {i} on the host: {out}"
+        );
+    }
+    let kills: u64 = value(&out, "kills-bw-blk0=").parse().unwrap();
+    let restarts = device_counter(&out, "blk0", "restarts");
+    assert!(kills >= 3, "only {kills} kills: {out}");
+    assert!(
+        restarts >= kills.saturating_sub(1) && restarts <= kills,
+        "{restarts} restarts for {kills} kills: {out}"
+    );
+    assert_eq!(device_counter(&out, "blk0", "io_errors"), 0, "{out}");
+}
+
+#[test]
+fn a_tcp_stream_survives_its_network_backend_being_killed() {
+    let (out, status) = section_status(rig_run(), "net_restart");
+    assert_eq!(status, 0, "{out}");
+    assert_eq!(value(&out, "vm="), "0", "{out}");
+    assert_eq!(value(&out, "guest-nc="), "0", "{out}");
+    assert_eq!(
+        value(&out, "host-got "),
+        value(&out, "guest-sent "),
+        "every byte arrived, in order: {out}"
+    );
+    let kills: u64 = value(&out, "kills-bw-net0=").parse().unwrap();
+    assert!(kills >= 2, "only {kills} kills: {out}");
+    assert!(device_counter(&out, "net0", "restarts") >= 2, "{out}");
+}
+
+#[test]
+fn no_backend_holds_a_secret_of_the_guest_while_the_monitor_does() {
+    let (out, status) = section_status(rig_run(), "secrecy");
+    assert_eq!(status, 0, "{out}");
+    assert_eq!(value(&out, "vm="), "0", "{out}");
+    assert_eq!(value(&out, "needle-length="), "39", "{out}");
+    assert!(
+        out.contains("dd-done") && out.contains("guest-nc=0"),
+        "{out}"
+    );
+    let scans: Vec<&str> = out.lines().filter(|l| l.starts_with("memscan ")).collect();
+    let of = |comm: &str| -> Vec<&str> {
+        scans
+            .iter()
+            .copied()
+            .filter(|l| l.contains(&format!("comm={comm} ")))
+            .collect()
+    };
+    for comm in ["bw-blk0", "bw-net0", "bw-launcher"] {
+        let lines = of(comm);
+        assert!(
+            lines.len() >= 2,
+            "{comm} scanned during and after the I/O: {out}"
+        );
+        for l in lines {
+            assert!(
+                l.ends_with(" absent"),
+                "the secret is in {comm}: {l}\n{out}"
+            );
+            assert!(l.contains("guest-ram=no"), "{comm} maps guest memory: {l}");
+        }
+    }
+    // The control: the monitor holds it (guest RAM is mapped there), so the scan works.
+    assert!(
+        of("bulwark")
+            .iter()
+            .any(|l| l.ends_with(" found") && l.contains("guest-ram=yes")),
+        "the scan does not find the secret in the monitor: {out}"
+    );
+}
