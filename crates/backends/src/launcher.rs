@@ -163,6 +163,10 @@ fn serve(sock: OwnedFd) -> ! {
         sys::exit_now(1);
     }
     sys::close_all_but(&[sock.as_raw_fd()]);
+    if let Err(e) = bulwark_sandbox::seccomp::confine_launcher() {
+        eprintln!("bulwark: the back-end launcher cannot confine itself: {e}");
+        sys::exit_now(1);
+    }
     let mut buf = [0u8; 64];
     loop {
         let (n, fds) = match sys::recv(sock.as_fd(), &mut buf) {

@@ -249,6 +249,22 @@ fn a_block_backend_never_sees_guest_memory() {
     assert_eq!(backend.len(), 1, "one block back-end: {backend:?}");
     let launcher = descendants_named(run.pid(), "bw-launcher");
     assert_eq!(launcher.len(), 1, "one launcher: {launcher:?}");
+    // Both are filtered, hold no capability and cannot gain one; the back-end adds its own
+    // filters (no-open and its policy) under the launcher's.
+    let status = |pid: u32, key: &str| -> String {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
+            .unwrap_or_default()
+    };
+    for pid in [backend[0], launcher[0]] {
+        assert_eq!(status(pid, "Seccomp:"), "2", "pid {pid} filtered");
+        assert_eq!(status(pid, "NoNewPrivs:"), "1");
+        assert_eq!(status(pid, "CapEff:"), "0000000000000000");
+    }
+    let filters = |pid| status(pid, "Seccomp_filters:").parse::<u32>().unwrap();
+    assert_eq!(filters(backend[0]), filters(launcher[0]) + 2);
     let mut scans = 0;
     for _ in 0..5 {
         assert!(

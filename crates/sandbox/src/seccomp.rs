@@ -91,6 +91,20 @@ pub fn confine_backend(policy: &str, label: &'static str, report: i32) -> std::i
     apply(policy)
 }
 
+/// Confines the back-end launcher (single-threaded) with the `launcher` policy, once it has
+/// closed every descriptor but its socket. Its violation report goes to stderr only (the
+/// jail's report pipe is closed in it). A no-op outside a jail.
+pub fn confine_launcher() -> std::io::Result<()> {
+    REPORT_FD.store(-1, Ordering::Relaxed);
+    if !enabled() {
+        return Ok(());
+    }
+    ROLE.with(|r| r.set("back-end launcher"));
+    BACKEND.store(true, Ordering::Relaxed);
+    apply("no_open")?;
+    apply("launcher")
+}
+
 /// The calling process is a back-end (the SIGSYS report says it is restarted, not that the
 /// monitor stops).
 pub(crate) static BACKEND: AtomicBool = AtomicBool::new(false);
