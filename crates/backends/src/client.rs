@@ -114,9 +114,13 @@ impl BackEnd {
         &self.window
     }
 
-    /// The live back-end's channel, for an event loop to watch (it changes on a restart).
-    pub fn channel_fd(&self) -> Option<RawFd> {
-        self.channel.as_ref().map(AsRawFd::as_raw_fd)
+    /// The live back-end's channel, for an event loop to watch, with the back-end's
+    /// incarnation: a restarted back-end's channel may reuse the old descriptor number, but it
+    /// is a new file that must be registered again.
+    pub fn channel_fd(&self) -> Option<(RawFd, u32)> {
+        self.channel
+            .as_ref()
+            .map(|c| (c.as_raw_fd(), self.what.incarnation))
     }
 
     /// Starts a back-end process and waits for its hello.
@@ -519,15 +523,10 @@ impl RemoteTap {
         self.backend.stats()
     }
 
-    /// The live back-end's channel (readable when a frame arrived or the back-end died); it
-    /// changes when the back-end is restarted.
-    pub fn channel_fd(&self) -> Option<RawFd> {
+    /// The live back-end's channel (readable when a frame arrived or the back-end died) and
+    /// its incarnation (see [`BackEnd::channel_fd`]).
+    pub fn channel_fd(&self) -> Option<(RawFd, u32)> {
         self.backend.channel_fd()
-    }
-
-    /// Whether received frames wait to be taken (no event will announce them again).
-    pub fn has_frames(&self) -> bool {
-        !self.ready.is_empty()
     }
 
     fn slot_offsets() -> impl Iterator<Item = u64> {

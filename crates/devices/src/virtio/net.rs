@@ -112,10 +112,11 @@ enum Port {
 }
 
 impl Port {
-    /// The descriptor that is readable when frames may be waiting.
-    fn watch_fd(&self) -> Option<RawFd> {
+    /// The descriptor that is readable when frames may be waiting, and which incarnation of
+    /// it (a restarted back-end's channel can reuse the number of the old one).
+    fn watch_fd(&self) -> Option<(RawFd, u32)> {
         match self {
-            Port::Inline(tap) => Some(tap.as_raw_fd()),
+            Port::Inline(tap) => Some((tap.as_raw_fd(), 0)),
             Port::Process(r) => r.channel_fd(),
         }
     }
@@ -160,8 +161,9 @@ pub struct Net {
     /// The length of a frame (with its header) read from the tap into `buf` that did not fit
     /// the buffers on offer yet.
     pending: Option<usize>,
-    /// The descriptor registered in the event set (the tap, or the back-end's channel).
-    watching: Option<RawFd>,
+    /// The descriptor registered in the event set (the tap, or the back-end's channel) and
+    /// its incarnation.
+    watching: Option<(RawFd, u32)>,
     buf: Vec<u8>,
     stats: Arc<DeviceStats>,
 }
@@ -272,14 +274,15 @@ impl Net {
         if want == self.watching {
             return;
         }
-        if let Some(old) = self.watching.take() {
-            // Fails harmlessly when the descriptor was closed (a dead back-end's channel).
+        if let Some((old, _)) = self.watching.take() {
+            // Fails harmlessly when the descriptor was closed (a dead back-end's channel: the
+            // kernel dropped it from the set) and its number is not yet reused.
             let _ = self.events.remove(old);
         }
-        if let Some(fd) = want
+        if let Some((fd, incarnation)) = want
             && self.events.add(fd, TAP_TOKEN, EventSet::IN).is_ok()
         {
-            self.watching = Some(fd);
+            self.watching = Some((fd, incarnation));
         }
     }
 
@@ -376,8 +379,9 @@ impl Net {
         }
         self.active = active;
         // Frames a back-end sent while this thread waited for transmit replies were read off
-        // its channel then: no event will announce them again.
-        if matches!(&self.port, Port::Process(r) if r.has_frames()) {
+        // its channel then, and a back-end restarted meanwhile has a new channel: no event
+        // would announce either, so look now (and watch the channel that is current).
+        if matches!(&self.port, Port::Process(_)) {
             self.receive();
         }
         self.sync_backend_stats();
