@@ -290,6 +290,19 @@ pub fn send(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Re
 /// Receives one message into `buf`: its length (0 at end of stream) and the descriptors it
 /// carried (close-on-exec). A message longer than `buf` is an error (its tail would be lost).
 pub fn recv(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    recv_flags(sock, buf, 0)
+}
+
+/// [`recv`] that does not wait: `WouldBlock` when no message is there.
+pub fn recv_now(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    recv_flags(sock, buf, libc::MSG_DONTWAIT)
+}
+
+fn recv_flags(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    flags: libc::c_int,
+) -> io::Result<(usize, Vec<OwnedFd>)> {
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
@@ -303,7 +316,8 @@ pub fn recv(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<Owne
     msg.msg_controllen = CMSG_SPACE;
     let n = loop {
         // SAFETY: `msg` points at live iovec and control buffers for the call's duration.
-        let r = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        let r =
+            unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC | flags) };
         if r >= 0 {
             break r as usize;
         }
