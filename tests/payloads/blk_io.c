@@ -21,32 +21,9 @@
 #include "bulwark.h"
 
 #define DEV 0xd0001000ull
-#define R_MAGIC 0x000
-#define R_DEVICE_ID 0x008
-#define R_DRV_FEATURES 0x020
-#define R_DRV_FEATURES_SEL 0x024
-#define R_QUEUE_SEL 0x030
-#define R_QUEUE_NUM 0x038
-#define R_QUEUE_READY 0x044
-#define R_NOTIFY 0x050
-#define R_STATUS 0x070
-#define R_DESC_LO 0x080
-#define R_DESC_HI 0x084
-#define R_AVAIL_LO 0x090
-#define R_AVAIL_HI 0x094
-#define R_USED_LO 0x0a0
-#define R_USED_HI 0x0a4
-
-#define S_ACK 1
-#define S_DRIVER 2
-#define S_DRIVER_OK 4
-#define S_FEATURES_OK 8
-#define S_NEEDS_RESET 0x40
-
-#define F_NEXT 1
-#define F_WRITE 2
-
 #define QSIZE 16
+#include "virtio_mmio.h"
+
 #define T_IN 0
 #define T_OUT 1
 #define T_FLUSH 4
@@ -56,13 +33,6 @@
 #define BLOCK_WORDS (BLOCK_BYTES / 8u)
 #define FLUSH_EVERY 8u
 
-struct desc { bw_u64 addr; bw_u32 len; bw_u16 flags, next; };
-struct ring {
-    struct desc desc[QSIZE];
-    bw_u16 avail_flags, avail_idx, avail_ring[QSIZE], used_event;
-    bw_u16 used_flags __attribute__((aligned(4096))), used_idx;
-    struct { bw_u32 id, len; } used_ring[QSIZE];
-};
 
 /* The request page: header and status byte are handed to the device; the secret, in the same
  * page, never is. Identity-mapped, so these addresses are guest-physical. */

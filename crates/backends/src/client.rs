@@ -24,6 +24,13 @@ use crate::{Kind, disk::Punch};
 /// A reply must come within this (a back-end that takes longer is taken for hung, replaced,
 /// and the request sent again). Generous: a flush of a large dirty image can take seconds.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Whether the back-end can run while this thread spins (a spin on a one-CPU host only delays
+/// it).
+fn spare_cpu() -> bool {
+    static SPARE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SPARE.get_or_init(|| std::thread::available_parallelism().is_ok_and(|n| n.get() > 1))
+}
+
 /// How long [`expect`] looks for a reply without sleeping.
 const SPIN: Duration = Duration::from_micros(100);
 /// A new back-end must say hello within this.
@@ -87,6 +94,9 @@ impl BackEnd {
         let cname = std::ffi::CString::new(format!("bulwark-window-{name}"))
             .map_err(std::io::Error::other)?;
         let window = Window::create(&cname, window)?;
+        // Learn it now, on the thread that builds the VM: the threads that later wait for
+        // replies may not ask the kernel (their seccomp policies have no sched_getaffinity).
+        spare_cpu();
         let mut b = Self {
             what: Spawn {
                 kind,
@@ -334,7 +344,12 @@ fn expect(ch: &OwnedFd, timeout: Duration) -> Result<Option<Msg>, Death> {
     // A reply usually comes within tens of microseconds. Sleeping in poll and being woken from
     // the back-end's CPU costs about as much again on a virtualised host, so look without
     // sleeping for a little while first.
-    let spin_until = Instant::now() + SPIN.min(timeout);
+    let spin = if spare_cpu() {
+        SPIN.min(timeout)
+    } else {
+        Duration::ZERO
+    };
+    let spin_until = Instant::now() + spin;
     let got = loop {
         match sys::recv_now(ch.as_fd(), &mut buf) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}

@@ -16,7 +16,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 static GLOBAL: OnceLock<Arc<Launcher>> = OnceLock::new();
 
-use crate::sys::{self, Forked};
+use bulwark_sandbox::{Forked, fork};
+
+use crate::sys;
 use crate::{Kind, ownership};
 
 const MAGIC: u32 = u32::from_le_bytes(*b"BWLN");
@@ -75,29 +77,18 @@ pub struct Launcher {
     pid: libc::pid_t,
 }
 
-fn threads() -> usize {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Threads:"))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(1)
-}
-
 impl Launcher {
     /// Forks the launcher. Must be called while the process has one thread and before guest
     /// memory is mapped.
     pub fn start() -> io::Result<Self> {
-        let n = threads();
+        let n = bulwark_sandbox::threads();
         if n != 1 {
             return Err(io::Error::other(format!(
                 "the back-end launcher must be started before any thread ({n} run); this is a bug in bulwark"
             )));
         }
         let (ours, theirs) = sys::seqpacket_pair()?;
-        match sys::fork()? {
+        match fork()? {
             Forked::Parent(pid) => {
                 drop(theirs);
                 Ok(Self {
@@ -174,7 +165,7 @@ fn serve(sock: OwnedFd) -> ! {
             Ok(r) => r,
         };
         let reply = match (Spawn::decode(&buf[..n]), <[OwnedFd; 3]>::try_from(fds)) {
-            (Some(what), Ok(fds)) => match sys::fork() {
+            (Some(what), Ok(fds)) => match fork() {
                 Ok(Forked::Child) => {
                     let keep: Vec<i32> = fds.iter().map(AsRawFd::as_raw_fd).collect();
                     sys::close_all_but(&keep);

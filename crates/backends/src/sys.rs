@@ -380,24 +380,6 @@ pub fn wait_readable(fd: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<bool> {
     }
 }
 
-pub enum Forked {
-    Parent(libc::pid_t),
-    Child,
-}
-
-/// Forks. Only the back-end launcher calls it, which is single-threaded (it was forked from
-/// the monitor before the monitor started any thread), so the child's copy of every lock and
-/// allocator is consistent.
-pub fn fork() -> io::Result<Forked> {
-    // SAFETY: the caller is single-threaded (see above).
-    let pid = unsafe { libc::fork() };
-    match pid {
-        -1 => Err(io::Error::last_os_error()),
-        0 => Ok(Forked::Child),
-        p => Ok(Forked::Parent(p)),
-    }
-}
-
 /// The process dies with SIGKILL when its parent does.
 pub fn die_with_parent() -> io::Result<()> {
     // SAFETY: PR_SET_PDEATHSIG takes an integer.

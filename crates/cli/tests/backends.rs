@@ -205,19 +205,6 @@ impl Run {
     }
 }
 
-/// `key=` of the device line for `dev` in the --stats output.
-fn device_counter(stderr: &str, dev: &str, key: &str) -> u64 {
-    stderr
-        .lines()
-        .find(|l| l.starts_with(&format!("bulwark: device {dev}:")))
-        .and_then(|l| {
-            l.split_whitespace()
-                .find_map(|w| w.strip_prefix(&format!("{key}=")))
-        })
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {key} for {dev}: {stderr}"))
-}
-
 fn image(dir: &TestDir, mib: u64) -> std::path::PathBuf {
     let p = dir.path("disk.img");
     std::fs::File::create(&p)

@@ -65,7 +65,7 @@ fn script() -> String {
     // every 500 ms. In a network namespace of its own.
     let net = format!(
         "rm -f /tmp/stopn; nc -l -p 5001 -e /tmp/recv & L=$!; \
-         {B} --stats --net tap=bwtap0 -- sh -c '{}' > /tmp/netr.log 2>&1 & V=$!; \
+         {B} --stats --net tap=bwtap0,backend=process -- sh -c '{}' > /tmp/netr.log 2>&1 & V=$!; \
          tap_up bwtap0; \
          killer bw-net0 0.5 /tmp/stopn > /tmp/killsn & K=$!; \
          wait $V; echo vm=$?; touch /tmp/stopn; wait $K; cat /tmp/killsn; \
@@ -78,7 +78,7 @@ fn script() -> String {
     // the monitor once (the control) and every back-end and the launcher again and again.
     let secrecy = format!(
         "nc -l -p 5001 -e /tmp/recv & L=$!; \
-         {B} --stats --drive /tmp/sd.img --net tap=bwtap1 -- sh -c 'S=secret-$(head -c 16 /dev/urandom | od -An -tx1 | tr -dc 0-9a-f); \
+         {B} --stats --drive /tmp/sd.img --net tap=bwtap1,backend=process -- sh -c 'S=secret-$(head -c 16 /dev/urandom | od -An -tx1 | tr -dc 0-9a-f); \
            echo $S > /tmp/secret; echo guest-secret $S; echo io-start; \
            (dd if=/dev/urandom of=/dev/vda bs=1M count=48 conv=fsync 2>/dev/null; echo dd-done) & \
            {}; wait; echo io-done; cat /tmp/secret' > /tmp/sec.log 2>&1 & V=$!; \
@@ -130,17 +130,6 @@ fn value<'a>(out: &'a str, key: &str) -> &'a str {
         .find_map(|l| l.trim_end_matches('\r').strip_prefix(key))
         .and_then(|rest| rest.split_whitespace().next())
         .unwrap_or_else(|| panic!("no `{key}` in:\n{out}"))
-}
-
-fn device_counter(out: &str, device: &str, key: &str) -> u64 {
-    let line = out
-        .lines()
-        .find(|l| l.starts_with(&format!("bulwark: device {device}:")))
-        .unwrap_or_else(|| panic!("no stats for {device}:\n{out}"));
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{key}=")))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {key} in {line}"))
 }
 
 #[test]

@@ -377,16 +377,7 @@ fn hostile_virtio_driver_cannot_break_the_block_devices() {
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(0), "{}\n{err}", stdout(&o));
     assert!(stdout(&o).contains("checks held"), "{}", stdout(&o));
-    let counter = |dev: &str, key: &str| -> u64 {
-        err.lines()
-            .find(|l| l.starts_with(&format!("bulwark: device {dev}:")))
-            .and_then(|l| {
-                l.split_whitespace()
-                    .find_map(|w| w.strip_prefix(&format!("{key}=")))
-            })
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {key} for {dev}: {err}"))
-    };
+    let counter = |dev: &str, key: &str| device_counter(&err, dev, key);
     // Eight malformed data requests plus the two loops (no header or status left).
     assert!(counter("blk0", "bad_requests") >= 9, "{err}");
     assert_eq!(counter("blk0", "broken_queues"), 1, "{err}");

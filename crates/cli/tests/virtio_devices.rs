@@ -343,18 +343,6 @@ fn agent_ps_lists_guest_processes() {
     assert!(json.contains("\"comm\":\"bulwark-agent\""), "{json}");
 }
 
-/// `key=N` from a `bulwark: device NAME: ...` stats line.
-fn device_counter(out: &str, device: &str, key: &str) -> u64 {
-    let line = out
-        .lines()
-        .find(|l| l.starts_with(&format!("bulwark: device {device}:")))
-        .unwrap_or_else(|| panic!("no stats for {device}:\n{out}"));
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{key}=")))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {key} in {line}"))
-}
-
 #[test]
 fn net_tcp_streams_both_ways_over_tap_with_offloads() {
     let (out, status) = check("net_tcp");

@@ -28,6 +28,7 @@ mod sys;
 use std::path::{Path, PathBuf};
 
 pub use cgroup::Cgroup;
+pub use sys::{Forked, fork};
 
 /// What a jailed monitor may see and use.
 #[derive(Debug, Clone, Default)]
@@ -126,7 +127,8 @@ pub struct Entered {
     pub applied: Vec<String>,
 }
 
-fn threads() -> usize {
+/// How many threads this process has (1 when `/proc` cannot say).
+pub fn threads() -> usize {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

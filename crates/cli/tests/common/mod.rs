@@ -108,6 +108,18 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// `key=N` from the `bulwark: device NAME: ...` line of `--stats` output.
+pub fn device_counter(out: &str, device: &str, key: &str) -> u64 {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(&format!("bulwark: device {device}:")))
+        .unwrap_or_else(|| panic!("no stats for {device}:\n{out}"));
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+}
+
 /// Value of `key=` in the `--stats` line.
 pub fn stat(o: &Output, key: &str) -> Option<String> {
     let err = stderr(o);

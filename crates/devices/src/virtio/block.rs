@@ -451,12 +451,7 @@ impl Block {
             _ => return (status::UNSUPP, 0),
         };
         if let Some(b) = self.backend_stats() {
-            DeviceStats::set(&self.stats.restarts, DeviceStats::get(&b.restarts));
-            DeviceStats::set(&self.stats.violations, DeviceStats::get(&b.violations));
-            DeviceStats::set(
-                &self.stats.last_restart_us,
-                DeviceStats::get(&b.last_restart_us),
-            );
+            self.stats.copy_backend(&b);
         }
         if let Err(e) = result {
             tracing::debug!(path = %self.path.display(), error = %e, "drive I/O failed");

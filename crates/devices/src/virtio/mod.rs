@@ -194,6 +194,13 @@ impl DeviceStats {
         counter.store(n, Ordering::Relaxed);
     }
 
+    /// Copies a device back-end's restart counters into these.
+    pub fn copy_backend(&self, b: &bulwark_backends::client::BackEndStats) {
+        Self::set(&self.restarts, Self::get(&b.restarts));
+        Self::set(&self.violations, Self::get(&b.violations));
+        Self::set(&self.last_restart_us, Self::get(&b.last_restart_us));
+    }
+
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
     }

@@ -253,12 +253,7 @@ impl Net {
     /// Copies the back-end's restart counters into the device's.
     fn sync_backend_stats(&self) {
         if let Some(b) = self.backend_stats() {
-            DeviceStats::set(&self.stats.restarts, DeviceStats::get(&b.restarts));
-            DeviceStats::set(&self.stats.violations, DeviceStats::get(&b.violations));
-            DeviceStats::set(
-                &self.stats.last_restart_us,
-                DeviceStats::get(&b.last_restart_us),
-            );
+            self.stats.copy_backend(&b);
         }
     }
 
