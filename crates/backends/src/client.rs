@@ -8,8 +8,8 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use vm_memory::VolatileSlice;
@@ -46,15 +46,9 @@ pub struct BackEndStats {
     pub restarts: AtomicU64,
     /// Seccomp violations the back-ends reported before they died.
     pub violations: AtomicU64,
-    /// Requests answered.
-    pub requests: AtomicU64,
     /// How long the last restart took, in µs: from noticing the back-end dead to the reply of a
     /// new one to the request in flight.
     pub last_restart_us: AtomicU64,
-    /// The live back-end's pid (in the monitor's PID namespace), 0 while none runs.
-    pub pid: AtomicI32,
-    /// The last violation report, as the back-end wrote it.
-    pub last_violation: Mutex<Option<String>>,
 }
 
 /// Why the current back-end is no longer used.
@@ -78,7 +72,7 @@ pub struct BackEnd {
     in_flight: BTreeMap<u64, Op>,
     /// When the last back-end was found dead, until a new one answers a request.
     died_at: Option<Instant>,
-    stats: Arc<BackEndStats>,
+    stats: BackEndStats,
 }
 
 impl BackEnd {
@@ -112,14 +106,14 @@ impl BackEnd {
             next_id: 1,
             in_flight: BTreeMap::new(),
             died_at: None,
-            stats: Arc::default(),
+            stats: BackEndStats::default(),
         };
         b.launch()?;
         Ok(b)
     }
 
-    pub fn stats(&self) -> Arc<BackEndStats> {
-        self.stats.clone()
+    pub fn stats(&self) -> &BackEndStats {
+        &self.stats
     }
 
     pub fn window(&self) -> &Window {
@@ -167,7 +161,7 @@ impl BackEnd {
                 self.what.name, hello.op
             )));
         }
-        self.stats.pid.store(pid, Ordering::Relaxed);
+        tracing::debug!(backend = %self.what.name, pid, "back-end started");
         self.channel = Some(ours);
         Ok(())
     }
@@ -176,7 +170,6 @@ impl BackEnd {
     /// returns to the monitor and its requests are no longer in flight.
     pub(crate) fn bury(&mut self, death: Death) {
         self.channel = None;
-        self.stats.pid.store(0, Ordering::Relaxed);
         self.table.take_all_back();
         self.in_flight.clear();
         self.died_at.get_or_insert_with(Instant::now);
@@ -187,11 +180,6 @@ impl BackEnd {
             Death::Violation(report) => {
                 tracing::warn!(backend = %self.what.name, "back-end stopped by its seccomp policy: {report}; starting another");
                 self.stats.violations.fetch_add(1, Ordering::Relaxed);
-                *self
-                    .stats
-                    .last_violation
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = Some(report);
             }
         }
     }
@@ -295,10 +283,7 @@ impl BackEnd {
         };
         loop {
             match self.recv(REPLY_TIMEOUT) {
-                Ok(Some(m)) if m.id == id => {
-                    self.stats.requests.fetch_add(1, Ordering::Relaxed);
-                    return Ok(m.arg);
-                }
+                Ok(Some(m)) if m.id == id => return Ok(m.arg),
                 Ok(Some(m)) => other(m),
                 Ok(None) => {
                     self.bury(Death::Gone(format!("no answer in {REPLY_TIMEOUT:?}")));
@@ -394,7 +379,7 @@ impl RemoteDisk {
         Self { backend }
     }
 
-    pub fn stats(&self) -> Arc<BackEndStats> {
+    pub fn stats(&self) -> &BackEndStats {
         self.backend.stats()
     }
 
@@ -543,7 +528,7 @@ pub struct RemoteTap {
 impl RemoteTap {
     /// Takes over a started back-end of kind [`Kind::Net`] (window of [`NET_WINDOW`] bytes)
     /// and posts its receive slots.
-    pub fn new(backend: BackEnd) -> std::io::Result<Self> {
+    pub fn new(backend: BackEnd) -> Self {
         let mut t = Self {
             backend,
             ready: Default::default(),
@@ -553,10 +538,10 @@ impl RemoteTap {
         if let Err(d) = t.post_free_slots() {
             t.backend.bury(d);
         }
-        Ok(t)
+        t
     }
 
-    pub fn stats(&self) -> Arc<BackEndStats> {
+    pub fn stats(&self) -> &BackEndStats {
         self.backend.stats()
     }
 

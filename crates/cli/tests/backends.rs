@@ -252,13 +252,11 @@ fn a_block_backend_never_sees_guest_memory() {
     }
     let filters = |pid| status(pid, "Seccomp_filters:").parse::<u32>().unwrap();
     assert_eq!(filters(backend[0]), filters(launcher[0]) + 2);
-    let mut scans = 0;
     for _ in 0..5 {
         assert!(
             !memory_contains(backend[0], &secret),
             "the guest's secret is in the block back-end's memory"
         );
-        scans += 1;
     }
     run.wait_line("blk_io: ok");
     run.wait_line("blk_io: waiting");
@@ -285,7 +283,6 @@ fn a_block_backend_never_sees_guest_memory() {
     );
     let (code, out, err) = run.finish();
     assert_eq!(code, Some(0), "{out}\n{err}");
-    assert!(scans >= 5);
 }
 
 /// kill -9 of the block back-end every 150 ms while the guest writes, flushes and reads back

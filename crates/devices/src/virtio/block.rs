@@ -394,7 +394,7 @@ impl Block {
     }
 
     /// The back-end's counters, when the drive has one.
-    pub fn backend_stats(&self) -> Option<Arc<BackEndStats>> {
+    fn backend_stats(&self) -> Option<&BackEndStats> {
         match &self.storage {
             Storage::Process(r) => Some(r.stats()),
             Storage::Inline(_) => None,
@@ -450,9 +450,7 @@ impl Block {
             },
             _ => return (status::UNSUPP, 0),
         };
-        if let Some(b) = self.backend_stats() {
-            self.stats.copy_backend(&b);
-        }
+        self.stats.copy_backend(self.backend_stats());
         if let Err(e) = result {
             tracing::debug!(path = %self.path.display(), error = %e, "drive I/O failed");
             DeviceStats::add(&self.stats.io_errors, 1);

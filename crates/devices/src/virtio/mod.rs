@@ -194,8 +194,10 @@ impl DeviceStats {
         counter.store(n, Ordering::Relaxed);
     }
 
-    /// Copies a device back-end's restart counters into these.
-    pub fn copy_backend(&self, b: &bulwark_backends::client::BackEndStats) {
+    /// Copies a device back-end's restart counters into these (a device without one has
+    /// nothing to copy).
+    pub fn copy_backend(&self, b: Option<&bulwark_backends::client::BackEndStats>) {
+        let Some(b) = b else { return };
         Self::set(&self.restarts, Self::get(&b.restarts));
         Self::set(&self.violations, Self::get(&b.violations));
         Self::set(&self.last_restart_us, Self::get(&b.last_restart_us));

@@ -224,9 +224,7 @@ impl Net {
                     NET_WINDOW,
                 )
                 .map_err(|e| fail(e.to_string()))?;
-                Port::Process(Box::new(
-                    RemoteTap::new(backend).map_err(|e| fail(e.to_string()))?,
-                ))
+                Port::Process(Box::new(RemoteTap::new(backend)))
             }
         };
         Ok(Self {
@@ -243,17 +241,10 @@ impl Net {
     }
 
     /// The back-end's counters, when the tap has one.
-    pub fn backend_stats(&self) -> Option<Arc<BackEndStats>> {
+    fn backend_stats(&self) -> Option<&BackEndStats> {
         match &self.port {
             Port::Process(r) => Some(r.stats()),
             Port::Inline(_) => None,
-        }
-    }
-
-    /// Copies the back-end's restart counters into the device's.
-    fn sync_backend_stats(&self) {
-        if let Some(b) = self.backend_stats() {
-            self.stats.copy_backend(&b);
         }
     }
 
@@ -340,7 +331,7 @@ impl Net {
         let running = active.rx.is_some();
         self.active = active;
         self.watch_tap(running && !dry);
-        self.sync_backend_stats();
+        self.stats.copy_backend(self.backend_stats());
     }
 
     fn transmit(&mut self) {
@@ -379,7 +370,7 @@ impl Net {
         if matches!(&self.port, Port::Process(_)) {
             self.receive();
         }
-        self.sync_backend_stats();
+        self.stats.copy_backend(self.backend_stats());
     }
 }
 
