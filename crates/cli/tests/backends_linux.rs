@@ -19,26 +19,25 @@ const BLOCKS: usize = 24;
 /// Shell helpers every check uses.
 const HELPERS: &str = r#"
 cp /images/virtio/memscan /tmp/memscan && chmod 755 /tmp/memscan
+cp /images/virtio/vsock_echo /tmp/vsock_echo && chmod 755 /tmp/vsock_echo
 # pids_of COMM: the processes named COMM.
 pids_of() { for p in /proc/[0-9]*; do [ "$(cat $p/comm 2>/dev/null)" = "$1" ] && echo ${p#/proc/}; done; }
 # killer COMM PERIOD STOPFILE: SIGKILL every process named COMM every PERIOD seconds until
 # STOPFILE exists; prints how many it killed.
 killer() { n=0; while [ ! -e $3 ]; do for p in $(pids_of $1); do kill -9 $p 2>/dev/null && n=$((n+1)); done; sleep $2; done; echo kills-$1=$n; }
-# The host end of a guest's TCP stream: read everything into /tmp/host-data, then tell the
-# guest (which waits on port 5002 before powering off, so nothing is cut short).
-printf '#!/bin/sh\ncat > /tmp/host-data\nexec 0<&- 1>&- 2>&-\ni=0\nwhile [ $i -lt 100 ] && ! nc 10.0.2.2 5002 < /dev/null 2>/dev/null; do sleep 0.2; i=$((i+1)); done\n' > /tmp/recv
-chmod 755 /tmp/recv
 # tap_up NAME: waits for bulwark to create tap NAME, then addresses it.
 tap_up() { i=0; while ! ip link show $1 >/dev/null 2>&1 && [ $i -lt 600 ]; do i=$((i+1)); sleep 0.1; done; ip addr add 10.0.2.1/24 dev $1; ip link set $1 up; }
 "#;
 
-/// The guest's side of a TCP stream of `mib` MiB to the host, after bringing eth0 up.
+/// The guest's side of a TCP stream of `mib` MiB to the host, after bringing eth0 up. The
+/// test tool returns once the host has read everything and closed (so powering off cuts
+/// nothing short); the host's end is `vsock_echo tcp-serve 5001`.
 fn guest_stream(mib: u64) -> String {
     format!(
         "ip link set lo up; ip addr add 10.0.2.2/24 dev eth0; ip link set eth0 up; \
          head -c {} /dev/urandom > /tmp/d; echo guest-sent $(sha256sum < /tmp/d); \
          until ping -c1 -W1 10.0.2.1 >/dev/null 2>&1; do :; done; \
-         nc 10.0.2.1 5001 < /tmp/d; echo guest-nc=$?; nc -l -p 5002 > /dev/null",
+         vsock_echo tcp-connect 10.0.2.1 5001 < /tmp/d; echo guest-send=$?",
         mib << 20
     )
 }
@@ -64,24 +63,24 @@ fn script() -> String {
     // Network: 32 random MiB guest → host over TCP while the host kills the network back-end
     // every 500 ms. In a network namespace of its own.
     let net = format!(
-        "rm -f /tmp/stopn; nc -l -p 5001 -e /tmp/recv & L=$!; \
-         {B} --stats --net tap=bwtap0,backend=process -- sh -c '{}' > /tmp/netr.log 2>&1 & V=$!; \
+        "rm -f /tmp/stopn; timeout 600 /tmp/vsock_echo tcp-serve 5001 > /tmp/host-data & L=$!; \
+         {B} --stats --net tap=bwtap0,backend=process -- sh -c '{}' > /tmp/netr.log 2> /tmp/netr.err & V=$!; \
          tap_up bwtap0; \
          killer bw-net0 0.5 /tmp/stopn > /tmp/killsn & K=$!; \
          wait $V; echo vm=$?; touch /tmp/stopn; wait $K; cat /tmp/killsn; \
-         kill $L 2>/dev/null; wait $L 2>/dev/null; \
-         echo host-got $(sha256sum < /tmp/host-data) bytes=$(wc -c < /tmp/host-data); cat /tmp/netr.log",
+         wait $L; echo host-recv=$?; \
+         echo host-got $(sha256sum < /tmp/host-data) bytes=$(wc -c < /tmp/host-data); cat /tmp/netr.log /tmp/netr.err",
         guest_stream(32)
     );
     // Secrecy: the guest keeps a random secret in a file in its RAM and a shell variable,
     // then writes 48 MiB to its disk and streams 24 MiB to the host; meanwhile the host scans
     // the monitor once (the control) and every back-end and the launcher again and again.
     let secrecy = format!(
-        "nc -l -p 5001 -e /tmp/recv & L=$!; \
+        "timeout 600 /tmp/vsock_echo tcp-serve 5001 > /dev/null & L=$!; \
          {B} --stats --drive /tmp/sd.img --net tap=bwtap1,backend=process -- sh -c 'S=secret-$(head -c 16 /dev/urandom | od -An -tx1 | tr -dc 0-9a-f); \
            echo $S > /tmp/secret; echo guest-secret $S; echo io-start; \
            (dd if=/dev/urandom of=/dev/vda bs=1M count=48 conv=fsync 2>/dev/null; echo dd-done) & \
-           {}; wait; echo io-done; cat /tmp/secret' > /tmp/sec.log 2>&1 & V=$!; \
+           {}; wait; echo io-done; cat /tmp/secret' > /tmp/sec.log 2> /tmp/sec.err & V=$!; \
          tap_up bwtap1; \
          i=0; while ! grep -q io-start /tmp/sec.log && [ $i -lt 900 ]; do i=$((i+1)); sleep 0.2; done; \
          S=$(sed -n 's/^guest-secret //p' /tmp/sec.log | tr -d '\\r'); echo needle-length=${{#S}}; \
@@ -89,7 +88,7 @@ fn script() -> String {
          scans=0; while ! grep -q io-done /tmp/sec.log && [ $scans -lt 40 ]; do \
            for c in bw-blk0 bw-net0 bw-launcher; do for p in $(pids_of $c); do /tmp/memscan $p $S; done; done; \
            scans=$((scans+1)); done; echo scans=$scans; \
-         wait $V; echo vm=$?; kill $L 2>/dev/null; wait $L 2>/dev/null; cat /tmp/sec.log",
+         wait $V; echo vm=$?; wait $L; echo host-recv=$?; cat /tmp/sec.log /tmp/sec.err",
         guest_stream(24)
     );
     let mut s = String::from(HELPERS);
@@ -114,8 +113,11 @@ fn rig_run() -> &'static RigRun {
     rig_once(&RUN, || {
         let tools = TestDir::new("backends-tools");
         let memscan = build_static_c(&tools, "tests/guest/memscan.c");
-        let image = build_image("test-image-virtio-backends", &[]);
+        let echo = build_static_c(&tools, "tests/guest/vsock_echo.c");
+        let add = format!("{}:/usr/bin/vsock_echo", echo.display());
+        let image = build_image("test-image-virtio-backends", &["--add", &add]);
         std::fs::copy(&memscan, image.join("memscan")).unwrap();
+        std::fs::copy(&echo, image.join("vsock_echo")).unwrap();
         let mut spec = RigSpec::new(bulwark());
         spec.images = vec![GuestImage::new("virtio", image)];
         spec.cmdline_extra = "loglevel=1".into();
@@ -171,7 +173,8 @@ fn a_tcp_stream_survives_its_network_backend_being_killed() {
     let (out, status) = section_status(rig_run(), "net_restart");
     assert_eq!(status, 0, "{out}");
     assert_eq!(value(&out, "vm="), "0", "{out}");
-    assert_eq!(value(&out, "guest-nc="), "0", "{out}");
+    assert_eq!(value(&out, "guest-send="), "0", "{out}");
+    assert_eq!(value(&out, "host-recv="), "0", "{out}");
     assert_eq!(
         value(&out, "host-got "),
         value(&out, "guest-sent "),
@@ -189,7 +192,7 @@ fn no_backend_holds_a_secret_of_the_guest_while_the_monitor_does() {
     assert_eq!(value(&out, "vm="), "0", "{out}");
     assert_eq!(value(&out, "needle-length="), "39", "{out}");
     assert!(
-        out.contains("dd-done") && out.contains("guest-nc=0"),
+        out.contains("dd-done") && out.contains("guest-send=0") && out.contains("host-recv=0"),
         "{out}"
     );
     let scans: Vec<&str> = out.lines().filter(|l| l.starts_with("memscan ")).collect();

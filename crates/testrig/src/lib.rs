@@ -100,7 +100,8 @@ pub struct RigSpec {
     pub cpus: u32,
     /// Bound on the whole run (building the archive included); QEMU is killed after it.
     pub timeout: Duration,
-    /// Copy the console to stderr as it arrives ([`run_script`] only).
+    /// Copy the console to stderr as it arrives ([`run_script`] only). Defaults to whether
+    /// `BULWARK_RIG_ECHO=1` is set, so a hanging test or `bulwark rig --script` can be watched.
     pub echo: bool,
     /// Extra words for L1's kernel command line.
     pub cmdline_extra: String,
@@ -123,7 +124,7 @@ impl RigSpec {
             memory_mib: 2048,
             cpus: 1,
             timeout: DEFAULT_TIMEOUT,
-            echo: false,
+            echo: std::env::var_os("BULWARK_RIG_ECHO").is_some_and(|v| v == "1"),
             cmdline_extra: String::new(),
             qemu: qemu::QEMU_BINARY.into(),
             cache_dir: None,

@@ -192,7 +192,10 @@ pub fn run(cfg: &QemuConfig, mode: ConsoleMode, timeout: Duration) -> Result<Qem
             let _ = child.kill();
             let _ = child.wait();
             let _ = reader.join();
-            let tail = console.lock().map(|c| c.tail(20)).unwrap_or_default();
+            let tail = console
+                .lock()
+                .map(|c| c.tail(TIMEOUT_TAIL_LINES))
+                .unwrap_or_default();
             return Err(QemuError::Timeout {
                 after: timeout,
                 tail,
@@ -218,6 +221,9 @@ pub fn run(cfg: &QemuConfig, mode: ConsoleMode, timeout: Duration) -> Result<Qem
         kvm_ready_wall: console.kvm_ready,
     })
 }
+
+/// Console lines a timeout error quotes.
+const TIMEOUT_TAIL_LINES: usize = 60;
 
 /// The console as it arrives: bytes, and when the `kvm ready` marker line was complete.
 #[derive(Default)]

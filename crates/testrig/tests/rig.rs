@@ -29,7 +29,6 @@ fn work_dir(tag: &str) -> PathBuf {
 
 fn spec(bulwark: PathBuf) -> RigSpec {
     let mut spec = RigSpec::new(bulwark);
-    spec.echo = std::env::var_os("BULWARK_RIG_ECHO").is_some_and(|v| v == "1");
     spec.timeout = Duration::from_secs(300);
     spec
 }
