@@ -17,21 +17,23 @@ const MIB100: u64 = 100 << 20;
 /// test tool's TCP modes (64 KiB per system call; busybox nc's 1 KiB writes made the guest's
 /// side CPU-bound under the rig's emulation, at about 0.6 MB/s). Every wait is bounded: a
 /// stalled stream fails the check with what each side saw instead of hanging the rig.
-fn net_script() -> String {
+fn net_script(backend: &str, bytes: u64) -> String {
     format!(
-        "head -c {MIB100} /dev/urandom > /tmp/n; echo host-sent $(sha256sum < /tmp/n); \
+        "head -c {bytes} /dev/urandom > /tmp/n; echo host-sent $(sha256sum < /tmp/n); \
                  timeout 290 /tmp/vsock_echo tcp-serve 5001 > /tmp/host-data & L=$!; \
-                 {B} --stats --net tap=bwtap0,mac=02:00:00:00:00:02 -- sh -c 'ip link set lo up; \
+                 {B} --stats --net tap=bwtap0,mac=02:00:00:00:00:02,backend={backend} -- sh -c 'ip link set lo up; \
                    ip addr add 10.0.2.2/24 dev eth0; ip link set eth0 up; \
                    echo mac $(cat /sys/class/net/eth0/address); \
                    echo features $(cat /sys/class/net/eth0/device/features); \
                    echo guest-got $(vsock_echo tcp-serve 5000 | sha256sum); \
-                   head -c {MIB100} /dev/urandom > /tmp/d; echo guest-sent $(sha256sum < /tmp/d); \
+                   head -c {bytes} /dev/urandom > /tmp/d; echo guest-sent $(sha256sum < /tmp/d); \
                    vsock_echo tcp-connect 10.0.2.1 5001 < /tmp/d; echo guest-send=$?' > /tmp/net-vm.log 2>&1 & V=$!; \
                  i=0; while ! ip link show bwtap0 >/dev/null 2>&1 && [ $i -lt 300 ]; do i=$((i+1)); sleep 0.1; done; \
                  ip addr add 10.0.2.1/24 dev bwtap0; ip link set bwtap0 up; \
                  i=0; while [ $i -lt 120 ] && ! ping -c1 -W1 10.0.2.2 >/dev/null 2>&1; do i=$((i+1)); done; \
-                 timeout 280 /tmp/vsock_echo tcp-connect 10.0.2.2 5000 < /tmp/n; echo host-send=$?; wait $V; \
+                 timeout 280 /tmp/vsock_echo tcp-connect 10.0.2.2 5000 < /tmp/n; echo host-send=$?; \
+                 echo back-ends=$(for p in /proc/[0-9]*; do [ \"$(cat $p/comm 2>/dev/null)\" = bw-net0 ] && echo $p; done | wc -l); \
+                 wait $V; \
                  wait $L; echo host-recv=$?; \
                  echo host-got $(sha256sum < /tmp/host-data) bytes=$(wc -c < /tmp/host-data); cat /tmp/net-vm.log"
     )
@@ -128,6 +130,8 @@ fn script() -> String {
         // In a network namespace of its own (unshare -n), so the tap and addresses touch nothing
         // else even inside the rig's L1.
         ("net_tcp", "unshare -n sh /tmp/net-test.sh".to_string()),
+        // The same with the tap served in the monitor (`backend=inline`), 32 MiB each way.
+        ("net_inline", "unshare -n sh /tmp/net-inline.sh".to_string()),
         (
             "net_bad_tap",
             format!("{B} --net tap=no/slash -- true; {B} --net toolongtapname01 -- true"),
@@ -164,8 +168,9 @@ fn script() -> String {
         "cp /images/virtio/vsock_echo /tmp/vsock_echo && chmod 755 /tmp/vsock_echo\nE=/tmp/vsock_echo\n",
     );
     s.push_str(&format!(
-        "cat > /tmp/net-test.sh <<'NET'\n{}\nNET\n",
-        net_script()
+        "cat > /tmp/net-test.sh <<'NET'\n{}\nNET\ncat > /tmp/net-inline.sh <<'NET'\n{}\nNET\n",
+        net_script("process", MIB100),
+        net_script("inline", 32 << 20)
     ));
     for (name, cmd) in checks {
         s.push_str(&format!("section {name}\n{cmd} 2>&1\necho \"status=$?\"\n"));
@@ -343,9 +348,10 @@ fn agent_ps_lists_guest_processes() {
     assert!(json.contains("\"comm\":\"bulwark-agent\""), "{json}");
 }
 
-#[test]
-fn net_tcp_streams_both_ways_over_tap_with_offloads() {
-    let (out, status) = check("net_tcp");
+/// What a `net_script` section must show: `bytes` each way, checksummed, through the device,
+/// with offloads negotiated, and its back-end where `backend` says.
+fn assert_tcp_both_ways(section: &str, bytes: u64, backend: &str) {
+    let (out, status) = check(section);
     assert_eq!(status, 0, "{out}");
     for side in ["host-send=0", "host-recv=0", "guest-send=0"] {
         assert!(out.contains(side), "{side}: {out}");
@@ -376,11 +382,30 @@ fn net_tcp_streams_both_ways_over_tap_with_offloads() {
     }
     let bytes_in = device_counter(&out, "net0", "bytes_in");
     let bytes_out = device_counter(&out, "net0", "bytes_out");
-    assert!(bytes_in >= 100 << 20 && bytes_out >= 100 << 20, "{out}");
+    assert!(bytes_in >= bytes && bytes_out >= bytes, "{out}");
+    // Counted while the VM still ran (the guest was about to send): a `bw-net0` process holds
+    // the tap with backend=process, none with backend=inline.
+    let want = if backend == "process" {
+        "back-ends=1"
+    } else {
+        "back-ends=0"
+    };
+    assert!(out.contains(want), "{want}: {out}");
+    assert_eq!(device_counter(&out, "net0", "restarts"), 0, "{out}");
     assert!(
         !out.contains("timed out"),
         "the guest's job ended by itself: {out}"
     );
+}
+
+#[test]
+fn net_tcp_streams_both_ways_over_tap_with_offloads() {
+    assert_tcp_both_ways("net_tcp", MIB100, "process");
+}
+
+#[test]
+fn net_tcp_streams_both_ways_with_the_tap_in_the_monitor() {
+    assert_tcp_both_ways("net_inline", 32 << 20, "inline");
 }
 
 #[test]

@@ -80,10 +80,9 @@ pub struct SpecSummary {
 pub struct NetSpec {
     pub tap: String,
     pub mac: Option<String>,
-    /// Where the tap is served; inline (the monitor's device thread) unless given: the network
-    /// back-end process stalls under a sustained two-way stream in the rig (open bug).
+    /// Where the tap is read and written.
     #[serde(default)]
-    pub backend: Option<Backend>,
+    pub backend: Backend,
 }
 
 /// Parses `02:00:00:00:00:01`.
@@ -119,9 +118,8 @@ pub fn parse_net(s: &str) -> Result<NetSpec, ConfigError> {
                     n.mac = Some(v.to_string());
                 }
                 "backend" => {
-                    n.backend = Some(
-                        Backend::parse(v).ok_or_else(|| bad("backend takes process or inline"))?,
-                    );
+                    n.backend =
+                        Backend::parse(v).ok_or_else(|| bad("backend takes process or inline"))?;
                 }
                 _ => return Err(bad("unknown option (known: tap, mac, backend)")),
             }
