@@ -245,7 +245,7 @@ fn nets(args: &RunArgs, file: &FileConfig) -> Result<Vec<NetConfig>, ConfigError
             Ok(NetConfig {
                 mac,
                 tap: n.tap,
-                isolation: isolation(n.backend),
+                isolation: isolation(n.backend.unwrap_or(Backend::Inline)),
             })
         })
         .collect()

@@ -64,7 +64,7 @@ fn script() -> String {
     // every 500 ms. In a network namespace of its own.
     let net = format!(
         "rm -f /tmp/stopn; timeout 600 /tmp/vsock_echo tcp-serve 5001 > /tmp/host-data & L=$!; \
-         {B} --stats --net tap=bwtap0 -- sh -c '{}' > /tmp/netr.log 2> /tmp/netr.err & V=$!; \
+         {B} --stats --net tap=bwtap0,backend=process -- sh -c '{}' > /tmp/netr.log 2> /tmp/netr.err & V=$!; \
          tap_up bwtap0; \
          killer bw-net0 0.5 /tmp/stopn > /tmp/killsn & K=$!; \
          wait $V; echo vm=$?; touch /tmp/stopn; wait $K; cat /tmp/killsn; \
@@ -77,7 +77,7 @@ fn script() -> String {
     // the monitor once (the control) and every back-end and the launcher again and again.
     let secrecy = format!(
         "timeout 600 /tmp/vsock_echo tcp-serve 5001 > /dev/null & L=$!; \
-         {B} --stats --drive /tmp/sd.img --net tap=bwtap1 -- sh -c 'S=secret-$(head -c 16 /dev/urandom | od -An -tx1 | tr -dc 0-9a-f); \
+         {B} --stats --drive /tmp/sd.img --net tap=bwtap1,backend=process -- sh -c 'S=secret-$(head -c 16 /dev/urandom | od -An -tx1 | tr -dc 0-9a-f); \
            echo $S > /tmp/secret; echo guest-secret $S; echo io-start; \
            (dd if=/dev/urandom of=/dev/vda bs=1M count=48 conv=fsync 2>/dev/null; echo dd-done) & \
            {}; wait; echo io-done; cat /tmp/secret' > /tmp/sec.log 2> /tmp/sec.err & V=$!; \
