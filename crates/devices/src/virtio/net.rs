@@ -295,6 +295,8 @@ impl Net {
                 let Some(len) = self.pending else {
                     break;
                 };
+                // What the driver had offered before the frame looked: if that grows, look again.
+                let seen = offered(rx, mem);
                 match place_frame(mem, rx, &self.buf[..len], *mergeable) {
                     Placed::Done(n) => {
                         used = true;
@@ -308,8 +310,7 @@ impl Net {
                         self.pending = None;
                     }
                     Placed::NoRoom => {
-                        // Ask to be told when buffers arrive; recheck once for a race.
-                        if matches!(rx.enable_notification(&*mem), Ok(true)) {
+                        if ask_for_more_buffers(rx, mem, seen) {
                             continue;
                         }
                         dry = true;
@@ -372,6 +373,29 @@ impl Net {
         }
         self.stats.copy_backend(self.backend_stats());
     }
+}
+
+/// The driver's avail index: how many buffers it has offered, ever (wrapping).
+fn offered(rx: &Queue, mem: &GuestMemoryMmap) -> u16 {
+    rx.avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+        .map_or(rx.next_avail(), |i| i.0)
+}
+
+/// After a frame found too few receive buffers: asks the driver to notify when it offers
+/// more, and says whether it has offered more since `seen` (look again) or not (wait for the
+/// notification).
+///
+/// The buffers on offer now are too few, so the notification must come for the next one:
+/// with `EVENT_IDX` the avail event is set past them, not at the device's position in the
+/// ring (`enable_notification`'s choice), which a driver already past it would never cross —
+/// the device would wait forever, or, re-checking, spin until the guest offered more.
+fn ask_for_more_buffers(rx: &mut Queue, mem: &GuestMemoryMmap, seen: u16) -> bool {
+    let at = rx.next_avail();
+    let now = offered(rx, mem);
+    rx.set_next_avail(now);
+    let more = rx.enable_notification(mem);
+    rx.set_next_avail(at);
+    now != seen || matches!(more, Ok(true))
 }
 
 /// A transmit chain's header and frame, or `None` when the chain is not a frame.
@@ -556,5 +580,64 @@ impl VirtioDevice for Net {
         if token == TAP_TOKEN {
             self.receive();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestAddress;
+
+    const DESC: u64 = 0x1000;
+    const AVAIL: u64 = 0x2000;
+    const USED: u64 = 0x3000;
+    const SIZE: u16 = 16;
+
+    fn ring() -> (GuestMemoryMmap, Queue) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mut q = Queue::new(256).unwrap();
+        q.set_size(SIZE);
+        q.set_desc_table_address(Some(DESC as u32), Some(0));
+        q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
+        q.set_used_ring_address(Some(USED as u32), Some(0));
+        q.set_event_idx(true);
+        q.set_ready(true);
+        (mem, q)
+    }
+
+    fn offer(mem: &GuestMemoryMmap, idx: u16) {
+        mem.write_obj(idx, GuestAddress(AVAIL + 2)).unwrap();
+    }
+
+    fn avail_event(mem: &GuestMemoryMmap) -> u16 {
+        mem.read_obj(GuestAddress(USED + 4 + 8 * u64::from(SIZE)))
+            .unwrap()
+    }
+
+    #[test]
+    fn too_few_receive_buffers_ask_for_the_next_one_and_do_not_spin() {
+        let (mem, mut q) = ring();
+        // Nothing on offer: notify at the first buffer.
+        assert!(!ask_for_more_buffers(&mut q, &mem, 0));
+        assert_eq!(avail_event(&mem), 0);
+        // Three on offer, too few for the frame: notify when a fourth comes, report no more
+        // (a re-check that said "more" here made the device thread spin), and keep the
+        // device's position so the three are used with the next.
+        offer(&mem, 3);
+        assert!(!ask_for_more_buffers(&mut q, &mem, 3));
+        assert_eq!(avail_event(&mem), 3);
+        assert_eq!(q.next_avail(), 0);
+        // The driver's rule (virtio 1.2 §2.7.10, Linux vring_need_event): adding the fourth
+        // (old 3 → new 4) notifies; with the event at the device's position (0) it would not.
+        let need_event = |event: u16, new: u16, old: u16| {
+            new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+        };
+        assert!(need_event(avail_event(&mem), 4, 3));
+        assert!(!need_event(0, 4, 3));
+        // A buffer offered while the frame looked (the driver may not have notified): the
+        // device looks again.
+        offer(&mem, 4);
+        assert!(ask_for_more_buffers(&mut q, &mem, 3));
+        assert_eq!(q.next_avail(), 0);
     }
 }
