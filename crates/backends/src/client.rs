@@ -357,6 +357,18 @@ fn expect(ch: &OwnedFd, timeout: Duration) -> Result<Option<Msg>, Death> {
             sys::recv(ch.as_fd(), &mut buf)
         }
     };
+    // A back-end that dies with a request of ours unread leaves the error ECONNRESET on the
+    // channel, which the kernel reports (once) before what is still queued: its violation
+    // report may be waiting behind it.
+    let got = match got {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+            match sys::recv_now(ch.as_fd(), &mut buf) {
+                Ok(r) => Ok(r),
+                Err(_) => Err(e),
+            }
+        }
+        other => other,
+    };
     match got {
         Ok((0, _)) => Err(Death::Gone("it exited".into())),
         Ok((n, _)) => match Msg::decode(&buf[..n]) {
