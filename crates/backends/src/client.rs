@@ -65,7 +65,7 @@ pub struct BackEnd {
     launcher: Arc<Launcher>,
     window: Window,
     table: WindowTable,
-    resource: OwnedFd,
+    resource: Option<OwnedFd>,
     channel: Option<OwnedFd>,
     next_id: u64,
     /// Requests sent and not yet answered, by id.
@@ -76,13 +76,14 @@ pub struct BackEnd {
 }
 
 impl BackEnd {
-    /// Starts back-end `name` of `kind` serving `resource`, with a window of `window` bytes.
+    /// Starts back-end `name` of `kind` serving `resource` (if its kind has one), with a window
+    /// of `window` bytes.
     pub fn start(
         launcher: Arc<Launcher>,
         kind: Kind,
         name: &str,
         flags: u16,
-        resource: OwnedFd,
+        resource: Option<OwnedFd>,
         window: u64,
     ) -> std::io::Result<Self> {
         let cname = std::ffi::CString::new(format!("bulwark-window-{name}"))
@@ -136,7 +137,7 @@ impl BackEnd {
             &self.what,
             theirs.as_fd(),
             self.window.fd(),
-            self.resource.as_fd(),
+            self.resource.as_ref().map(AsFd::as_fd),
         )?;
         drop(theirs);
         self.what.incarnation += 1;
@@ -197,7 +198,16 @@ impl BackEnd {
 
     /// Sends request `msg` (its id is filled in and returned), lending the window range it
     /// names.
-    pub(crate) fn send(&mut self, mut msg: Msg) -> Result<u64, Death> {
+    pub(crate) fn send(&mut self, msg: Msg) -> Result<u64, Death> {
+        self.send_with(msg, None)
+    }
+
+    /// [`Self::send`] with a descriptor attached (a vsock stream handed over).
+    pub(crate) fn send_with(
+        &mut self,
+        mut msg: Msg,
+        fd: Option<std::os::fd::BorrowedFd<'_>>,
+    ) -> Result<u64, Death> {
         let Some(ch) = self.channel.as_ref() else {
             return Err(Death::Gone("not running".into()));
         };
@@ -208,7 +218,8 @@ impl BackEnd {
                 .lend(msg.window, msg.len, msg.id)
                 .map_err(|e| Death::Gone(format!("window: {e}")))?;
         }
-        if let Err(e) = sys::send(ch.as_fd(), &msg.encode(), &[]) {
+        let fds: Vec<_> = fd.into_iter().collect();
+        if let Err(e) = sys::send(ch.as_fd(), &msg.encode(), &fds) {
             // A back-end stopped by its policy wrote why before it died: that is the news.
             return Err(match expect(ch, Duration::ZERO) {
                 Err(Death::Violation(r)) => Death::Violation(r),
@@ -230,8 +241,12 @@ impl BackEnd {
         };
         let op = self.in_flight.get(&m.id).copied();
         let fits = match (m.op, op) {
-            (Op::Done, Some(op)) => op != Op::RxPost,
+            (Op::Done, Some(op)) => {
+                op != Op::RxPost && (m.len == 0 || Msg::new(op, 0).counts_bytes())
+            }
             (Op::Received, Some(Op::RxPost)) => true,
+            // Unasked news of a stream; the vsock client checks it was watched.
+            (Op::SockReady, None) => return Ok(Some(m)),
             _ => false,
         };
         if !fits {
@@ -246,9 +261,9 @@ impl BackEnd {
                 .table
                 .take_back(m.id)
                 .map_err(|e| Death::Gone(format!("protocol violation: {e}")))?;
-            if m.op == Op::Received && m.len > lent {
+            if m.len > lent {
                 return Err(Death::Gone(format!(
-                    "protocol violation: a {}-byte frame in a {lent}-byte slot",
+                    "protocol violation: {} bytes in a {lent}-byte window range",
                     m.len
                 )));
             }
@@ -270,11 +285,16 @@ impl BackEnd {
         }
     }
 
-    /// Sends `msg` to the live back-end and waits for its reply; returns the reply's errno
-    /// (0: done). Other messages that arrive meanwhile go to `other`. `Err(Died)`: the
-    /// back-end died (it is buried; start another and send again).
-    pub(crate) fn call_once(&mut self, msg: Msg, other: &mut dyn FnMut(Msg)) -> Result<u32, Died> {
-        let id = match self.send(msg) {
+    /// Sends `msg` (with `fd` attached, if any) to the live back-end and waits for its reply,
+    /// which it returns (`arg`: 0 or the errno). Other messages that arrive meanwhile go to
+    /// `other`. `Err(Died)`: the back-end died (it is buried; start another and send again).
+    pub(crate) fn call_once(
+        &mut self,
+        msg: Msg,
+        fd: Option<std::os::fd::BorrowedFd<'_>>,
+        other: &mut dyn FnMut(Msg),
+    ) -> Result<Msg, Died> {
+        let id = match self.send_with(msg, fd) {
             Ok(id) => id,
             Err(d) => {
                 self.bury(d);
@@ -283,7 +303,7 @@ impl BackEnd {
         };
         loop {
             match self.recv(REPLY_TIMEOUT) {
-                Ok(Some(m)) if m.id == id => return Ok(m.arg),
+                Ok(Some(m)) if m.id == id && m.op == Op::Done => return Ok(m),
                 Ok(Some(m)) => other(m),
                 Ok(None) => {
                     self.bury(Death::Gone(format!("no answer in {REPLY_TIMEOUT:?}")));
@@ -302,10 +322,10 @@ impl BackEnd {
     fn call(&mut self, msg: Msg) -> std::io::Result<u32> {
         for _ in 0..=MAX_STARTS_PER_REQUEST {
             self.ensure_running()?;
-            if let Ok(errno) = self.call_once(msg, &mut |m| {
+            if let Ok(reply) = self.call_once(msg, None, &mut |m| {
                 tracing::debug!("unexpected {:?} ignored", m.op);
             }) {
-                return Ok(errno);
+                return Ok(reply.arg);
             }
         }
         Err(gave_up(&self.what.name))
@@ -715,14 +735,14 @@ impl RemoteTap {
         for _ in 0..=MAX_STARTS_PER_REQUEST {
             self.live()?;
             let mut noted: Vec<Msg> = Vec::new();
-            let r = self.backend.call_once(msg, &mut |m| noted.push(m));
+            let r = self.backend.call_once(msg, None, &mut |m| noted.push(m));
             for m in noted {
                 if let Err(d) = self.note(m) {
                     self.backend.bury(d);
                 }
             }
-            if let Ok(errno) = r {
-                return Ok(errno);
+            if let Ok(reply) = r {
+                return Ok(reply.arg);
             }
         }
         Err(gave_up(&self.backend.what.name))

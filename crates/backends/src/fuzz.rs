@@ -26,7 +26,10 @@ pub fn fuzz_proto(data: &[u8]) {
                 assert_eq!(dgram.len(), MSG_LEN);
                 assert_eq!(Msg::decode(&m.encode()), Ok(m), "re-encoding changes {m:?}");
                 if m.check_request(WINDOW).is_ok() {
-                    assert!(!matches!(m.op, Op::Hello | Op::Done | Op::Received));
+                    assert!(!matches!(
+                        m.op,
+                        Op::Hello | Op::Done | Op::Received | Op::SockReady
+                    ));
                     if m.lends_window() {
                         assert!(m.window + m.len <= WINDOW);
                         if table.lend(m.window, m.len, m.id).is_ok() {
@@ -160,6 +163,53 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
                 Msg::done(8, 0),
                 Msg::done(9, 0),
                 Msg::done(7, 0),
+            ]),
+        ),
+        (
+            "seed-vsock",
+            frame(&[
+                Msg {
+                    arg: 3,
+                    ..Msg::new(Op::Hello, 0)
+                },
+                Msg {
+                    offset: 1 << 32 | 2,
+                    ..Msg::new(Op::SockAdopt, 1)
+                },
+                Msg::done(1, 0),
+                Msg {
+                    offset: 1 << 32 | 2,
+                    arg: 1,
+                    ..Msg::new(Op::SockWatch, 2)
+                },
+                Msg::done(2, 0),
+                Msg {
+                    offset: 1 << 32 | 2,
+                    arg: 1,
+                    ..Msg::new(Op::SockReady, 0)
+                },
+                Msg {
+                    offset: 1 << 32 | 2,
+                    window: 0,
+                    len: 65536,
+                    ..Msg::new(Op::SockRecv, 3)
+                },
+                Msg {
+                    len: 17,
+                    ..Msg::done(3, 0)
+                },
+                Msg {
+                    offset: 1 << 32 | 2,
+                    window: 0,
+                    len: 4096,
+                    ..Msg::new(Op::SockSend, 4)
+                },
+                Msg::done(4, 11),
+                Msg {
+                    offset: 1 << 32 | 2,
+                    ..Msg::new(Op::SockClose, 5)
+                },
+                Msg::done(5, 0),
             ]),
         ),
         ("seed-report", report),

@@ -6,8 +6,9 @@
 //! the binary inside the jail and `execve` in the monitor's seccomp policies.)
 //!
 //! Monitor → launcher, one datagram per back-end: `BWLN`, kind (u16), flags (u16),
-//! incarnation (u32), name (16 bytes, NUL-padded), with three descriptors attached: the
-//! back-end's end of its channel, its I/O window, its resource (an image file). The launcher
+//! incarnation (u32), name (16 bytes, NUL-padded), with the back-end's descriptors attached:
+//! its end of its channel, its I/O window, and its resource (an image file, a tap) if its kind
+//! has one ([`Kind::resources`]). The launcher
 //! answers with the new process's pid (i32; negative: an errno).
 
 use std::io;
@@ -119,19 +120,29 @@ impl Launcher {
         self.pid
     }
 
-    /// Starts a back-end with `channel` (its end), `window` and `resource`. Returns its pid.
+    /// Starts a back-end with `channel` (its end), `window` and `resource` (which its kind
+    /// must or must not have). Returns its pid.
     pub fn spawn(
         &self,
         what: &Spawn,
         channel: BorrowedFd<'_>,
         window: BorrowedFd<'_>,
-        resource: BorrowedFd<'_>,
+        resource: Option<BorrowedFd<'_>>,
     ) -> io::Result<libc::pid_t> {
-        for fd in [window, resource] {
+        let mut fds = vec![channel, window];
+        fds.extend(resource);
+        if fds.len() != 2 + what.kind.resources() {
+            return Err(io::Error::other(format!(
+                "a {:?} back-end takes {} resource descriptors; this is a bug in bulwark",
+                what.kind,
+                what.kind.resources()
+            )));
+        }
+        for &fd in &fds[1..] {
             ownership::check_exportable(fd).map_err(io::Error::other)?;
         }
         let sock = self.sock.lock().unwrap_or_else(|e| e.into_inner());
-        sys::send(sock.as_fd(), &what.encode(), &[channel, window, resource])?;
+        sys::send(sock.as_fd(), &what.encode(), &fds)?;
         let mut reply = [0u8; 4];
         let (n, _) = sys::recv(sock.as_fd(), &mut reply)?;
         if n != 4 {
@@ -164,8 +175,8 @@ fn serve(sock: OwnedFd) -> ! {
             Ok((0, _)) | Err(_) => sys::exit_now(0),
             Ok(r) => r,
         };
-        let reply = match (Spawn::decode(&buf[..n]), <[OwnedFd; 3]>::try_from(fds)) {
-            (Some(what), Ok(fds)) => match fork() {
+        let reply = match Spawn::decode(&buf[..n]) {
+            Some(what) if fds.len() == 2 + what.kind.resources() => match fork() {
                 Ok(Forked::Child) => {
                     let keep: Vec<i32> = fds.iter().map(AsRawFd::as_raw_fd).collect();
                     sys::close_all_but(&keep);

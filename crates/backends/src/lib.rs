@@ -22,6 +22,7 @@ pub mod launcher;
 pub mod ownership;
 pub mod proto;
 mod server;
+pub mod sockets;
 pub mod sys;
 pub mod window;
 
@@ -33,6 +34,8 @@ pub enum Kind {
     Block = 1,
     /// A virtio-net tap.
     Net = 2,
+    /// virtio-vsock's host streams (unix sockets the monitor accepted or connected).
+    Vsock = 3,
 }
 
 impl Kind {
@@ -40,6 +43,7 @@ impl Kind {
         match v {
             1 => Some(Kind::Block),
             2 => Some(Kind::Net),
+            3 => Some(Kind::Vsock),
             _ => None,
         }
     }
@@ -49,6 +53,16 @@ impl Kind {
         match self {
             Kind::Block => "backend_block",
             Kind::Net => "backend_net",
+            Kind::Vsock => "backend_vsock",
+        }
+    }
+
+    /// How many descriptors a back-end of this kind is started with besides its channel and
+    /// window: its resource (an image file, a tap), or none (vsock streams arrive one by one).
+    pub fn resources(self) -> usize {
+        match self {
+            Kind::Block | Kind::Net => 1,
+            Kind::Vsock => 0,
         }
     }
 }

@@ -8,9 +8,9 @@
 //! | 4      | 2    | version ([`VERSION`])                                          |
 //! | 6      | 2    | op ([`Op`])                                                    |
 //! | 8      | 8    | id: the monitor's request number, echoed by the reply          |
-//! | 16     | 8    | offset: byte offset on the back-end's resource (the disk)      |
+//! | 16     | 8    | offset: byte offset on the disk, or the vsock stream's number  |
 //! | 24     | 8    | window: byte offset of the request's data in the I/O window    |
-//! | 32     | 8    | len: bytes                                                     |
+//! | 32     | 8    | len: bytes (in a reply: bytes a stream took or gave)           |
 //! | 40     | 4    | arg: flags of a request; 0 or an errno in a reply              |
 //! | 44     | 4    | reserved, zero                                                 |
 //!
@@ -26,7 +26,7 @@
 /// `BWBE`.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"BWBE");
 /// Bumped on any change of layout or meaning: both sides refuse every other version.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 pub const MSG_LEN: usize = 48;
 /// Largest errno a reply may carry.
 const MAX_ERRNO: u32 = 4095;
@@ -56,11 +56,37 @@ pub enum Op {
     RxPost = 8,
     /// Set the tap's offloads to `arg` (`TUNSETOFFLOAD` flags).
     SetOffload = 9,
+    /// Take the unix stream attached to this message (the one descriptor it carries) as vsock
+    /// stream `offset`.
+    SockAdopt = 10,
+    /// Write what stream `offset` takes now of the `len` bytes at `window`; the reply's `len`
+    /// says how many it took (`EAGAIN`: none).
+    SockSend = 11,
+    /// Read what stream `offset` has, up to `len` bytes, into the window at `window`; the
+    /// reply's `len` says how many (0 with no errno: the peer closed; `EAGAIN`: nothing yet).
+    SockRecv = 12,
+    /// Shut stream `offset` for writing (the guest will send no more).
+    SockShutdown = 13,
+    /// Close stream `offset`.
+    SockClose = 14,
+    /// Say once, with [`Op::SockReady`], when stream `offset` becomes readable or writable as
+    /// `arg` ([`SOCK_READABLE`], [`SOCK_WRITABLE`]) asks; replaces the stream's last watch
+    /// (`arg` 0: stop watching).
+    SockWatch = 15,
     /// Back-end → monitor: request `id` finished; `arg` is 0 or the errno it failed with.
     Done = 0x80,
     /// Back-end → monitor: receive slot `id` holds a frame of `len` bytes.
     Received = 0x81,
+    /// Back-end → monitor, unasked (`id` 0): watched stream `offset` is ready as `arg` says
+    /// (a hang-up or error counts as both); its watch is spent.
+    SockReady = 0x82,
 }
+
+/// [`Op::SockWatch`] / [`Op::SockReady`] bit: the stream has data (or its end) to read.
+pub const SOCK_READABLE: u32 = 1;
+/// [`Op::SockWatch`] / [`Op::SockReady`] bit: the stream takes data.
+pub const SOCK_WRITABLE: u32 = 2;
+const SOCK_EVENTS: u32 = SOCK_READABLE | SOCK_WRITABLE;
 
 impl Op {
     fn from_u16(v: u16) -> Option<Self> {
@@ -74,8 +100,15 @@ impl Op {
             7 => Op::Transmit,
             8 => Op::RxPost,
             9 => Op::SetOffload,
+            10 => Op::SockAdopt,
+            11 => Op::SockSend,
+            12 => Op::SockRecv,
+            13 => Op::SockShutdown,
+            14 => Op::SockClose,
+            15 => Op::SockWatch,
             0x80 => Op::Done,
             0x81 => Op::Received,
+            0x82 => Op::SockReady,
             _ => return None,
         })
     }
@@ -206,7 +239,23 @@ impl Msg {
             Op::Flush => m.offset == 0 && m.window == 0 && m.len == 0 && m.arg == 0,
             Op::Discard => m.window == 0 && m.len > 0 && m.arg == 0,
             Op::WriteZeroes => m.window == 0 && m.len > 0 && m.arg & !ZEROES_MAY_UNMAP == 0,
-            Op::Done => m.offset == 0 && m.window == 0 && m.len == 0 && m.arg <= MAX_ERRNO,
+            // `len` is checked against the request it answers (see `BackEnd::recv`).
+            Op::Done => m.offset == 0 && m.window == 0 && m.arg <= MAX_ERRNO,
+            Op::SockAdopt | Op::SockShutdown | Op::SockClose => {
+                m.offset != 0 && m.window == 0 && m.len == 0 && m.arg == 0
+            }
+            Op::SockSend | Op::SockRecv => m.offset != 0 && m.len > 0 && m.arg == 0,
+            Op::SockWatch => {
+                m.offset != 0 && m.window == 0 && m.len == 0 && m.arg & !SOCK_EVENTS == 0
+            }
+            Op::SockReady => {
+                m.id == 0
+                    && m.offset != 0
+                    && m.window == 0
+                    && m.len == 0
+                    && m.arg != 0
+                    && m.arg & !SOCK_EVENTS == 0
+            }
         };
         if !fields_ok {
             return Err(ProtoError::Fields { op });
@@ -225,8 +274,10 @@ impl Msg {
     /// its data lies inside the `window_len`-byte window.
     pub fn check_request(&self, window_len: u64) -> Result<(), ProtoError> {
         match self.op {
-            Op::Hello | Op::Done | Op::Received => Err(ProtoError::Fields { op: self.op }),
-            Op::Read | Op::Write | Op::Transmit | Op::RxPost => {
+            Op::Hello | Op::Done | Op::Received | Op::SockReady => {
+                Err(ProtoError::Fields { op: self.op })
+            }
+            Op::Read | Op::Write | Op::Transmit | Op::RxPost | Op::SockSend | Op::SockRecv => {
                 if self
                     .window
                     .checked_add(self.len)
@@ -242,13 +293,28 @@ impl Msg {
                     Ok(())
                 }
             }
-            Op::Flush | Op::Discard | Op::WriteZeroes | Op::SetOffload => Ok(()),
+            Op::Flush
+            | Op::Discard
+            | Op::WriteZeroes
+            | Op::SetOffload
+            | Op::SockAdopt
+            | Op::SockShutdown
+            | Op::SockClose
+            | Op::SockWatch => Ok(()),
         }
     }
 
     /// Whether the request borrows the window range it names (until its reply).
     pub fn lends_window(&self) -> bool {
-        matches!(self.op, Op::Read | Op::Write | Op::Transmit | Op::RxPost)
+        matches!(
+            self.op,
+            Op::Read | Op::Write | Op::Transmit | Op::RxPost | Op::SockSend | Op::SockRecv
+        )
+    }
+
+    /// Whether a reply to this request may carry a byte count (at most the request's `len`).
+    pub fn counts_bytes(&self) -> bool {
+        matches!(self.op, Op::SockSend | Op::SockRecv)
     }
 
     /// The reply to request `id`: 0 for success, else the errno.
@@ -294,8 +360,8 @@ mod tests {
         b[0] ^= 1;
         assert!(matches!(Msg::decode(&b), Err(ProtoError::Magic(_))));
         let mut b = good;
-        b[4] = 2;
-        assert_eq!(Msg::decode(&b), Err(ProtoError::Version(2)));
+        b[4] = 1;
+        assert_eq!(Msg::decode(&b), Err(ProtoError::Version(1)));
         let mut b = good;
         b[6] = 0x42;
         assert_eq!(Msg::decode(&b), Err(ProtoError::UnknownOp(0x42)));
@@ -325,6 +391,64 @@ mod tests {
             Msg::decode(&far.encode()),
             Err(ProtoError::Overflow { .. })
         ));
+    }
+
+    #[test]
+    fn stream_messages_name_a_stream_and_only_their_own_fields() {
+        let send = Msg {
+            offset: 5,
+            window: 0,
+            len: 4096,
+            ..Msg::new(Op::SockSend, 2)
+        };
+        assert_eq!(Msg::decode(&send.encode()), Ok(send));
+        assert_eq!(send.check_request(4096), Ok(()));
+        assert!(send.check_request(4095).is_err(), "data outside the window");
+        assert!(send.lends_window() && send.counts_bytes());
+        let bad = [
+            // Stream 0 does not exist; a watch for unknown events; news the monitor asked for
+            // by id; news of nothing; an adopt with data.
+            Msg { offset: 0, ..send },
+            Msg {
+                offset: 5,
+                arg: 4,
+                ..Msg::new(Op::SockWatch, 3)
+            },
+            Msg {
+                offset: 5,
+                arg: SOCK_READABLE,
+                ..Msg::new(Op::SockReady, 3)
+            },
+            Msg {
+                offset: 5,
+                ..Msg::new(Op::SockReady, 0)
+            },
+            Msg {
+                offset: 5,
+                len: 1,
+                ..Msg::new(Op::SockAdopt, 3)
+            },
+        ];
+        for m in bad {
+            assert!(
+                matches!(Msg::decode(&m.encode()), Err(ProtoError::Fields { .. })),
+                "{m:?}"
+            );
+        }
+        let ready = Msg {
+            offset: 5,
+            arg: SOCK_READABLE | SOCK_WRITABLE,
+            ..Msg::new(Op::SockReady, 0)
+        };
+        assert_eq!(Msg::decode(&ready.encode()), Ok(ready));
+        assert!(ready.check_request(4096).is_err(), "news is not a request");
+        // A reply may count bytes; whether it may is the request's business.
+        let done = Msg {
+            len: 100,
+            ..Msg::done(2, 0)
+        };
+        assert_eq!(Msg::decode(&done.encode()), Ok(done));
+        assert!(!Msg::new(Op::Write, 0).counts_bytes());
     }
 
     #[test]

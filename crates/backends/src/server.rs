@@ -2,13 +2,13 @@
 //! channel. Anything unexpected ends the process; the monitor sees the channel close and starts
 //! another.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use crate::disk::{Disk, Punch};
 use crate::launcher::{FLAG_DIRECT, Spawn};
-use crate::proto::{Msg, Op, ZEROES_MAY_UNMAP};
+use crate::proto::{Msg, Op, SOCK_READABLE, SOCK_WRITABLE, ZEROES_MAY_UNMAP};
 use crate::sys;
 use crate::window::Window;
 use crate::{Kind, proto};
@@ -18,8 +18,14 @@ const EXIT_PROTOCOL: i32 = 3;
 /// Exit status of a back-end that could not set itself up.
 const EXIT_SETUP: i32 = 4;
 
-pub(crate) fn run(what: &Spawn, [channel, window, resource]: [OwnedFd; 3]) -> ! {
+/// A back-end's life, with its channel, its window and (by kind) its resource.
+pub(crate) fn run(what: &Spawn, fds: Vec<OwnedFd>) -> ! {
     sys::set_name(&format!("bw-{}", what.name));
+    let mut fds = fds.into_iter();
+    let (Some(channel), Some(window)) = (fds.next(), fds.next()) else {
+        sys::exit_now(EXIT_SETUP)
+    };
+    let resource = fds.next();
     if sys::die_with_parent().is_err() {
         sys::exit_now(EXIT_SETUP);
     }
@@ -41,12 +47,14 @@ pub(crate) fn run(what: &Spawn, [channel, window, resource]: [OwnedFd; 3]) -> ! 
         sys::exit_now(0);
     }
     let mut probe = Probe::new(what);
-    match what.kind {
-        Kind::Block => {
-            let disk = Disk::new(File::from(resource), what.flags & FLAG_DIRECT != 0);
+    match (what.kind, resource) {
+        (Kind::Block, Some(image)) => {
+            let disk = Disk::new(File::from(image), what.flags & FLAG_DIRECT != 0);
             serve_block(&channel, &window, &disk, &mut probe)
         }
-        Kind::Net => serve_net(&channel, &window, &resource, &mut probe),
+        (Kind::Net, Some(tap)) => serve_net(&channel, &window, &tap, &mut probe),
+        (Kind::Vsock, None) => serve_vsock(&channel, &window, &mut probe),
+        _ => sys::exit_now(EXIT_SETUP),
     }
 }
 
@@ -99,15 +107,20 @@ impl Probe {
 }
 
 /// The next request from the monitor, checked; ends the process at the channel's end or on a
-/// message it may not act on.
+/// message it may not act on. Descriptors attached to it are closed.
 fn next_request(channel: &OwnedFd, window: &Window) -> Msg {
+    next_request_with_fds(channel, window).0
+}
+
+/// [`next_request`] with the descriptors that came with it.
+fn next_request_with_fds(channel: &OwnedFd, window: &Window) -> (Msg, Vec<OwnedFd>) {
     let mut buf = [0u8; proto::MSG_LEN + 1];
-    let n = match sys::recv(channel.as_fd(), &mut buf) {
+    let (n, fds) = match sys::recv(channel.as_fd(), &mut buf) {
         Ok((0, _)) | Err(_) => sys::exit_now(0),
-        Ok((n, _)) => n,
+        Ok(r) => r,
     };
     match Msg::decode(&buf[..n]) {
-        Ok(m) if m.check_request(window.len()).is_ok() => m,
+        Ok(m) if m.check_request(window.len()).is_ok() => (m, fds),
         _ => sys::exit_now(EXIT_PROTOCOL),
     }
 }
@@ -203,4 +216,136 @@ fn serve_net(channel: &OwnedFd, window: &Window, tap: &OwnedFd, probe: &mut Prob
             }
         }
     }
+}
+
+/// Most streams a vsock back-end holds (more than the device ever opens).
+const MAX_STREAMS: usize = 4096;
+
+/// One host stream of a vsock back-end: its descriptor and what it is watched for.
+struct Stream {
+    fd: OwnedFd,
+    watch: u32,
+}
+
+/// A vsock back-end: the host's ends of the device's streams, which the monitor accepted or
+/// connected and handed over. It moves bytes between them and the window as asked, and says
+/// once when a watched stream becomes ready. It never sees a packet header, a credit, a port or
+/// a path, and opens nothing itself.
+fn serve_vsock(channel: &OwnedFd, window: &Window, probe: &mut Probe) -> ! {
+    let mut streams: BTreeMap<u64, Stream> = BTreeMap::new();
+    loop {
+        let watched: Vec<(u64, i16)> = streams
+            .iter()
+            .filter(|(_, s)| s.watch != 0)
+            .map(|(&conn, s)| (conn, poll_events(s.watch)))
+            .collect();
+        let mut fds = vec![(channel.as_fd(), libc::POLLIN)];
+        fds.extend(
+            watched
+                .iter()
+                .filter_map(|&(conn, ev)| Some((streams.get(&conn)?.fd.as_fd(), ev))),
+        );
+        let Ok(revents) = sys::wait_events(&fds) else {
+            sys::exit_now(EXIT_SETUP)
+        };
+        for (&(conn, _), &r) in watched.iter().zip(&revents[1..]) {
+            let Some(s) = streams.get_mut(&conn).filter(|_| r != 0) else {
+                continue;
+            };
+            let ready = ready_bits(r) & s.watch;
+            let ready = if ready == 0 { s.watch } else { ready };
+            s.watch = 0;
+            reply(
+                channel,
+                Msg {
+                    offset: conn,
+                    arg: ready,
+                    ..Msg::new(Op::SockReady, 0)
+                },
+            );
+        }
+        if revents[0] != 0 {
+            let (m, fds) = next_request_with_fds(channel, window);
+            serve_stream_request(channel, window, &mut streams, m, fds, probe);
+        }
+    }
+}
+
+fn serve_stream_request(
+    channel: &OwnedFd,
+    window: &Window,
+    streams: &mut BTreeMap<u64, Stream>,
+    m: Msg,
+    fds: Vec<OwnedFd>,
+    probe: &mut Probe,
+) {
+    let conn = m.offset;
+    if m.op == Op::SockAdopt {
+        let Ok([fd]) = <[OwnedFd; 1]>::try_from(fds) else {
+            sys::exit_now(EXIT_PROTOCOL)
+        };
+        if streams.contains_key(&conn) || streams.len() >= MAX_STREAMS {
+            sys::exit_now(EXIT_PROTOCOL);
+        }
+        streams.insert(conn, Stream { fd, watch: 0 });
+        return reply(channel, Msg::done(m.id, 0));
+    }
+    let Some(stream) = streams.get_mut(&conn) else {
+        return reply(channel, Msg::done(m.id, libc::EBADF as u32));
+    };
+    let fd = stream.fd.as_fd();
+    let moved = |r: std::io::Result<usize>| match r {
+        Ok(n) => Msg {
+            len: n as u64,
+            ..Msg::done(m.id, 0)
+        },
+        Err(e) => Msg::done(m.id, errno(Err(e))),
+    };
+    let slice = || {
+        window
+            .slice(m.window, m.len)
+            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EINVAL))
+    };
+    let answer = match m.op {
+        Op::SockSend => moved(slice().and_then(|s| sys::write_from(fd, &s))),
+        Op::SockRecv => moved(slice().and_then(|s| sys::read_into(fd, &s))),
+        Op::SockShutdown => Msg::done(m.id, errno(sys::shutdown_write(fd))),
+        Op::SockWatch => {
+            stream.watch = m.arg;
+            Msg::done(m.id, 0)
+        }
+        Op::SockClose => {
+            streams.remove(&conn);
+            Msg::done(m.id, 0)
+        }
+        _ => sys::exit_now(EXIT_PROTOCOL),
+    };
+    reply(channel, answer);
+    if matches!(m.op, Op::SockSend | Op::SockRecv) {
+        probe.served();
+    }
+}
+
+fn poll_events(watch: u32) -> i16 {
+    let mut ev = 0;
+    if watch & SOCK_READABLE != 0 {
+        ev |= libc::POLLIN;
+    }
+    if watch & SOCK_WRITABLE != 0 {
+        ev |= libc::POLLOUT;
+    }
+    ev
+}
+
+/// What poll's `revents` mean for the monitor: a hang-up or an error is news for a reader and a
+/// writer alike (the next read or write says which).
+fn ready_bits(revents: i16) -> u32 {
+    let mut bits = 0;
+    if revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR | libc::POLLRDHUP) != 0 {
+        bits |= SOCK_READABLE;
+    }
+    if revents & (libc::POLLOUT | libc::POLLHUP | libc::POLLERR) != 0 {
+        bits |= SOCK_WRITABLE;
+    }
+    bits
 }

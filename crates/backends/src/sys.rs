@@ -490,15 +490,41 @@ pub fn wait_any(fds: &[Option<BorrowedFd<'_>>]) -> io::Result<Vec<bool>> {
             revents: 0,
         })
         .collect();
+    poll_forever(&mut p)?;
+    Ok(p.iter().map(|x| x.revents != 0).collect())
+}
+
+/// Waits (forever) until one of `fds` has one of the poll events asked with it (or hung up);
+/// the events each one has, in order.
+pub fn wait_events(fds: &[(BorrowedFd<'_>, i16)]) -> io::Result<Vec<i16>> {
+    let mut p: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&(f, events)| libc::pollfd {
+            fd: f.as_raw_fd(),
+            events,
+            revents: 0,
+        })
+        .collect();
+    poll_forever(&mut p)?;
+    Ok(p.iter().map(|x| x.revents).collect())
+}
+
+fn poll_forever(p: &mut [libc::pollfd]) -> io::Result<()> {
     loop {
         // SAFETY: `p` is a live array of `p.len()` pollfds.
         let r = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, -1) };
         if r >= 0 {
-            return Ok(p.iter().map(|x| x.revents != 0).collect());
+            return Ok(());
         }
         let e = io::Error::last_os_error();
         if e.kind() != io::ErrorKind::Interrupted {
             return Err(e);
         }
     }
+}
+
+/// `shutdown(SHUT_WR)`: the peer of stream `fd` reads its end.
+pub fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: shutdown(2) takes a descriptor and a constant.
+    check(unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) }).map(drop)
 }

@@ -189,6 +189,7 @@ pub(crate) fn vm_spec_from(
                     .map(|v| VsockConfig {
                         cid: v.cid,
                         socket: v.socket,
+                        isolation: isolation(v.backend),
                     }),
             }))
         }

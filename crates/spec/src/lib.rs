@@ -29,7 +29,9 @@ pub enum ConfigError {
         "bad --drive `{0}`: {1}; use path=FILE[,ro=on][,direct=on][,serial=NAME][,backend=process|inline] or just FILE"
     )]
     BadDrive(String, &'static str),
-    #[error("bad --vsock `{0}`: {1}; use cid=N,socket=PATH or just PATH (CID 3)")]
+    #[error(
+        "bad --vsock `{0}`: {1}; use cid=N,socket=PATH[,backend=process|inline] or just PATH (CID 3)"
+    )]
     BadVsock(String, &'static str),
     #[error("bad --net `{0}`: {1}; use tap=NAME[,mac=02:00:00:00:00:01] or just NAME")]
     BadNet(String, &'static str),
@@ -141,6 +143,9 @@ pub struct VsockSpec {
     #[serde(default = "default_cid")]
     pub cid: u64,
     pub socket: PathBuf,
+    /// Who holds the host streams.
+    #[serde(default)]
+    pub backend: Backend,
 }
 
 fn default_cid() -> u64 {
@@ -157,9 +162,10 @@ pub fn parse_vsock(s: &str) -> Result<VsockSpec, ConfigError> {
         return Ok(VsockSpec {
             cid: default_cid(),
             socket: s.into(),
+            backend: Backend::default(),
         });
     }
-    let (mut cid, mut socket) = (default_cid(), None);
+    let (mut cid, mut socket, mut backend) = (default_cid(), None, Backend::default());
     for part in s.split(',') {
         let (k, v) = part
             .split_once('=')
@@ -167,12 +173,17 @@ pub fn parse_vsock(s: &str) -> Result<VsockSpec, ConfigError> {
         match k {
             "cid" | "guest_cid" => cid = v.parse().map_err(|_| bad("cid must be a number"))?,
             "socket" | "path" | "uds_path" if !v.is_empty() => socket = Some(PathBuf::from(v)),
-            _ => return Err(bad("unknown option (known: cid, socket)")),
+            "backend" => {
+                backend =
+                    Backend::parse(v).ok_or_else(|| bad("backend takes process or inline"))?;
+            }
+            _ => return Err(bad("unknown option (known: cid, socket, backend)")),
         }
     }
     Ok(VsockSpec {
         cid,
         socket: socket.ok_or_else(|| bad("no socket=PATH"))?,
+        backend,
     })
 }
 
@@ -506,12 +517,18 @@ mod tests {
             parse_vsock("/run/v.sock").unwrap(),
             VsockSpec {
                 cid: 3,
-                socket: "/run/v.sock".into()
+                socket: "/run/v.sock".into(),
+                backend: Backend::Process,
             }
         );
         assert_eq!(parse_vsock("cid=7,socket=v").unwrap().cid, 7);
+        assert_eq!(
+            parse_vsock("socket=v,backend=inline").unwrap().backend,
+            Backend::Inline
+        );
         for (bad, why) in [
             ("cid=x,socket=v", "must be a number"),
+            ("socket=v,backend=thread", "backend takes process or inline"),
             ("cid=4", "no socket"),
             ("port=1,socket=v", "unknown option"),
         ] {

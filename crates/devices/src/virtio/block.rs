@@ -375,7 +375,7 @@ impl Block {
                     bulwark_backends::Kind::Block,
                     name,
                     flags,
-                    file.into(),
+                    Some(file.into()),
                     bulwark_backends::window::BLOCK_WINDOW,
                 )
                 .map_err(|e| fail(e.to_string()))?;

@@ -338,4 +338,10 @@ impl DeviceEvents {
     fn epoll(&self) -> &Epoll {
         &self.epoll
     }
+
+    /// Waits up to `timeout_ms` for watched descriptors, as a device's thread does (tests drive
+    /// a device with it).
+    pub fn wait(&self, timeout_ms: i32, ready: &mut [EpollEvent]) -> std::io::Result<usize> {
+        self.epoll.wait(timeout_ms, ready)
+    }
 }

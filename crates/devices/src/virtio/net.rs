@@ -220,7 +220,7 @@ impl Net {
                     bulwark_backends::Kind::Net,
                     device,
                     0,
-                    tap.into(),
+                    Some(tap.into()),
                     NET_WINDOW,
                 )
                 .map_err(|e| fail(e.to_string()))?;

@@ -609,6 +609,7 @@ pub fn virtio_vsock(data: &[u8]) {
     let cfg = VsockConfig {
         cid,
         socket: socket.clone(),
+        isolation: bulwark_devices::virtio::Isolation::Inline,
     };
     let dev = match Vsock::new(&cfg, events.clone()) {
         Ok(d) => d,

@@ -1,0 +1,350 @@
+//! virtio-vsock with its host streams in a back-end process (`backend=process`): a guest
+//! driver's rings in real memory, real unix sockets, a real launcher and back-end process, a
+//! real `kill -9`. Not a libtest harness: the launcher must be forked while the process has one
+//! thread, before any test thread exists.
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bulwark_backends::launcher::Launcher;
+use bulwark_devices::virtio::driver::SplitRing;
+use bulwark_devices::virtio::vsock::{HEADER_LEN, HOST_CID, Header, Vsock, VsockConfig, op};
+use bulwark_devices::virtio::{
+    DeviceEvents, Interrupt, InterruptLine, Isolation, VIRTIO_F_VERSION_1, VirtioDevice,
+};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::epoll::EpollEvent;
+
+const CID: u64 = 9;
+const RING: u16 = 256;
+const MEM: u64 = 8 << 20;
+const TX_AREA: u64 = 0x1_0000;
+const RX_AREA: u64 = 0x20_0000;
+const RX_BUF: u32 = 4096 + HEADER_LEN as u32;
+const WAIT: Duration = Duration::from_secs(10);
+
+struct NoLine;
+impl InterruptLine for NoLine {
+    fn trigger(&self) {}
+}
+
+struct Guest {
+    dev: Vsock,
+    events: DeviceEvents,
+    mem: GuestMemoryMmap,
+    rx: SplitRing,
+    tx: SplitRing,
+    posted: VecDeque<(u16, u64)>,
+    rx_seen: u16,
+    next_rx: u64,
+    next_tx: u64,
+    socket: PathBuf,
+}
+
+fn header(op: u16, src_port: u32, dst_port: u32, len: usize) -> Header {
+    Header {
+        src_cid: CID,
+        dst_cid: HOST_CID,
+        src_port,
+        dst_port,
+        len: len as u32,
+        kind: 1,
+        op,
+        buf_alloc: 1 << 20,
+        ..Header::default()
+    }
+}
+
+impl Guest {
+    fn new(dir: &Path) -> Self {
+        let socket = dir.join("v.sock");
+        let events = DeviceEvents::new().unwrap();
+        let cfg = VsockConfig {
+            cid: CID,
+            socket: socket.clone(),
+            isolation: Isolation::Process,
+        };
+        let mut dev = Vsock::new(&cfg, events.clone()).expect("a vsock device with a back-end");
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
+        let rx = SplitRing::new(0x1000, 0x2000, 0x3000, RING);
+        let tx = SplitRing::new(0x4000, 0x5000, 0x6000, RING);
+        let event = SplitRing::new(0x7000, 0x8000, 0x9000, RING);
+        let queues = vec![rx.queue(), tx.queue(), event.queue()];
+        dev.activate(
+            mem.clone(),
+            VIRTIO_F_VERSION_1,
+            queues,
+            Interrupt::new(Arc::new(NoLine)),
+        )
+        .unwrap();
+        let mut g = Self {
+            dev,
+            events,
+            mem,
+            rx,
+            tx,
+            posted: VecDeque::new(),
+            rx_seen: 0,
+            next_rx: RX_AREA,
+            next_tx: TX_AREA,
+            socket,
+        };
+        g.post_rx(64);
+        g
+    }
+
+    fn post_rx(&mut self, n: usize) {
+        for _ in 0..n {
+            if self.next_rx + u64::from(RX_BUF) > MEM {
+                self.next_rx = RX_AREA;
+            }
+            let at = self.next_rx;
+            self.next_rx += u64::from(RX_BUF);
+            let head = self.rx.push(&self.mem, &[(at, RX_BUF, true)]);
+            self.posted.push_back((head, at));
+        }
+        self.dev.process_queue(0);
+    }
+
+    fn send(&mut self, h: Header, payload: &[u8]) {
+        let len = (HEADER_LEN + payload.len()) as u64;
+        if self.next_tx + len > RX_AREA {
+            self.next_tx = TX_AREA;
+        }
+        let at = self.next_tx;
+        self.next_tx = (at + len + 15) & !15;
+        self.mem
+            .write_slice(&h.to_bytes(), GuestAddress(at))
+            .unwrap();
+        self.mem
+            .write_slice(payload, GuestAddress(at + HEADER_LEN as u64))
+            .unwrap();
+        self.tx.push(&self.mem, &[(at, len as u32, false)]);
+        self.dev.process_queue(1);
+    }
+
+    /// Runs the device on its ready descriptors (host streams, the back-end's channel) as its
+    /// thread would, for up to `ms`.
+    fn pump(&mut self, ms: i32) {
+        let mut ready = [EpollEvent::default(); 16];
+        let n = self.events.wait(ms, &mut ready).unwrap();
+        for ev in &ready[..n] {
+            self.dev.host_event(ev.data(), ev.event_set());
+        }
+    }
+
+    /// Packets placed in receive buffers since the last call (buffers are posted again).
+    fn received(&mut self) -> Vec<(Header, Vec<u8>)> {
+        let mut out = Vec::new();
+        let used = self.rx.used_idx(&self.mem);
+        while self.rx_seen != used {
+            self.rx_seen = self.rx_seen.wrapping_add(1);
+            let (_, at) = self.posted.pop_front().unwrap();
+            let mut raw = [0u8; HEADER_LEN];
+            self.mem.read_slice(&mut raw, GuestAddress(at)).unwrap();
+            let h = Header::parse(&raw);
+            let mut payload = vec![0u8; h.len as usize];
+            self.mem
+                .read_slice(&mut payload, GuestAddress(at + HEADER_LEN as u64))
+                .unwrap();
+            out.push((h, payload));
+        }
+        if !out.is_empty() {
+            self.post_rx(out.len());
+        }
+        out
+    }
+
+    /// Pumps until a packet with `op` arrives; what came with it and before it is returned too.
+    fn until(&mut self, op: u16) -> Vec<(Header, Vec<u8>)> {
+        let deadline = Instant::now() + WAIT;
+        let mut got = Vec::new();
+        loop {
+            got.extend(self.received());
+            if got.iter().any(|(h, _)| h.op == op) {
+                return got;
+            }
+            assert!(Instant::now() < deadline, "no packet with op {op}: {got:?}");
+            self.pump(50);
+        }
+    }
+
+    /// A host client connects for guest port `port` and the guest accepts: the client and the
+    /// host port.
+    fn host_connect(&mut self, port: u32) -> (UnixStream, u32) {
+        let mut client = UnixStream::connect(&self.socket).unwrap();
+        client.set_read_timeout(Some(WAIT)).unwrap();
+        client
+            .write_all(format!("CONNECT {port}\n").as_bytes())
+            .unwrap();
+        let req = self.until(op::REQUEST).pop().unwrap().0;
+        self.send(header(op::RESPONSE, port, req.src_port, 0), &[]);
+        self.pump(50);
+        let mut line = [0u8; 14];
+        client.read_exact(&mut line).unwrap();
+        assert_eq!(&line[..3], b"OK ", "{:?}", String::from_utf8_lossy(&line));
+        (client, req.src_port)
+    }
+
+    fn stats(&self) -> bulwark_devices::virtio::DeviceCounters {
+        self.dev.stats().snapshot()
+    }
+}
+
+/// The pid of the live `bw-vsock` child of `launcher`.
+fn backend_pid(launcher: i32) -> Option<i32> {
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...
+        let Some((comm, rest)) = stat.split_once(") ") else {
+            continue;
+        };
+        let ppid: i32 = rest.split(' ').nth(1)?.parse().ok()?;
+        if comm.ends_with("(bw-vsock") && ppid == launcher && !rest.starts_with('Z') {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+fn pattern(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+fn main() {
+    let launcher = Launcher::start()
+        .expect("the back-end launcher (forked while this test has one thread)")
+        .install();
+    let dir = std::env::temp_dir().join(format!("bulwark-vsock-backend-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut g = Guest::new(&dir);
+    let backend = backend_pid(launcher.pid()).expect("a bw-vsock process");
+    let maps = std::fs::read_to_string(format!("/proc/{backend}/maps")).unwrap();
+    assert!(
+        maps.contains("bulwark-window-vsock") && !maps.contains("bulwark-guest"),
+        "the back-end maps its window and no guest memory:\n{maps}"
+    );
+
+    // Host → guest and guest → host through the back-end, more than one window's worth.
+    let (mut client, host_port) = g.host_connect(52);
+    let to_guest = pattern(300 << 10, 1);
+    let writer = {
+        let mut c = client.try_clone().unwrap();
+        let data = to_guest.clone();
+        std::thread::spawn(move || c.write_all(&data).unwrap())
+    };
+    let mut got = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while got.len() < to_guest.len() {
+        for (h, p) in g.received() {
+            if h.op == op::RW {
+                got.extend(p);
+                // Tell the device the guest consumed it.
+                let mut u = header(op::CREDIT_UPDATE, 52, host_port, 0);
+                u.fwd_cnt = got.len() as u32;
+                g.send(u, &[]);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "host → guest stalled at {}",
+            got.len()
+        );
+        g.pump(20);
+    }
+    writer.join().unwrap();
+    assert!(
+        got == to_guest,
+        "host → guest bytes arrive intact and in order"
+    );
+    let to_host = pattern(200 << 10, 7);
+    for piece in to_host.chunks(32 << 10) {
+        g.send(header(op::RW, 52, host_port, piece.len()), piece);
+        g.pump(0);
+    }
+    let mut back = vec![0u8; to_host.len()];
+    let reader = std::thread::spawn(move || {
+        client.read_exact(&mut back).unwrap();
+        (client, back)
+    });
+    let deadline = Instant::now() + WAIT;
+    while !reader.is_finished() {
+        assert!(Instant::now() < deadline, "guest → host stalled");
+        g.pump(20);
+    }
+    let (mut client, back) = reader.join().unwrap();
+    assert!(
+        back == to_host,
+        "guest → host bytes arrive intact and in order"
+    );
+
+    // A guest connection to a host listener, then the host closes: the guest hears it.
+    let listener = UnixListener::bind(dir.join("v.sock_6000")).unwrap();
+    g.send(header(op::REQUEST, 7000, 6000, 0), &[]);
+    let resp = g.until(op::RESPONSE);
+    assert!(
+        resp.iter()
+            .any(|(h, _)| h.op == op::RESPONSE && h.dst_port == 7000)
+    );
+    let (mut peer, _) = listener.accept().unwrap();
+    peer.write_all(b"from the listener").unwrap();
+    drop(peer);
+    let packets = g.until(op::SHUTDOWN);
+    let data: Vec<u8> = packets
+        .iter()
+        .filter(|(h, _)| h.op == op::RW && h.dst_port == 7000)
+        .flat_map(|(_, p)| p.clone())
+        .collect();
+    assert_eq!(data, b"from the listener");
+
+    // kill -9 the back-end: the connection it held is reset for the guest and closed for the
+    // host client; a new back-end serves the next connection.
+    assert_eq!(g.stats().restarts, 0);
+    assert_eq!(unsafe_free_kill(backend), 0, "kill -9 the back-end");
+    let reset = g.until(op::RST);
+    assert!(
+        reset
+            .iter()
+            .any(|(h, _)| h.op == op::RST && h.dst_port == 52 && h.src_port == host_port),
+        "the guest hears its connection is gone: {reset:?}"
+    );
+    let mut rest = Vec::new();
+    let _ = client.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "the host client sees its stream end");
+    let (mut client, host_port) = g.host_connect(53);
+    client.write_all(b"after the restart").unwrap();
+    let packets = g.until(op::RW);
+    assert!(
+        packets
+            .iter()
+            .any(|(h, p)| h.src_port == host_port && p == b"after the restart")
+    );
+    let s = g.stats();
+    assert_eq!(s.restarts, 1, "{s}");
+    let again = backend_pid(launcher.pid()).expect("a new bw-vsock process");
+    assert_ne!(again, backend);
+    assert_eq!(g.dev.usage().connections, 1);
+    println!("vsock back-end: data both ways, host close, kill -9 and restart: ok ({s})");
+    drop(g);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `kill -9 pid` through the kill command (the test stays free of unsafe code).
+fn unsafe_free_kill(pid: i32) -> i32 {
+    std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .map_or(-1, |s| s.code().unwrap_or(-1))
+}
