@@ -100,6 +100,9 @@ pub(crate) fn start_backends(spec: &VmSpec) -> anyhow::Result<()> {
         VmSpec::Linux(c) => {
             c.drives.iter().any(|d| d.isolation == Isolation::Process)
                 || c.nets.iter().any(|n| n.isolation == Isolation::Process)
+                || c.vsock
+                    .as_ref()
+                    .is_some_and(|v| v.isolation == Isolation::Process)
         }
     };
     if needed {

@@ -139,7 +139,8 @@ pub(crate) struct RunArgs {
     /// `bulwark image build --rootfs`. The initramfs loads the modules, then switches to it.
     #[arg(long, value_parser = crate::config::parse_drive)]
     pub(crate) root: Option<crate::config::DriveSpec>,
-    /// A virtio-vsock device for a Linux guest: PATH or cid=N,socket=PATH (CID 3 by default).
+    /// A virtio-vsock device for a Linux guest: PATH or cid=N,socket=PATH (CID 3 by default);
+    /// backend=inline keeps its host streams in the monitor instead of a back-end process.
     /// Host programs connect to PATH and write `CONNECT <port>\n`; guest connections to CID 2
     /// port P reach a unix socket listening at PATH_P.
     #[arg(long, value_parser = crate::config::parse_vsock)]

@@ -1,9 +1,10 @@
 //! Device back-ends under a stock Debian guest (one nested-rig boot, real kvm_amd on QEMU's
 //! emulated SVM; "host" is the rig's L1): the block and network back-ends are killed
 //! (SIGKILL) every few hundred milliseconds while the guest writes and fsyncs its disk or
-//! streams TCP, and the guest carries on with every byte intact; while disk and network I/O
-//! run, no back-end's address space holds a secret the guest keeps in its memory, while the
-//! monitor's does.
+//! streams TCP, and the guest carries on with every byte intact; the vsock back-end breaks its
+//! seccomp policy and is later killed, and the guest agent keeps answering; while disk, network
+//! and vsock I/O run, no back-end's address space holds a secret the guest keeps in its memory,
+//! while the monitor's does.
 
 mod common;
 
@@ -77,7 +78,7 @@ fn script() -> String {
     // the monitor once (the control) and every back-end and the launcher again and again.
     let secrecy = format!(
         "timeout 600 /tmp/vsock_echo tcp-serve 5001 > /dev/null & L=$!; \
-         {B} --stats --drive /tmp/sd.img --net tap=bwtap1,backend=process -- sh -c 'S=secret-$(head -c 16 /dev/urandom | od -An -tx1 | tr -dc 0-9a-f); \
+         {B} --stats --drive /tmp/sd.img --net tap=bwtap1,backend=process --vsock /tmp/sv.sock -- sh -c 'S=secret-$(head -c 16 /dev/urandom | od -An -tx1 | tr -dc 0-9a-f); \
            echo $S > /tmp/secret; echo guest-secret $S; echo io-start; \
            (dd if=/dev/urandom of=/dev/vda bs=1M count=48 conv=fsync 2>/dev/null; echo dd-done) & \
            {}; wait; echo io-done; cat /tmp/secret' > /tmp/sec.log 2> /tmp/sec.err & V=$!; \
@@ -85,11 +86,29 @@ fn script() -> String {
          i=0; while ! grep -q io-start /tmp/sec.log && [ $i -lt 900 ]; do i=$((i+1)); sleep 0.2; done; \
          S=$(sed -n 's/^guest-secret //p' /tmp/sec.log | tr -d '\\r'); echo needle-length=${{#S}}; \
          for p in $(pids_of bulwark); do /tmp/memscan $p $S; done; \
+         (n=0; while ! grep -q io-done /tmp/sec.log && [ $n -lt 30 ]; do \
+           bulwark exec --vsock /tmp/sv.sock -- seq 1 20000 > /dev/null 2>&1 && n=$((n+1)); done; echo vsock-execs=$n) & X=$!; \
          scans=0; while ! grep -q io-done /tmp/sec.log && [ $scans -lt 40 ]; do \
-           for c in bw-blk0 bw-net0 bw-launcher; do for p in $(pids_of $c); do /tmp/memscan $p $S; done; done; \
+           for c in bw-blk0 bw-net0 bw-vsock bw-launcher; do for p in $(pids_of $c); do /tmp/memscan $p $S; done; done; \
            scans=$((scans+1)); done; echo scans=$scans; \
-         wait $V; echo vm=$?; wait $L; echo host-recv=$?; cat /tmp/sec.log /tmp/sec.err",
+         wait $V; echo vm=$?; wait $X; wait $L; echo host-recv=$?; cat /tmp/sec.log /tmp/sec.err",
         guest_stream(24)
+    );
+    // vsock: the back-end breaks its seccomp policy after 20 requests (a debug-build hook), and
+    // later the host kills it while an exec holds a connection; the agent answers throughout.
+    let vsock = format!(
+        "BULWARK_BACKEND_PROBE=vsock:101 {B} --stats --vsock /tmp/r.sock -- sleep 600 > /tmp/vr.log 2>&1 & V=$!; \
+         i=0; while [ $i -lt 300 ] && ! bulwark exec --vsock /tmp/r.sock -- true 2>/dev/null; do i=$((i+1)); sleep 0.2; done; \
+         echo backends=$(pids_of bw-vsock | wc -w); \
+         ok=0; i=0; while [ $i -lt 12 ]; do bulwark exec --vsock /tmp/r.sock -- echo x$i > /dev/null 2>&1 && ok=$((ok+1)); i=$((i+1)); done; \
+         echo execs-ok=$ok; \
+         echo big $(bulwark exec --vsock /tmp/r.sock -- seq 1 200000 | sha256sum); echo want $(seq 1 200000 | sha256sum); \
+         bulwark exec --vsock /tmp/r.sock -- sleep 60 > /dev/null 2>&1 & E=$!; sleep 3; \
+         for p in $(pids_of bw-vsock); do kill -9 $p; done; \
+         wait $E; echo held-exec=$?; \
+         echo after $(bulwark exec --vsock /tmp/r.sock -- echo after-kill); \
+         echo backends-after=$(pids_of bw-vsock | wc -w); \
+         bulwark exec --vsock /tmp/r.sock -- poweroff -f; wait $V; echo vm=$?; cat /tmp/vr.log"
     );
     let mut s = String::from(HELPERS);
     s.push_str(&format!(
@@ -102,6 +121,7 @@ fn script() -> String {
         ("blk_restart", blk),
         ("net_restart", "unshare -n sh /tmp/net.sh".to_string()),
         ("secrecy", "unshare -n sh /tmp/secrecy.sh".to_string()),
+        ("vsock_restart", vsock),
     ] {
         s.push_str(&format!("section {name}\n{cmd} 2>&1\necho \"status=$?\"\n"));
     }
@@ -203,7 +223,11 @@ fn no_backend_holds_a_secret_of_the_guest_while_the_monitor_does() {
             .filter(|l| l.contains(&format!("comm={comm} ")))
             .collect()
     };
-    for comm in ["bw-blk0", "bw-net0", "bw-launcher"] {
+    assert!(
+        value(&out, "vsock-execs=").parse::<u32>().unwrap() >= 1,
+        "vsock traffic ran during the scans: {out}"
+    );
+    for comm in ["bw-blk0", "bw-net0", "bw-vsock", "bw-launcher"] {
         let lines = of(comm);
         assert!(
             lines.len() >= 2,
@@ -223,4 +247,32 @@ fn no_backend_holds_a_secret_of_the_guest_while_the_monitor_does() {
         of("bulwark").iter().any(|l| l.ends_with(" found")),
         "the scan does not find the secret in the monitor: {out}"
     );
+}
+
+#[test]
+fn the_vsock_backend_is_restarted_after_a_violation_and_a_kill_and_the_agent_answers() {
+    let (out, status) = section_status(rig_run(), "vsock_restart");
+    assert_eq!(status, 0, "{out}");
+    assert_eq!(value(&out, "backends="), "1", "a bw-vsock process: {out}");
+    // The exec during which the back-end broke its policy may fail; the others answer.
+    let ok: u32 = value(&out, "execs-ok=").parse().unwrap();
+    assert!(ok >= 10, "only {ok} of 12 execs answered: {out}");
+    assert_eq!(value(&out, "big "), value(&out, "want "), "{out}");
+    assert!(
+        out.contains(
+            "seccomp: the vsock back-end thread made the forbidden system call 101 (ptrace"
+        ),
+        "the violation is reported with its system call: {out}"
+    );
+    assert!(out.contains("stopped by its seccomp policy"), "{out}");
+    assert_ne!(
+        value(&out, "held-exec="),
+        "0",
+        "a connection the killed back-end held is reset: {out}"
+    );
+    assert_eq!(value(&out, "after "), "after-kill", "{out}");
+    assert_eq!(value(&out, "backends-after="), "1", "{out}");
+    assert_eq!(value(&out, "vm="), "0", "the guest never rebooted: {out}");
+    assert_eq!(device_counter(&out, "vsock", "violations"), 1, "{out}");
+    assert_eq!(device_counter(&out, "vsock", "restarts"), 2, "{out}");
 }

@@ -336,7 +336,36 @@ fn main() {
     let again = backend_pid(launcher.pid()).expect("a new bw-vsock process");
     assert_ne!(again, backend);
     assert_eq!(g.dev.usage().connections, 1);
-    println!("vsock back-end: data both ways, host close, kill -9 and restart: ok ({s})");
+
+    // Killed again, and this time the device finds out from a request (the guest's data for
+    // the open connection), not from the channel: the new back-end started for the next
+    // client must still be heard.
+    assert_eq!(unsafe_free_kill(again), 0);
+    let deadline = Instant::now() + WAIT;
+    while backend_pid(launcher.pid()) == Some(again) {
+        assert!(Instant::now() < deadline, "the back-end did not die");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    g.send(header(op::RW, 53, host_port, 5), b"lost?");
+    let reset = g.received();
+    assert!(
+        reset
+            .iter()
+            .any(|(h, _)| h.op == op::RST && h.src_port == host_port),
+        "the request found the back-end dead and reset the connection: {reset:?}"
+    );
+    drop(client);
+    let (mut client, host_port) = g.host_connect(54);
+    client.write_all(b"third back-end").unwrap();
+    let packets = g.until(op::RW);
+    assert!(
+        packets
+            .iter()
+            .any(|(h, p)| h.src_port == host_port && p == b"third back-end")
+    );
+    let s = g.stats();
+    assert_eq!(s.restarts, 2, "{s}");
+    println!("vsock back-end: data both ways, host close, two kills and restarts: ok ({s})");
     drop(g);
     let _ = std::fs::remove_dir_all(&dir);
 }

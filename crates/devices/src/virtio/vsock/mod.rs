@@ -1030,7 +1030,7 @@ impl VirtioDevice for Vsock {
                 }
             }
         }
-        self.deliver();
+        self.after_host_work();
     }
 
     fn reset(&mut self) {
@@ -1050,6 +1050,7 @@ impl VirtioDevice for Vsock {
                 .events
                 .add(self.listener.as_raw_fd(), LISTENER_TOKEN, EventSet::IN);
         }
+        self.host.sync_channel();
     }
 
     fn host_event(&mut self, token: u64, events: EventSet) {
@@ -1065,14 +1066,21 @@ impl VirtioDevice for Vsock {
         } else {
             self.stream_event(token, events);
         }
-        self.stats.copy_backend(self.host.backend_stats());
-        if self.is_active() {
-            self.deliver();
-        }
+        self.after_host_work();
     }
 }
 
 impl Vsock {
+    /// What every entry point ends with: guest buffers filled, and the back-end's channel (a
+    /// new one if the back-end was restarted during this call) watched.
+    fn after_host_work(&mut self) {
+        if self.is_active() {
+            self.deliver();
+        }
+        self.host.sync_channel();
+        self.stats.copy_backend(self.host.backend_stats());
+    }
+
     /// Host stream `token` is ready as `events` says.
     fn stream_event(&mut self, token: u64, events: EventSet) {
         match self.tokens.get(&token) {
