@@ -365,6 +365,39 @@ fn main() {
     );
     let s = g.stats();
     assert_eq!(s.restarts, 2, "{s}");
+
+    // News that arrives while the device waits for a reply: the host writes while the stream
+    // is watched (the back-end says so at once), then the guest's data makes the device call
+    // the back-end, whose answer comes after that news. Nothing else will wake the device.
+    client.write_all(b"racing").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    g.send(header(op::RW, 54, host_port, 4), b"ping");
+    let packets = g.until(op::RW);
+    assert!(
+        packets
+            .iter()
+            .any(|(h, p)| h.src_port == host_port && p == b"racing"),
+        "{packets:?}"
+    );
+    let mut ping = [0u8; 4];
+    client.read_exact(&mut ping).unwrap();
+    assert_eq!(&ping, b"ping");
+
+    // A client's CONNECT line reported while the device waits for another reply (closing the
+    // stream of a connection the guest reset): the handshake still goes on.
+    let mut late = UnixStream::connect(&g.socket).unwrap();
+    late.set_read_timeout(Some(WAIT)).unwrap();
+    late.write_all(b"CONNECT 55\n").unwrap();
+    g.pump(50); // accepted, handed over, watched; the back-end reports the line at once
+    std::thread::sleep(Duration::from_millis(100));
+    g.send(header(op::RST, 54, host_port, 0), &[]);
+    let req = g.until(op::REQUEST);
+    assert!(
+        req.iter()
+            .any(|(h, _)| h.op == op::REQUEST && h.dst_port == 55),
+        "{req:?}"
+    );
+    let s = g.stats();
     println!("vsock back-end: data both ways, host close, two kills and restarts: ok ({s})");
     drop(g);
     let _ = std::fs::remove_dir_all(&dir);

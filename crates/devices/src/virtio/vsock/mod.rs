@@ -210,6 +210,10 @@ struct Conn {
     guest_closed: bool,
     /// The guest will send no more: shut the host stream's write side once flushed.
     guest_send_done: bool,
+    /// The host stream had nothing to read at the last try: it is read again only once it is
+    /// reported readable (with a back-end every read is a round trip, and the device tries
+    /// every connection whenever it fills receive buffers).
+    host_quiet: bool,
 }
 
 impl Conn {
@@ -228,6 +232,7 @@ impl Conn {
             shutdown_sent: false,
             guest_closed: false,
             guest_send_done: false,
+            host_quiet: false,
         }
     }
 
@@ -698,7 +703,7 @@ impl Vsock {
         let Some(c) = self.conns.get_mut(&key) else {
             return;
         };
-        if !c.established || c.host_eof || !c.from_host.is_empty() {
+        if !c.established || c.host_eof || c.host_quiet || !c.from_host.is_empty() {
             return;
         }
         let want = c.credit().min(MAX_PAYLOAD) as usize;
@@ -720,6 +725,7 @@ impl Vsock {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     c.from_host.clear();
+                    c.host_quiet = true;
                     break;
                 }
                 Err(_) => {
@@ -1056,24 +1062,33 @@ impl VirtioDevice for Vsock {
     fn host_event(&mut self, token: u64, events: EventSet) {
         if token == LISTENER_TOKEN {
             self.accept_host_clients();
-        } else if self.host.is_channel(token) {
-            for news in self.host.news() {
-                match news {
-                    News::Ready(t, ev) => self.stream_event(t, ev),
-                    News::Lost(t) => self.stream_lost(t),
-                }
-            }
-        } else {
+        } else if !self.host.is_channel(token) {
             self.stream_event(token, events);
         }
+        // The back-end's news (its channel is readable) is read below.
         self.after_host_work();
     }
 }
 
 impl Vsock {
-    /// What every entry point ends with: guest buffers filled, and the back-end's channel (a
-    /// new one if the back-end was restarted during this call) watched.
+    /// What every entry point ends with: the back-end's news acted on, guest buffers filled,
+    /// and the back-end's channel (a new one if the back-end was restarted during this call)
+    /// watched. News a back-end sent while this thread waited for a reply was read off the
+    /// channel then, and no event would announce it again: it is taken here, until there is
+    /// none (each piece spends a watch, so this ends).
     fn after_host_work(&mut self) {
+        loop {
+            let news = self.host.news();
+            if news.is_empty() {
+                break;
+            }
+            for n in news {
+                match n {
+                    News::Ready(t, ev) => self.stream_event(t, ev),
+                    News::Lost(t) => self.stream_lost(t),
+                }
+            }
+        }
         if self.is_active() {
             self.deliver();
         }
@@ -1092,10 +1107,9 @@ impl Vsock {
                 }
                 if events.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR)
                     && let Some(c) = self.conns.get_mut(&key)
-                    && c.established
-                    && c.from_host.is_empty()
                 {
-                    // Read now; delivery places it in guest buffers.
+                    // Read now (if the guest has room); delivery places it in guest buffers.
+                    c.host_quiet = false;
                     self.read_host(key);
                 }
                 self.sync_interest(key);
