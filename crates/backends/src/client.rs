@@ -245,8 +245,9 @@ impl BackEnd {
                 op != Op::RxPost && (m.len == 0 || Msg::new(op, 0).counts_bytes())
             }
             (Op::Received, Some(Op::RxPost)) => true,
-            // Unasked news of a stream; the vsock client checks it was watched.
-            (Op::SockReady, None) => return Ok(Some(m)),
+            // Unasked news of a stream, from a vsock back-end only; its client checks that the
+            // stream was watched.
+            (Op::SockReady, None) if self.what.kind == Kind::Vsock => return Ok(Some(m)),
             _ => false,
         };
         if !fits {

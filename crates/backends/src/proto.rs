@@ -64,6 +64,9 @@ pub enum Op {
     SockSend = 11,
     /// Read what stream `offset` has, up to `len` bytes, into the window at `window`; the
     /// reply's `len` says how many (0 with no errno: the peer closed; `EAGAIN`: nothing yet).
+    /// With `arg` [`SOCK_READABLE`], a read that found the stream empty (`EAGAIN`, or fewer
+    /// bytes than asked) also watches it for readability, as [`Op::SockWatch`] would, keeping
+    /// what it was watched for besides.
     SockRecv = 12,
     /// Shut stream `offset` for writing (the guest will send no more).
     SockShutdown = 13,
@@ -244,7 +247,8 @@ impl Msg {
             Op::SockAdopt | Op::SockShutdown | Op::SockClose => {
                 m.offset != 0 && m.window == 0 && m.len == 0 && m.arg == 0
             }
-            Op::SockSend | Op::SockRecv => m.offset != 0 && m.len > 0 && m.arg == 0,
+            Op::SockSend => m.offset != 0 && m.len > 0 && m.arg == 0,
+            Op::SockRecv => m.offset != 0 && m.len > 0 && m.arg & !SOCK_READABLE == 0,
             Op::SockWatch => {
                 m.offset != 0 && m.window == 0 && m.len == 0 && m.arg & !SOCK_EVENTS == 0
             }
@@ -310,6 +314,16 @@ impl Msg {
             self.op,
             Op::Read | Op::Write | Op::Transmit | Op::RxPost | Op::SockSend | Op::SockRecv
         )
+    }
+
+    /// Whether a [`Op::SockRecv`] of `asked` bytes with [`SOCK_READABLE`] that ended as
+    /// `result` left its stream watched for readability: it found the stream empty (and not at
+    /// its end).
+    pub fn recv_armed(asked: u64, result: &std::io::Result<usize>) -> bool {
+        match result {
+            Ok(n) => *n > 0 && (*n as u64) < asked,
+            Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+        }
     }
 
     /// Whether a reply to this request may carry a byte count (at most the request's `len`).
@@ -449,6 +463,18 @@ mod tests {
         };
         assert_eq!(Msg::decode(&done.encode()), Ok(done));
         assert!(!Msg::new(Op::Write, 0).counts_bytes());
+        // A read may ask to be watched afterwards; only a read that found the stream empty is.
+        let recv = Msg {
+            op: Op::SockRecv,
+            arg: SOCK_READABLE,
+            ..send
+        };
+        assert_eq!(Msg::decode(&recv.encode()), Ok(recv));
+        let eagain = Err(std::io::Error::from_raw_os_error(libc::EAGAIN));
+        assert!(Msg::recv_armed(4096, &Ok(100)) && Msg::recv_armed(4096, &eagain));
+        assert!(!Msg::recv_armed(4096, &Ok(4096)), "a full read: more may be there");
+        assert!(!Msg::recv_armed(4096, &Ok(0)), "the stream's end");
+        assert!(!Msg::recv_armed(4096, &Err(std::io::Error::other("reset"))));
     }
 
     #[test]

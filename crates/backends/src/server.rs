@@ -308,7 +308,13 @@ fn serve_stream_request(
     };
     let answer = match m.op {
         Op::SockSend => moved(slice().and_then(|s| sys::write_from(fd, &s))),
-        Op::SockRecv => moved(slice().and_then(|s| sys::read_into(fd, &s))),
+        Op::SockRecv => {
+            let r = slice().and_then(|s| sys::read_into(fd, &s));
+            if m.arg & SOCK_READABLE != 0 && Msg::recv_armed(m.len, &r) {
+                stream.watch |= SOCK_READABLE;
+            }
+            moved(r)
+        }
         Op::SockShutdown => Msg::done(m.id, errno(sys::shutdown_write(fd))),
         Op::SockWatch => {
             stream.watch = m.arg;

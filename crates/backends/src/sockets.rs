@@ -207,19 +207,26 @@ impl RemoteSockets {
     }
 
     /// Reads what stream `conn` has into `buf` (at most [`SOCK_WINDOW`] bytes); 0: the peer
-    /// closed. `WouldBlock`: nothing yet.
+    /// closed. `WouldBlock`: nothing yet. A read that finds the stream empty leaves it watched
+    /// for readability ([`Msg::recv_armed`]: the caller can tell from the result).
     pub fn recv(&mut self, conn: u64, buf: &mut [u8]) -> std::io::Result<usize> {
         let len = buf.len().min(SOCK_WINDOW as usize);
         if len == 0 {
             return Ok(0);
         }
-        let reply = self.call_open(Msg {
-            offset: conn,
-            window: 0,
-            len: len as u64,
-            ..Msg::new(Op::SockRecv, 0)
-        })?;
-        let n = reply.len as usize;
+        let r = self
+            .call_open(Msg {
+                offset: conn,
+                window: 0,
+                len: len as u64,
+                arg: SOCK_READABLE,
+                ..Msg::new(Op::SockRecv, 0)
+            })
+            .map(|reply| reply.len as usize);
+        if Msg::recv_armed(len as u64, &r) {
+            *self.armed.entry(conn).or_default() += 1;
+        }
+        let n = r?;
         if let Some(slot) = self.backend.window().slice(0, n as u64) {
             slot.copy_to(&mut buf[..n]);
         }

@@ -9,7 +9,8 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
 use bulwark_backends::client::BackEndStats;
-use bulwark_backends::sockets::{RemoteSockets, SockEvent};
+use bulwark_backends::proto::Msg;
+use bulwark_backends::sockets::{RemoteSockets, SOCK_WINDOW, SockEvent};
 use vmm_sys_util::epoll::EventSet;
 
 use super::super::DeviceEvents;
@@ -95,7 +96,17 @@ impl HostStreams {
     pub(super) fn read(&mut self, token: u64, buf: &mut [u8]) -> io::Result<usize> {
         match &mut self.held {
             Held::Inline(streams) => streams.get_mut(&token).ok_or_else(gone)?.read(buf),
-            Held::Process { remote, .. } => remote.recv(token, buf),
+            Held::Process { remote, .. } => {
+                let asked = buf.len().min(SOCK_WINDOW as usize) as u64;
+                let r = remote.recv(token, buf);
+                if Msg::recv_armed(asked, &r) {
+                    // The back-end watches it for readability now (and for what it watched
+                    // it for besides).
+                    let now = self.interest.entry(token).or_insert(EventSet::empty());
+                    *now |= EventSet::IN;
+                }
+                r
+            }
         }
     }
 

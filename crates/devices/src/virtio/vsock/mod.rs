@@ -244,7 +244,9 @@ impl Conn {
 
     fn wanted_interest(&self) -> EventSet {
         let mut e = EventSet::empty();
-        if self.established && !self.host_eof && self.from_host.is_empty() && self.credit() > 0 {
+        // Readiness is news only for a stream that came up empty at the last read; any other
+        // is read again whenever the device fills receive buffers.
+        if self.established && !self.host_eof && self.host_quiet && self.credit() > 0 {
             e |= EventSet::IN;
         }
         if !self.to_host.is_empty() {
@@ -719,7 +721,10 @@ impl Vsock {
                     break;
                 }
                 Ok(n) => {
+                    // A stream read returns what is there, up to the size asked: a short read
+                    // emptied it.
                     c.from_host.truncate(n);
+                    c.host_quiet = n < want;
                     break;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
