@@ -472,7 +472,10 @@ mod tests {
         assert_eq!(Msg::decode(&recv.encode()), Ok(recv));
         let eagain = Err(std::io::Error::from_raw_os_error(libc::EAGAIN));
         assert!(Msg::recv_armed(4096, &Ok(100)) && Msg::recv_armed(4096, &eagain));
-        assert!(!Msg::recv_armed(4096, &Ok(4096)), "a full read: more may be there");
+        assert!(
+            !Msg::recv_armed(4096, &Ok(4096)),
+            "a full read: more may be there"
+        );
         assert!(!Msg::recv_armed(4096, &Ok(0)), "the stream's end");
         assert!(!Msg::recv_armed(4096, &Err(std::io::Error::other("reset"))));
     }

@@ -398,7 +398,16 @@ fn main() {
         "{req:?}"
     );
     let s = g.stats();
-    println!("vsock back-end: data both ways, host close, two kills and restarts: ok ({s})");
+    let rss = backend_pid(launcher.pid())
+        .and_then(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .and_then(|st| {
+            st.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().to_string()))
+        })
+        .unwrap_or_default();
+    println!(
+        "vsock back-end: data both ways, host close, two kills and restarts: ok ({s}; back-end RSS {rss})"
+    );
     drop(g);
     let _ = std::fs::remove_dir_all(&dir);
 }
