@@ -113,6 +113,23 @@ impl BackEnd {
         Ok(b)
     }
 
+    /// [`Self::start`] through the process's launcher ([`Launcher::global`]), which a monitor
+    /// installs before it builds its VM.
+    pub fn start_here(
+        kind: Kind,
+        name: &str,
+        flags: u16,
+        resource: Option<OwnedFd>,
+        window: u64,
+    ) -> std::io::Result<Self> {
+        let launcher = Launcher::global().ok_or_else(|| {
+            std::io::Error::other(
+                "this process has no back-end launcher (it starts before the VM is built)",
+            )
+        })?;
+        Self::start(launcher, kind, name, flags, resource, window)
+    }
+
     pub fn stats(&self) -> &BackEndStats {
         &self.stats
     }

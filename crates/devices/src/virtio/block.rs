@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use bulwark_backends::client::{BackEnd, BackEndStats, RemoteDisk};
 use bulwark_backends::disk::{Disk, Punch};
-use bulwark_backends::launcher::{self, Launcher};
+use bulwark_backends::launcher;
 use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
@@ -362,23 +362,15 @@ impl Block {
         let storage = match cfg.isolation {
             Isolation::Inline => Storage::Inline(Disk::new(file, cfg.direct)),
             Isolation::Process => {
-                let fail = |why: String| DriveError::BackEnd(cfg.path.clone(), why);
-                let launcher = Launcher::global().ok_or_else(|| {
-                    fail(
-                        "this process has no back-end launcher (it starts before the VM is built)"
-                            .into(),
-                    )
-                })?;
                 let flags = if cfg.direct { launcher::FLAG_DIRECT } else { 0 };
-                let backend = BackEnd::start(
-                    launcher,
+                let backend = BackEnd::start_here(
                     bulwark_backends::Kind::Block,
                     name,
                     flags,
                     Some(file.into()),
                     bulwark_backends::window::BLOCK_WINDOW,
                 )
-                .map_err(|e| fail(e.to_string()))?;
+                .map_err(|e| DriveError::BackEnd(cfg.path.clone(), e.to_string()))?;
                 Storage::Process(RemoteDisk::new(backend))
             }
         };

@@ -23,7 +23,6 @@ use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::Arc;
 
 use bulwark_backends::client::{BackEnd, BackEndStats, NET_WINDOW, RemoteTap};
-use bulwark_backends::launcher::Launcher;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
@@ -205,25 +204,17 @@ impl Net {
         let port = match cfg.isolation {
             Isolation::Inline => Port::Inline(tap),
             Isolation::Process => {
-                let fail = |why: String| NetError::BackEnd {
-                    name: name.clone(),
-                    why,
-                };
-                let launcher = Launcher::global().ok_or_else(|| {
-                    fail(
-                        "this process has no back-end launcher (it starts before the VM is built)"
-                            .into(),
-                    )
-                })?;
-                let backend = BackEnd::start(
-                    launcher,
+                let backend = BackEnd::start_here(
                     bulwark_backends::Kind::Net,
                     device,
                     0,
                     Some(tap.into()),
                     NET_WINDOW,
                 )
-                .map_err(|e| fail(e.to_string()))?;
+                .map_err(|e| NetError::BackEnd {
+                    name: name.clone(),
+                    why: e.to_string(),
+                })?;
                 Port::Process(Box::new(RemoteTap::new(backend)))
             }
         };

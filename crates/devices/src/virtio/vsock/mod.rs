@@ -39,7 +39,6 @@ use super::{
     interrupt_if_wanted, serve_device_queue,
 };
 use bulwark_backends::client::BackEnd;
-use bulwark_backends::launcher::Launcher;
 use bulwark_backends::sockets::{RemoteSockets, SOCK_WINDOW};
 use host::{HostStreams, News};
 
@@ -336,25 +335,17 @@ impl Vsock {
         let host = match cfg.isolation {
             Isolation::Inline => HostStreams::inline(events.clone()),
             Isolation::Process => {
-                let failed = |why: String| {
-                    let _ = std::fs::remove_file(&cfg.socket);
-                    VsockError::BackEnd(why)
-                };
-                let launcher = Launcher::global().ok_or_else(|| {
-                    failed(
-                        "this process has no back-end launcher (it starts before the VM is built)"
-                            .into(),
-                    )
-                })?;
-                let backend = BackEnd::start(
-                    launcher,
+                let backend = BackEnd::start_here(
                     bulwark_backends::Kind::Vsock,
                     "vsock",
                     0,
                     None,
                     SOCK_WINDOW,
                 )
-                .map_err(|e| failed(e.to_string()))?;
+                .map_err(|e| {
+                    let _ = std::fs::remove_file(&cfg.socket);
+                    VsockError::BackEnd(e.to_string())
+                })?;
                 HostStreams::process(RemoteSockets::new(backend), events.clone(), CHANNEL_TOKEN)
             }
         };
