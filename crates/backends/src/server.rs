@@ -168,11 +168,14 @@ fn serve_block(channel: &OwnedFd, window: &Window, disk: &Disk, probe: &mut Prob
 fn serve_net(channel: &OwnedFd, window: &Window, tap: &OwnedFd, probe: &mut Probe) -> ! {
     let mut slots: VecDeque<(u64, u64, u64)> = VecDeque::new();
     loop {
-        let watch_tap = (!slots.is_empty()).then(|| tap.as_fd());
-        let Ok(ready) = sys::wait_any(&[Some(channel.as_fd()), watch_tap]) else {
+        let mut fds = vec![(channel.as_fd(), libc::POLLIN)];
+        if !slots.is_empty() {
+            fds.push((tap.as_fd(), libc::POLLIN));
+        }
+        let Ok(ready) = sys::wait_events(&fds) else {
             sys::exit_now(EXIT_SETUP)
         };
-        if ready[0] {
+        if ready[0] != 0 {
             let m = next_request(channel, window);
             match m.op {
                 Op::Transmit => {
@@ -192,7 +195,7 @@ fn serve_net(channel: &OwnedFd, window: &Window, tap: &OwnedFd, probe: &mut Prob
                 _ => sys::exit_now(EXIT_PROTOCOL),
             }
         }
-        if ready.get(1).copied().unwrap_or(false)
+        if ready.get(1).is_some_and(|&r| r != 0)
             && let Some(&(id, at, len)) = slots.front()
         {
             let Some(slot) = window.slice(at, len) else {
@@ -234,27 +237,35 @@ struct Stream {
 fn serve_vsock(channel: &OwnedFd, window: &Window, probe: &mut Probe) -> ! {
     let mut streams: BTreeMap<u64, Stream> = BTreeMap::new();
     loop {
-        let watched: Vec<(u64, i16)> = streams
-            .iter()
-            .filter(|(_, s)| s.watch != 0)
-            .map(|(&conn, s)| (conn, poll_events(s.watch)))
-            .collect();
-        let mut fds = vec![(channel.as_fd(), libc::POLLIN)];
-        fds.extend(
-            watched
-                .iter()
-                .filter_map(|&(conn, ev)| Some((streams.get(&conn)?.fd.as_fd(), ev))),
-        );
-        let Ok(revents) = sys::wait_events(&fds) else {
-            sys::exit_now(EXIT_SETUP)
-        };
-        for (&(conn, _), &r) in watched.iter().zip(&revents[1..]) {
-            let Some(s) = streams.get_mut(&conn).filter(|_| r != 0) else {
-                continue;
+        // The channel, then every watched stream; what each watched stream is ready for.
+        let (request, ready) = {
+            let watched: Vec<(&u64, &Stream)> =
+                streams.iter().filter(|(_, s)| s.watch != 0).collect();
+            let mut fds = vec![(channel.as_fd(), libc::POLLIN)];
+            fds.extend(
+                watched
+                    .iter()
+                    .map(|(_, s)| (s.fd.as_fd(), poll_events(s.watch))),
+            );
+            let Ok(revents) = sys::wait_events(&fds) else {
+                sys::exit_now(EXIT_SETUP)
             };
-            let ready = ready_bits(r) & s.watch;
-            let ready = if ready == 0 { s.watch } else { ready };
-            s.watch = 0;
+            let ready: Vec<(u64, u32)> = watched
+                .iter()
+                .zip(&revents[1..])
+                .filter(|(_, r)| **r != 0)
+                .map(|(&(&conn, s), &r)| {
+                    let bits = ready_bits(r) & s.watch;
+                    (conn, if bits == 0 { s.watch } else { bits })
+                })
+                .collect();
+            (revents[0] != 0, ready)
+        };
+        for (conn, ready) in ready {
+            // The watch is spent.
+            if let Some(s) = streams.get_mut(&conn) {
+                s.watch = 0;
+            }
             reply(
                 channel,
                 Msg {
@@ -264,7 +275,7 @@ fn serve_vsock(channel: &OwnedFd, window: &Window, probe: &mut Probe) -> ! {
                 },
             );
         }
-        if revents[0] != 0 {
+        if request {
             let (m, fds) = next_request_with_fds(channel, window);
             serve_stream_request(channel, window, &mut streams, m, fds, probe);
         }

@@ -76,11 +76,6 @@ impl RemoteSockets {
         self.backend.channel_fd()
     }
 
-    /// Streams the live back-end holds.
-    pub fn open_streams(&self) -> usize {
-        self.open.len()
-    }
-
     /// The back-end died: every stream it held is lost.
     fn lost_all(&mut self) {
         for conn in std::mem::take(&mut self.open) {
@@ -208,11 +203,11 @@ impl RemoteSockets {
 
     /// Reads what stream `conn` has into `buf` (at most [`SOCK_WINDOW`] bytes); 0: the peer
     /// closed. `WouldBlock`: nothing yet. A read that finds the stream empty leaves it watched
-    /// for readability ([`Msg::recv_armed`]: the caller can tell from the result).
-    pub fn recv(&mut self, conn: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+    /// for readability ([`Msg::recv_armed`]); the second value says whether it did.
+    pub fn recv(&mut self, conn: u64, buf: &mut [u8]) -> (std::io::Result<usize>, bool) {
         let len = buf.len().min(SOCK_WINDOW as usize);
         if len == 0 {
-            return Ok(0);
+            return (Ok(0), false);
         }
         let r = self
             .call_open(Msg {
@@ -223,14 +218,16 @@ impl RemoteSockets {
                 ..Msg::new(Op::SockRecv, 0)
             })
             .map(|reply| reply.len as usize);
-        if Msg::recv_armed(len as u64, &r) {
+        let armed = Msg::recv_armed(len as u64, &r);
+        if armed {
             *self.armed.entry(conn).or_default() += 1;
         }
-        let n = r?;
-        if let Some(slot) = self.backend.window().slice(0, n as u64) {
+        if let Ok(n) = r
+            && let Some(slot) = self.backend.window().slice(0, n as u64)
+        {
             slot.copy_to(&mut buf[..n]);
         }
-        Ok(n)
+        (r, armed)
     }
 
     /// Shuts stream `conn` for writing.

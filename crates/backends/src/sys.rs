@@ -479,21 +479,6 @@ pub fn tap_set_offload(tap: BorrowedFd<'_>, flags: u32) -> io::Result<()> {
         .map(drop)
 }
 
-/// Waits (forever) until one of `fds` is readable or hung up; which ones, in order. A `None`
-/// entry is not watched.
-pub fn wait_any(fds: &[Option<BorrowedFd<'_>>]) -> io::Result<Vec<bool>> {
-    let mut p: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|f| libc::pollfd {
-            fd: f.map_or(-1, |f| f.as_raw_fd()),
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    poll_forever(&mut p)?;
-    Ok(p.iter().map(|x| x.revents != 0).collect())
-}
-
 /// Waits (forever) until one of `fds` has one of the poll events asked with it (or hung up);
 /// the events each one has, in order.
 pub fn wait_events(fds: &[(BorrowedFd<'_>, i16)]) -> io::Result<Vec<i16>> {

@@ -9,8 +9,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
 use bulwark_backends::client::BackEndStats;
-use bulwark_backends::proto::Msg;
-use bulwark_backends::sockets::{RemoteSockets, SOCK_WINDOW, SockEvent};
+use bulwark_backends::sockets::{RemoteSockets, SockEvent};
 use vmm_sys_util::epoll::EventSet;
 
 use super::super::DeviceEvents;
@@ -97,9 +96,8 @@ impl HostStreams {
         match &mut self.held {
             Held::Inline(streams) => streams.get_mut(&token).ok_or_else(gone)?.read(buf),
             Held::Process { remote, .. } => {
-                let asked = buf.len().min(SOCK_WINDOW as usize) as u64;
-                let r = remote.recv(token, buf);
-                if Msg::recv_armed(asked, &r) {
+                let (r, armed) = remote.recv(token, buf);
+                if armed {
                     // The back-end watches it for readability now (and for what it watched
                     // it for besides).
                     let now = self.interest.entry(token).or_insert(EventSet::empty());
