@@ -3,55 +3,35 @@
 //! real `kill -9`. Not a libtest harness: the launcher must be forked while the process has one
 //! thread, before any test thread exists.
 
-use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bulwark_backends::launcher::Launcher;
-use bulwark_devices::virtio::driver::SplitRing;
+use bulwark_devices::virtio::vsock::guest::GuestVsock;
 use bulwark_devices::virtio::vsock::{HEADER_LEN, HOST_CID, Header, Vsock, VsockConfig, op};
-use bulwark_devices::virtio::{
-    DeviceEvents, Interrupt, InterruptLine, Isolation, VIRTIO_F_VERSION_1, VirtioDevice,
-};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::epoll::EpollEvent;
+use bulwark_devices::virtio::{DeviceEvents, Isolation, VirtioDevice};
 
 const CID: u64 = 9;
-const RING: u16 = 256;
-const MEM: u64 = 8 << 20;
-const TX_AREA: u64 = 0x1_0000;
-const RX_AREA: u64 = 0x20_0000;
 const RX_BUF: u32 = 4096 + HEADER_LEN as u32;
 const WAIT: Duration = Duration::from_secs(10);
-
-struct NoLine;
-impl InterruptLine for NoLine {
-    fn trigger(&self) {}
-}
 
 struct Guest {
     dev: Vsock,
     events: DeviceEvents,
-    mem: GuestMemoryMmap,
-    rx: SplitRing,
-    tx: SplitRing,
-    posted: VecDeque<(u16, u64)>,
-    rx_seen: u16,
-    next_rx: u64,
-    next_tx: u64,
+    /// The guest's driver: rings, buffers and packets in guest memory.
+    g: GuestVsock,
     socket: PathBuf,
 }
 
-fn header(op: u16, src_port: u32, dst_port: u32, len: usize) -> Header {
+/// A packet from the guest (its length is set when it is sent).
+fn header(op: u16, src_port: u32, dst_port: u32) -> Header {
     Header {
         src_cid: CID,
         dst_cid: HOST_CID,
         src_port,
         dst_port,
-        len: len as u32,
         kind: 1,
         op,
         buf_alloc: 1 << 20,
@@ -69,92 +49,31 @@ impl Guest {
             isolation: Isolation::Process,
         };
         let mut dev = Vsock::new(&cfg, events.clone()).expect("a vsock device with a back-end");
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
-        let rx = SplitRing::new(0x1000, 0x2000, 0x3000, RING);
-        let tx = SplitRing::new(0x4000, 0x5000, 0x6000, RING);
-        let event = SplitRing::new(0x7000, 0x8000, 0x9000, RING);
-        let queues = vec![rx.queue(), tx.queue(), event.queue()];
-        dev.activate(
-            mem.clone(),
-            VIRTIO_F_VERSION_1,
-            queues,
-            Interrupt::new(Arc::new(NoLine)),
-        )
-        .unwrap();
-        let mut g = Self {
+        let mut g = GuestVsock::activate(&mut dev, CID, RX_BUF);
+        g.post_rx(&mut dev, 64);
+        Self {
             dev,
             events,
-            mem,
-            rx,
-            tx,
-            posted: VecDeque::new(),
-            rx_seen: 0,
-            next_rx: RX_AREA,
-            next_tx: TX_AREA,
+            g,
             socket,
-        };
-        g.post_rx(64);
-        g
-    }
-
-    fn post_rx(&mut self, n: usize) {
-        for _ in 0..n {
-            if self.next_rx + u64::from(RX_BUF) > MEM {
-                self.next_rx = RX_AREA;
-            }
-            let at = self.next_rx;
-            self.next_rx += u64::from(RX_BUF);
-            let head = self.rx.push(&self.mem, &[(at, RX_BUF, true)]);
-            self.posted.push_back((head, at));
         }
-        self.dev.process_queue(0);
     }
 
     fn send(&mut self, h: Header, payload: &[u8]) {
-        let len = (HEADER_LEN + payload.len()) as u64;
-        if self.next_tx + len > RX_AREA {
-            self.next_tx = TX_AREA;
-        }
-        let at = self.next_tx;
-        self.next_tx = (at + len + 15) & !15;
-        self.mem
-            .write_slice(&h.to_bytes(), GuestAddress(at))
-            .unwrap();
-        self.mem
-            .write_slice(payload, GuestAddress(at + HEADER_LEN as u64))
-            .unwrap();
-        self.tx.push(&self.mem, &[(at, len as u32, false)]);
-        self.dev.process_queue(1);
+        self.g.send(&mut self.dev, h, payload);
     }
 
     /// Runs the device on its ready descriptors (host streams, the back-end's channel) as its
     /// thread would, for up to `ms`.
     fn pump(&mut self, ms: i32) {
-        let mut ready = [EpollEvent::default(); 16];
-        let n = self.events.wait(ms, &mut ready).unwrap();
-        for ev in &ready[..n] {
-            self.dev.host_event(ev.data(), ev.event_set());
-        }
+        GuestVsock::pump_once(&mut self.dev, &self.events, ms);
     }
 
     /// Packets placed in receive buffers since the last call (buffers are posted again).
     fn received(&mut self) -> Vec<(Header, Vec<u8>)> {
-        let mut out = Vec::new();
-        let used = self.rx.used_idx(&self.mem);
-        while self.rx_seen != used {
-            self.rx_seen = self.rx_seen.wrapping_add(1);
-            let (_, at) = self.posted.pop_front().unwrap();
-            let mut raw = [0u8; HEADER_LEN];
-            self.mem.read_slice(&mut raw, GuestAddress(at)).unwrap();
-            let h = Header::parse(&raw);
-            let mut payload = vec![0u8; h.len as usize];
-            self.mem
-                .read_slice(&mut payload, GuestAddress(at + HEADER_LEN as u64))
-                .unwrap();
-            out.push((h, payload));
-        }
+        let out = self.g.received();
         if !out.is_empty() {
-            self.post_rx(out.len());
+            self.g.post_rx(&mut self.dev, out.len());
         }
         out
     }
@@ -182,7 +101,7 @@ impl Guest {
             .write_all(format!("CONNECT {port}\n").as_bytes())
             .unwrap();
         let req = self.until(op::REQUEST).pop().unwrap().0;
-        self.send(header(op::RESPONSE, port, req.src_port, 0), &[]);
+        self.send(header(op::RESPONSE, port, req.src_port), &[]);
         self.pump(50);
         let mut line = [0u8; 14];
         client.read_exact(&mut line).unwrap();
@@ -252,7 +171,7 @@ fn main() {
             if h.op == op::RW {
                 got.extend(p);
                 // Tell the device the guest consumed it.
-                let mut u = header(op::CREDIT_UPDATE, 52, host_port, 0);
+                let mut u = header(op::CREDIT_UPDATE, 52, host_port);
                 u.fwd_cnt = got.len() as u32;
                 g.send(u, &[]);
             }
@@ -271,7 +190,7 @@ fn main() {
     );
     let to_host = pattern(200 << 10, 7);
     for piece in to_host.chunks(32 << 10) {
-        g.send(header(op::RW, 52, host_port, piece.len()), piece);
+        g.send(header(op::RW, 52, host_port), piece);
         g.pump(0);
     }
     let mut back = vec![0u8; to_host.len()];
@@ -292,7 +211,7 @@ fn main() {
 
     // A guest connection to a host listener, then the host closes: the guest hears it.
     let listener = UnixListener::bind(dir.join("v.sock_6000")).unwrap();
-    g.send(header(op::REQUEST, 7000, 6000, 0), &[]);
+    g.send(header(op::REQUEST, 7000, 6000), &[]);
     let resp = g.until(op::RESPONSE);
     assert!(
         resp.iter()
@@ -312,7 +231,7 @@ fn main() {
     // kill -9 the back-end: the connection it held is reset for the guest and closed for the
     // host client; a new back-end serves the next connection.
     assert_eq!(g.stats().restarts, 0);
-    assert_eq!(unsafe_free_kill(backend), 0, "kill -9 the back-end");
+    assert_eq!(kill9(backend), 0, "kill -9 the back-end");
     let reset = g.until(op::RST);
     assert!(
         reset
@@ -340,13 +259,13 @@ fn main() {
     // Killed again, and this time the device finds out from a request (the guest's data for
     // the open connection), not from the channel: the new back-end started for the next
     // client must still be heard.
-    assert_eq!(unsafe_free_kill(again), 0);
+    assert_eq!(kill9(again), 0);
     let deadline = Instant::now() + WAIT;
     while backend_pid(launcher.pid()) == Some(again) {
         assert!(Instant::now() < deadline, "the back-end did not die");
         std::thread::sleep(Duration::from_millis(10));
     }
-    g.send(header(op::RW, 53, host_port, 5), b"lost?");
+    g.send(header(op::RW, 53, host_port), b"lost?");
     let reset = g.received();
     assert!(
         reset
@@ -371,7 +290,7 @@ fn main() {
     // the back-end, whose answer comes after that news. Nothing else will wake the device.
     client.write_all(b"racing").unwrap();
     std::thread::sleep(Duration::from_millis(100));
-    g.send(header(op::RW, 54, host_port, 4), b"ping");
+    g.send(header(op::RW, 54, host_port), b"ping");
     let packets = g.until(op::RW);
     assert!(
         packets
@@ -390,7 +309,7 @@ fn main() {
     late.write_all(b"CONNECT 55\n").unwrap();
     g.pump(50); // accepted, handed over, watched; the back-end reports the line at once
     std::thread::sleep(Duration::from_millis(100));
-    g.send(header(op::RST, 54, host_port, 0), &[]);
+    g.send(header(op::RST, 54, host_port), &[]);
     let req = g.until(op::REQUEST);
     assert!(
         req.iter()
@@ -412,8 +331,8 @@ fn main() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// `kill -9 pid` through the kill command (the test stays free of unsafe code).
-fn unsafe_free_kill(pid: i32) -> i32 {
+/// `kill -9 pid` through the kill command (the test has no unsafe code of its own).
+fn kill9(pid: i32) -> i32 {
     std::process::Command::new("kill")
         .args(["-9", &pid.to_string()])
         .status()

@@ -20,6 +20,8 @@
 //! with it: the guest gets a reset for each of those connections, and the next ones go through
 //! a new back-end.
 
+#[doc(hidden)]
+pub mod guest;
 mod host;
 
 use std::collections::{HashMap, VecDeque};
@@ -1142,42 +1144,23 @@ mod tests {
     //! The device between a guest driver's rings (a [`SplitRing`] in real guest memory) and
     //! real unix sockets on the host, woken by its real epoll set. No KVM, no privileges.
 
+    use super::guest::GuestVsock;
     use super::*;
-    use crate::virtio::driver::SplitRing;
-    use crate::virtio::{InterruptLine, VIRTIO_F_VERSION_1};
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
     use std::time::Duration;
     use vm_memory::{Bytes, GuestAddress};
-    use vmm_sys_util::epoll::EpollEvent;
 
     const CID: u64 = 42;
-    const RING: u16 = 256;
-    const MEM: u64 = 8 << 20;
-    /// Transmit packets are written from here; receive buffers from `RX_AREA` on.
-    const TX_AREA: u64 = 0x1_0000;
-    const RX_AREA: u64 = 0x20_0000;
     const RX_BUF: u32 = 4096;
     const GUEST_PORT: u32 = 7000;
     const WAIT: Duration = Duration::from_secs(5);
 
-    struct NoLine;
-    impl InterruptLine for NoLine {
-        fn trigger(&self) {}
-    }
-
     struct Rig {
         dev: Vsock,
         events: DeviceEvents,
-        mem: GuestMemoryMmap,
-        rx: SplitRing,
-        tx: SplitRing,
-        event: SplitRing,
-        /// Receive buffers posted and not yet used: (head, address).
-        posted: VecDeque<(u16, u64)>,
-        rx_seen: u16,
-        next_rx: u64,
-        next_tx: u64,
+        /// The guest's driver: rings, buffers and packets in guest memory.
+        g: GuestVsock,
         dir: PathBuf,
     }
 
@@ -1203,25 +1186,11 @@ mod tests {
             isolation: Isolation::Inline,
         };
         let mut dev = Vsock::new(&cfg, events.clone()).unwrap();
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
-        let rx = SplitRing::new(0x1000, 0x2000, 0x3000, RING);
-        let tx = SplitRing::new(0x4000, 0x5000, 0x6000, RING);
-        let event = SplitRing::new(0x7000, 0x8000, 0x9000, RING);
-        let irq = Interrupt::new(Arc::new(NoLine));
-        let queues = vec![rx.queue(), tx.queue(), event.queue()];
-        dev.activate(mem.clone(), VIRTIO_F_VERSION_1, queues, irq)
-            .unwrap();
+        let g = GuestVsock::activate(&mut dev, CID, RX_BUF);
         Rig {
             dev,
             events,
-            mem,
-            rx,
-            tx,
-            event,
-            posted: VecDeque::new(),
-            rx_seen: 0,
-            next_rx: RX_AREA,
-            next_tx: TX_AREA,
+            g,
             dir,
         }
     }
@@ -1252,58 +1221,25 @@ mod tests {
 
         /// Posts `n` receive buffers and tells the device.
         fn post_rx(&mut self, n: usize) {
-            for _ in 0..n {
-                if self.next_rx + u64::from(RX_BUF) > MEM {
-                    self.next_rx = RX_AREA;
-                }
-                let at = self.next_rx;
-                self.next_rx += u64::from(RX_BUF);
-                let head = self.rx.push(&self.mem, &[(at, RX_BUF, true)]);
-                self.posted.push_back((head, at));
-            }
-            self.dev.process_queue(RX as u16);
+            self.g.post_rx(&mut self.dev, n);
         }
 
         /// Puts `bufs` on the transmit queue as one chain and notifies the device.
         fn send_chain(&mut self, bufs: &[crate::virtio::driver::Buf]) {
-            self.tx.push(&self.mem, bufs);
-            self.dev.process_queue(TX as u16);
+            self.g.send_chain(&mut self.dev, bufs);
         }
 
         /// Writes a packet (header, then `payload`) and sends it in one buffer.
-        fn send(&mut self, mut h: Header, payload: &[u8]) {
-            h.len = payload.len() as u32;
-            let at = self.write_packet(&h, payload);
-            self.send_chain(&[(at, (HEADER_LEN + payload.len()) as u32, false)]);
-        }
-
-        fn write_packet(&mut self, h: &Header, payload: &[u8]) -> u64 {
-            let len = (HEADER_LEN + payload.len()) as u64;
-            if self.next_tx + len > RX_AREA {
-                self.next_tx = TX_AREA;
-            }
-            let at = self.next_tx;
-            self.next_tx = (at + len + 15) & !15;
-            self.mem
-                .write_slice(&h.to_bytes(), GuestAddress(at))
-                .unwrap();
-            self.mem
-                .write_slice(payload, GuestAddress(at + HEADER_LEN as u64))
-                .unwrap();
-            at
+        fn send(&mut self, h: Header, payload: &[u8]) {
+            self.g.send(&mut self.dev, h, payload);
         }
 
         /// Runs the device on ready host descriptors, as its worker thread would, until none
         /// is ready for a short while.
         fn pump(&mut self) {
-            let mut ready = [EpollEvent::default(); 16];
             for _ in 0..1000 {
-                let n = self.events.epoll().wait(50, &mut ready).unwrap();
-                if n == 0 {
+                if GuestVsock::pump_once(&mut self.dev, &self.events, 50) == 0 {
                     return;
-                }
-                for ev in &ready[..n] {
-                    self.dev.host_event(ev.data(), ev.event_set());
                 }
             }
             panic!("host descriptors never went quiet");
@@ -1311,25 +1247,7 @@ mod tests {
 
         /// Packets the device placed in receive buffers since the last call.
         fn received(&mut self) -> Vec<(Header, Vec<u8>)> {
-            let mut out = Vec::new();
-            let used = self.rx.used_idx(&self.mem);
-            while self.rx_seen != used {
-                let (id, len) = self.rx.used_elem(&self.mem, self.rx_seen);
-                self.rx_seen = self.rx_seen.wrapping_add(1);
-                let (head, at) = self.posted.pop_front().unwrap();
-                assert_eq!(id, u32::from(head));
-                let mut raw = [0u8; HEADER_LEN];
-                self.mem.read_slice(&mut raw, GuestAddress(at)).unwrap();
-                let h = Header::parse(&raw);
-                assert_eq!(len as usize, HEADER_LEN + h.len as usize, "{h:?}");
-                assert_eq!((h.src_cid, h.dst_cid, h.kind), (HOST_CID, CID, TYPE_STREAM));
-                let mut payload = vec![0u8; h.len as usize];
-                self.mem
-                    .read_slice(&mut payload, GuestAddress(at + HEADER_LEN as u64))
-                    .unwrap();
-                out.push((h, payload));
-            }
-            out
+            self.g.received()
         }
 
         /// Pumps until a packet with `op` arrives; returns it (and drops what came before).
@@ -1532,11 +1450,14 @@ mod tests {
         r.post_rx(4);
         let mut h = guest(op::REQUEST, GUEST_PORT, 1234);
         h.len = 100;
-        let at = r.write_packet(&h, &[0u8; 10]);
+        let at = r.g.write_packet(&h, &[0u8; 10]);
         let descriptors = [(GuestAddress(at), (HEADER_LEN + 10) as u32, false)];
-        assert_eq!(read_tx_packet(&r.mem, &descriptors), Err(BadPacket::Length));
+        assert_eq!(
+            read_tx_packet(&r.g.mem, &descriptors),
+            Err(BadPacket::Length)
+        );
         r.send_chain(&[(at, (HEADER_LEN + 10) as u32, false)]);
-        assert_eq!(r.tx.used_elem(&r.mem, 0), (u32::from(0u16), 0));
+        assert_eq!(r.g.tx.used_elem(&r.g.mem, 0), (u32::from(0u16), 0));
         assert_eq!(r.bad_requests(), 1);
         r.pump();
         assert!(r.received().is_empty(), "a dropped packet gets no answer");
@@ -1652,23 +1573,25 @@ mod tests {
     fn vsock_resumed_device_tells_the_guest_its_connections_are_gone() {
         let mut r = rig("resume");
         let buf = 0x30_0000u64;
-        r.mem.write_obj(0xffff_ffffu32, GuestAddress(buf)).unwrap();
-        r.event.push(&r.mem, &[(buf, 8, true)]);
+        r.g.mem
+            .write_obj(0xffff_ffffu32, GuestAddress(buf))
+            .unwrap();
+        r.g.event.push(&r.g.mem, &[(buf, 8, true)]);
         r.dev.resumed();
-        assert_eq!(r.event.used_idx(&r.mem), 1, "one event published");
-        assert_eq!(r.event.used_elem(&r.mem, 0), (0, 4));
-        let id: u32 = r.mem.read_obj(GuestAddress(buf)).unwrap();
+        assert_eq!(r.g.event.used_idx(&r.g.mem), 1, "one event published");
+        assert_eq!(r.g.event.used_elem(&r.g.mem, 0), (0, 4));
+        let id: u32 = r.g.mem.read_obj(GuestAddress(buf)).unwrap();
         assert_eq!(id, EVENT_TRANSPORT_RESET);
         // Host clients wait until the guest has handled the reset (it puts a new event buffer
         // back and notifies the queue): the listener is not watched meanwhile.
         assert!(r.dev.reset_pending);
-        r.event.push(&r.mem, &[(buf, 8, true)]);
+        r.g.event.push(&r.g.mem, &[(buf, 8, true)]);
         r.dev.process_queue(2);
         assert!(!r.dev.reset_pending);
         // Without an event buffer there is nothing to post and nothing to wait for.
         let mut r = rig("resume-nobuf");
         r.dev.resumed();
-        assert_eq!(r.event.used_idx(&r.mem), 0);
+        assert_eq!(r.g.event.used_idx(&r.g.mem), 0);
         assert!(!r.dev.reset_pending);
     }
 }
