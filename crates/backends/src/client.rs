@@ -14,12 +14,13 @@ use std::time::{Duration, Instant};
 
 use vm_memory::VolatileSlice;
 
+use crate::Kind;
+use crate::disk::{DiskOp, Punch};
 use crate::launcher::{Launcher, Spawn};
 use crate::ownership::WindowTable;
 use crate::proto::{self, Msg, Op, ProtoError};
 use crate::sys;
 use crate::window::Window;
-use crate::{Kind, disk::Punch};
 
 /// A reply must come within this (a back-end that takes longer is taken for hung, replaced,
 /// and the request sent again). Generous: a flush of a large dirty image can take seconds.
@@ -49,6 +50,8 @@ pub struct BackEndStats {
     /// How long the last restart took, in µs: from noticing the back-end dead to the reply of a
     /// new one to the request in flight.
     pub last_restart_us: AtomicU64,
+    /// Most requests in flight at once (sent, not yet answered).
+    pub peak_in_flight: AtomicU64,
 }
 
 /// Why the current back-end is no longer used.
@@ -138,6 +141,13 @@ impl BackEnd {
         &self.window
     }
 
+    /// The window range request `msg` names.
+    fn window_range(&self, msg: &Msg) -> Result<VolatileSlice<'_>, Death> {
+        self.window
+            .slice(msg.window, msg.len)
+            .ok_or_else(|| Death::Gone(format!("window range {}+{} outside", msg.window, msg.len)))
+    }
+
     /// The live back-end's channel, for an event loop to watch, with the back-end's
     /// incarnation: a restarted back-end's channel may reuse the old descriptor number, but it
     /// is a new file that must be registered again.
@@ -225,26 +235,65 @@ impl BackEnd {
         mut msg: Msg,
         fd: Option<std::os::fd::BorrowedFd<'_>>,
     ) -> Result<u64, Death> {
+        self.number(std::slice::from_mut(&mut msg))?;
+        let fds: Vec<_> = fd.into_iter().collect();
+        self.transmit(&[msg], |ch, _| sys::send(ch, &msg.encode(), &fds))?;
+        Ok(msg.id)
+    }
+
+    /// Sends every request of `msgs` at once (one system call where the channel takes them
+    /// all: the back-end wakes once for the lot), filling in their ids and lending the window
+    /// ranges they name.
+    pub(crate) fn send_all(&mut self, msgs: &mut [Msg]) -> Result<(), Death> {
+        self.number(msgs)?;
+        self.transmit(msgs, |ch, msgs| {
+            let encoded: Vec<_> = msgs.iter().map(Msg::encode).collect();
+            let each: Vec<&[u8]> = encoded.iter().map(|e| &e[..]).collect();
+            sys::send_many(ch, &each)
+        })
+    }
+
+    /// Gives `msgs` their ids and lends the window ranges they name.
+    fn number(&mut self, msgs: &mut [Msg]) -> Result<(), Death> {
+        if self.channel.is_none() {
+            return Err(Death::Gone("not running".into()));
+        }
+        for msg in msgs {
+            msg.id = self.next_id;
+            self.next_id += 1;
+            if msg.lends_window() {
+                self.table
+                    .lend(msg.window, msg.len, msg.id)
+                    .map_err(|e| Death::Gone(format!("window: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts numbered `msgs` on the channel through `send`; they are in flight once it
+    /// succeeds.
+    fn transmit(
+        &mut self,
+        msgs: &[Msg],
+        send: impl FnOnce(std::os::fd::BorrowedFd<'_>, &[Msg]) -> std::io::Result<()>,
+    ) -> Result<(), Death> {
         let Some(ch) = self.channel.as_ref() else {
             return Err(Death::Gone("not running".into()));
         };
-        msg.id = self.next_id;
-        self.next_id += 1;
-        if msg.lends_window() {
-            self.table
-                .lend(msg.window, msg.len, msg.id)
-                .map_err(|e| Death::Gone(format!("window: {e}")))?;
-        }
-        let fds: Vec<_> = fd.into_iter().collect();
-        if let Err(e) = sys::send(ch.as_fd(), &msg.encode(), &fds) {
+        if let Err(e) = send(ch.as_fd(), msgs) {
             // A back-end stopped by its policy wrote why before it died: that is the news.
             return Err(match expect(ch, Duration::ZERO) {
                 Err(Death::Violation(r)) => Death::Violation(r),
                 _ => Death::Gone(format!("sending failed: {e}")),
             });
         }
-        self.in_flight.insert(msg.id, msg.op);
-        Ok(msg.id)
+        for m in msgs {
+            self.in_flight.insert(m.id, m.op);
+        }
+        self.stats
+            .peak_in_flight
+            .fetch_max(self.in_flight.len() as u64, Ordering::Relaxed);
+        Ok(())
     }
 
     /// The back-end's next message (`None`: nothing within `timeout`), checked against what is
@@ -334,20 +383,6 @@ impl BackEnd {
             }
         }
     }
-
-    /// Sends `msg` and waits for its reply, starting a new back-end and sending again as
-    /// often as one dies (at most [`MAX_STARTS_PER_REQUEST`] times).
-    fn call(&mut self, msg: Msg) -> std::io::Result<u32> {
-        for _ in 0..=MAX_STARTS_PER_REQUEST {
-            self.ensure_running()?;
-            if let Ok(reply) = self.call_once(msg, None, &mut |m| {
-                tracing::debug!("unexpected {:?} ignored", m.op);
-            }) {
-                return Ok(reply.arg);
-            }
-        }
-        Err(gave_up(&self.what.name))
-    }
 }
 
 fn gave_up(name: &str) -> std::io::Error {
@@ -424,6 +459,31 @@ pub struct RemoteDisk {
     backend: BackEnd,
 }
 
+/// Window ranges start on this boundary (the back-end's `O_DIRECT` then needs no bounce
+/// buffer for them).
+const PIECE_ALIGN: u64 = 4096;
+
+/// What one message to a block back-end does: a whole operation, or a window-sized piece of a
+/// read or write.
+struct Piece<'a> {
+    /// The operation (index into the caller's list) it belongs to.
+    op: usize,
+    msg: Msg,
+    /// The guest buffers of a read or write piece.
+    bufs: Vec<VolatileSlice<'a>>,
+    answered: bool,
+}
+
+impl Piece<'_> {
+    fn data_len(&self) -> u64 {
+        if self.msg.lends_window() {
+            self.msg.len
+        } else {
+            0
+        }
+    }
+}
+
 impl RemoteDisk {
     pub fn new(backend: BackEnd) -> Self {
         Self { backend }
@@ -433,74 +493,143 @@ impl RemoteDisk {
         self.backend.stats()
     }
 
-    fn status(errno: u32) -> std::io::Result<()> {
-        if errno == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::from_raw_os_error(errno as i32))
-        }
-    }
-
-    /// Reads into `bufs` (in order) from byte `offset`, a window-full at a time.
-    pub fn read(&mut self, offset: u64, bufs: &[VolatileSlice<'_>]) -> std::io::Result<()> {
-        self.pieces(offset, bufs, Op::Read)
-    }
-
-    /// Writes `bufs` (in order) at byte `offset`.
-    pub fn write(&mut self, offset: u64, bufs: &[VolatileSlice<'_>]) -> std::io::Result<()> {
-        self.pieces(offset, bufs, Op::Write)
-    }
-
-    pub fn flush(&mut self) -> std::io::Result<()> {
-        let errno = self.backend.call(Msg::new(Op::Flush, 0))?;
-        Self::status(errno)
-    }
-
-    pub fn punch(&mut self, how: Punch, offset: u64, len: u64) -> std::io::Result<()> {
-        let (op, arg) = match how {
-            Punch::Discard => (Op::Discard, 0),
-            Punch::Zero => (Op::WriteZeroes, 0),
-            Punch::ZeroUnmap => (Op::WriteZeroes, proto::ZEROES_MAY_UNMAP),
-        };
-        let errno = self.backend.call(Msg {
-            offset,
-            len,
-            arg,
-            ..Msg::new(op, 0)
-        })?;
-        Self::status(errno)
-    }
-
-    /// Moves `bufs` through the window in window-sized pieces: guest → window → back-end for
-    /// writes, back-end → window → guest for reads.
-    fn pieces(&mut self, offset: u64, bufs: &[VolatileSlice<'_>], op: Op) -> std::io::Result<()> {
+    /// Runs `ops` and returns each one's result, in order. As many are in flight at once as
+    /// the window has room for (reads and writes larger than the window go in window-sized
+    /// pieces), so the back-end serves a whole queue notification's requests in one wake-up.
+    /// The back-end works through them in order; when it dies, a new one is sent those it had
+    /// not answered (block operations are idempotent), at most [`MAX_STARTS_PER_REQUEST`]
+    /// times per window-full.
+    pub fn run(&mut self, ops: &[DiskOp<'_>]) -> Vec<std::io::Result<()>> {
         let cap = self.backend.window.len();
-        let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
-        let mut done = 0u64;
-        while done < total {
-            let len = cap.min(total - done);
-            let piece = sub_slices(bufs, done, len);
-            fn window(b: &BackEnd, len: u64) -> std::io::Result<VolatileSlice<'_>> {
-                b.window
-                    .slice(0, len)
-                    .ok_or_else(|| std::io::Error::other("window too small"))
+        let mut pieces = Vec::new();
+        for (i, op) in ops.iter().enumerate() {
+            let one = |msg: Msg| Piece {
+                op: i,
+                msg,
+                bufs: Vec::new(),
+                answered: false,
+            };
+            match op {
+                DiskOp::Read(offset, bufs) | DiskOp::Write(offset, bufs) => {
+                    let kind = if matches!(op, DiskOp::Read(..)) {
+                        Op::Read
+                    } else {
+                        Op::Write
+                    };
+                    let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+                    let mut done = 0;
+                    while done < total {
+                        let len = cap.min(total - done);
+                        pieces.push(Piece {
+                            bufs: sub_slices(bufs, done, len),
+                            ..one(Msg {
+                                offset: offset + done,
+                                len,
+                                ..Msg::new(kind, 0)
+                            })
+                        });
+                        done += len;
+                    }
+                }
+                DiskOp::Flush => pieces.push(one(Msg::new(Op::Flush, 0))),
+                DiskOp::Punch(how, offset, len) => {
+                    let (op, arg) = match how {
+                        Punch::Discard => (Op::Discard, 0),
+                        Punch::Zero => (Op::WriteZeroes, 0),
+                        Punch::ZeroUnmap => (Op::WriteZeroes, proto::ZEROES_MAY_UNMAP),
+                    };
+                    pieces.push(one(Msg {
+                        offset: *offset,
+                        len: *len,
+                        arg,
+                        ..Msg::new(op, 0)
+                    }));
+                }
             }
-            if op == Op::Write {
-                copy_in(&window(&self.backend, len)?, &piece);
+        }
+        let mut results: Vec<std::io::Result<()>> = ops.iter().map(|_| Ok(())).collect();
+        let mut rest = &mut pieces[..];
+        while !rest.is_empty() {
+            // As many pieces as the window holds (at most MAX_BATCH), each at its own range.
+            let mut at = 0;
+            let mut n = 0;
+            for p in rest.iter_mut() {
+                let len = p.data_len();
+                if at + len > cap || n == proto::MAX_BATCH {
+                    break;
+                }
+                if len > 0 {
+                    p.msg.window = at;
+                    at = (at + len).next_multiple_of(PIECE_ALIGN);
+                }
+                n += 1;
             }
-            let errno = self.backend.call(Msg {
-                offset: offset + done,
-                window: 0,
-                len,
-                ..Msg::new(op, 0)
-            })?;
-            Self::status(errno)?;
-            if op == Op::Read {
-                copy_out(&window(&self.backend, len)?, &piece);
+            let (round, later) = rest.split_at_mut(n);
+            self.round(round, &mut results);
+            rest = later;
+        }
+        results
+    }
+
+    /// Sends `pieces` (which fit the window together) and collects their replies, restarting
+    /// the back-end and sending again what it left unanswered as often as it dies.
+    fn round(&mut self, pieces: &mut [Piece<'_>], results: &mut [std::io::Result<()>]) {
+        for _ in 0..=MAX_STARTS_PER_REQUEST {
+            if let Err(e) = self.backend.ensure_running() {
+                return fail_open(pieces, results, &e);
             }
-            done += len;
+            match self.exchange(pieces, results) {
+                Ok(()) => return,
+                Err(d) => self.backend.bury(d),
+            }
+        }
+        fail_open(pieces, results, &gave_up(&self.backend.what.name));
+    }
+
+    /// One back-end's part of a round: send every piece not yet answered (a write's data is
+    /// copied into the window again: a back-end that died may have left anything there), then
+    /// take replies until every piece is answered.
+    fn exchange(
+        &mut self,
+        pieces: &mut [Piece<'_>],
+        results: &mut [std::io::Result<()>],
+    ) -> Result<(), Death> {
+        let open: Vec<usize> = (0..pieces.len()).filter(|&i| !pieces[i].answered).collect();
+        for &i in &open {
+            let p = &pieces[i];
+            if p.msg.op == Op::Write {
+                copy_in(&self.backend.window_range(&p.msg)?, &p.bufs);
+            }
+        }
+        let mut msgs: Vec<Msg> = open.iter().map(|&i| pieces[i].msg).collect();
+        self.backend.send_all(&mut msgs)?;
+        let mut waiting: BTreeMap<u64, usize> =
+            msgs.iter().zip(open).map(|(m, i)| (m.id, i)).collect();
+        while !waiting.is_empty() {
+            let m = self
+                .backend
+                .recv(REPLY_TIMEOUT)?
+                .ok_or_else(|| Death::Gone(format!("no answer in {REPLY_TIMEOUT:?}")))?;
+            let Some(i) = waiting.remove(&m.id) else {
+                tracing::debug!("unexpected {:?} ignored", m.op);
+                continue;
+            };
+            let p = &mut pieces[i];
+            if m.arg != 0 {
+                results[p.op] = Err(std::io::Error::from_raw_os_error(m.arg as i32));
+            } else if p.msg.op == Op::Read {
+                copy_out(&self.backend.window_range(&p.msg)?, &p.bufs);
+            }
+            p.answered = true;
         }
         Ok(())
+    }
+}
+
+/// Every piece not yet answered fails with `e`.
+fn fail_open(pieces: &[Piece<'_>], results: &mut [std::io::Result<()>], e: &std::io::Error) {
+    for p in pieces.iter().filter(|p| !p.answered) {
+        results[p.op] = Err(std::io::Error::new(e.kind(), e.to_string()));
     }
 }
 

@@ -32,6 +32,19 @@ pub enum Punch {
     ZeroUnmap,
 }
 
+/// One operation of a block request, with its data in memory the caller can reach (guest
+/// memory in the monitor, the I/O window in a back-end).
+#[derive(Debug)]
+pub enum DiskOp<'a> {
+    /// Read into the buffers, in order, from the byte offset.
+    Read(u64, Vec<VolatileSlice<'a>>),
+    /// Write the buffers, in order, at the byte offset.
+    Write(u64, Vec<VolatileSlice<'a>>),
+    Flush,
+    /// Discard or zero `.2` bytes at byte offset `.1`.
+    Punch(Punch, u64, u64),
+}
+
 impl Disk {
     pub fn new(file: File, direct: bool) -> Self {
         Self { file, direct }
@@ -43,6 +56,16 @@ impl Disk {
 
     pub fn direct(&self) -> bool {
         self.direct
+    }
+
+    /// Runs one operation.
+    pub fn run(&self, op: &DiskOp<'_>) -> std::io::Result<()> {
+        match op {
+            DiskOp::Read(offset, bufs) => self.read(*offset, bufs),
+            DiskOp::Write(offset, bufs) => self.write(*offset, bufs),
+            DiskOp::Flush => self.flush(),
+            DiskOp::Punch(how, offset, len) => self.punch(*how, *offset, *len),
+        }
     }
 
     /// Reads `bufs` (in order) from byte `offset`.

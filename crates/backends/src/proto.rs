@@ -28,6 +28,9 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"BWBE");
 /// Bumped on any change of layout or meaning: both sides refuse every other version.
 pub const VERSION: u16 = 2;
 pub const MSG_LEN: usize = 48;
+/// Most requests a device has in flight to its back-end at once. Both ends' socket buffers hold
+/// this many messages with room to spare, so neither blocks sending while the other does.
+pub const MAX_BATCH: usize = 64;
 /// Largest errno a reply may carry.
 const MAX_ERRNO: u32 = 4095;
 /// Longest violation report kept (the rest is cut).

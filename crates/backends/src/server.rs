@@ -83,6 +83,11 @@ impl Probe {
         }
     }
 
+    /// Whether the probe's call comes with the next [`Self::served`].
+    fn fires_next(&self) -> bool {
+        self.at.is_some_and(|(after, _)| self.served + 1 == after)
+    }
+
     /// One more request served.
     fn served(&mut self) {
         self.served += 1;
@@ -115,12 +120,31 @@ fn next_request(channel: &OwnedFd, window: &Window) -> Msg {
 /// [`next_request`] with the descriptors that came with it.
 fn next_request_with_fds(channel: &OwnedFd, window: &Window) -> (Msg, Vec<OwnedFd>) {
     let mut buf = [0u8; proto::MSG_LEN + 1];
-    let (n, fds) = match sys::recv(channel.as_fd(), &mut buf) {
+    match sys::recv(channel.as_fd(), &mut buf) {
         Ok((0, _)) | Err(_) => sys::exit_now(0),
-        Ok(r) => r,
-    };
-    match Msg::decode(&buf[..n]) {
-        Ok(m) if m.check_request(window.len()).is_ok() => (m, fds),
+        Ok((n, fds)) => (checked(&buf[..n], window), fds),
+    }
+}
+
+/// The next request and every further one already waiting, up to `most` in all.
+fn next_requests(channel: &OwnedFd, window: &Window, most: usize) -> Vec<Msg> {
+    let mut batch = vec![next_request(channel, window)];
+    let mut buf = [0u8; proto::MSG_LEN + 1];
+    while batch.len() < most {
+        match sys::recv_now(channel.as_fd(), &mut buf) {
+            Ok((0, _)) => sys::exit_now(0),
+            Ok((n, _)) => batch.push(checked(&buf[..n], window)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(_) => sys::exit_now(0),
+        }
+    }
+    batch
+}
+
+/// A request decoded and checked against the window; anything else ends the process.
+fn checked(raw: &[u8], window: &Window) -> Msg {
+    match Msg::decode(raw) {
+        Ok(m) if m.check_request(window.len()).is_ok() => m,
         _ => sys::exit_now(EXIT_PROTOCOL),
     }
 }
@@ -131,6 +155,16 @@ fn reply(channel: &OwnedFd, m: Msg) {
     }
 }
 
+/// Sends `replies` (and forgets them) in one go.
+fn reply_all(channel: &OwnedFd, replies: &mut Vec<Msg>) {
+    let encoded: Vec<_> = replies.iter().map(Msg::encode).collect();
+    let each: Vec<&[u8]> = encoded.iter().map(|e| &e[..]).collect();
+    if sys::send_many(channel.as_fd(), &each).is_err() {
+        sys::exit_now(0);
+    }
+    replies.clear();
+}
+
 fn errno(result: std::io::Result<()>) -> u32 {
     match result {
         Ok(()) => 0,
@@ -138,27 +172,38 @@ fn errno(result: std::io::Result<()>) -> u32 {
     }
 }
 
+/// A block back-end: takes every request waiting (the monitor sends a queue notification's
+/// worth at once), runs them in order, and answers them together, so that it and the monitor
+/// wake each other once per batch rather than once per request.
 fn serve_block(channel: &OwnedFd, window: &Window, disk: &Disk, probe: &mut Probe) -> ! {
+    let mut replies = Vec::new();
     loop {
-        let m = next_request(channel, window);
-        let data = || {
-            window
-                .slice(m.window, m.len)
-                .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EINVAL))
-        };
-        let result = match m.op {
-            Op::Read => data().and_then(|s| disk.read(m.offset, &[s])),
-            Op::Write => data().and_then(|s| disk.write(m.offset, &[s])),
-            Op::Flush => disk.flush(),
-            Op::Discard => disk.punch(Punch::Discard, m.offset, m.len),
-            Op::WriteZeroes if m.arg & ZEROES_MAY_UNMAP != 0 => {
-                disk.punch(Punch::ZeroUnmap, m.offset, m.len)
+        for m in next_requests(channel, window, proto::MAX_BATCH) {
+            let data = || {
+                window
+                    .slice(m.window, m.len)
+                    .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EINVAL))
+            };
+            let result = match m.op {
+                Op::Read => data().and_then(|s| disk.read(m.offset, &[s])),
+                Op::Write => data().and_then(|s| disk.write(m.offset, &[s])),
+                Op::Flush => disk.flush(),
+                Op::Discard => disk.punch(Punch::Discard, m.offset, m.len),
+                Op::WriteZeroes if m.arg & ZEROES_MAY_UNMAP != 0 => {
+                    disk.punch(Punch::ZeroUnmap, m.offset, m.len)
+                }
+                Op::WriteZeroes => disk.punch(Punch::Zero, m.offset, m.len),
+                _ => sys::exit_now(EXIT_PROTOCOL),
+            };
+            replies.push(Msg::done(m.id, errno(result)));
+            if probe.fires_next() {
+                // What was done before the probe's call is answered, as it would be had the
+                // back-end died of something else there.
+                reply_all(channel, &mut replies);
             }
-            Op::WriteZeroes => disk.punch(Punch::Zero, m.offset, m.len),
-            _ => sys::exit_now(EXIT_PROTOCOL),
-        };
-        reply(channel, Msg::done(m.id, errno(result)));
-        probe.served();
+            probe.served();
+        }
+        reply_all(channel, &mut replies);
     }
 }
 

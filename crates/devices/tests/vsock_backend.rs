@@ -8,10 +8,13 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use bulwark_backends::launcher::Launcher;
 use bulwark_devices::virtio::vsock::guest::GuestVsock;
 use bulwark_devices::virtio::vsock::{HEADER_LEN, HOST_CID, Header, Vsock, VsockConfig, op};
 use bulwark_devices::virtio::{DeviceEvents, Isolation, VirtioDevice};
+use common::{backend_pid, kill9};
 
 const CID: u64 = 9;
 const RX_BUF: u32 = 4096 + HEADER_LEN as u32;
@@ -114,27 +117,6 @@ impl Guest {
     }
 }
 
-/// The pid of the live `bw-vsock` child of `launcher`.
-fn backend_pid(launcher: i32) -> Option<i32> {
-    for e in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // pid (comm) state ppid ...
-        let Some((comm, rest)) = stat.split_once(") ") else {
-            continue;
-        };
-        let ppid: i32 = rest.split(' ').nth(1)?.parse().ok()?;
-        if comm.ends_with("(bw-vsock") && ppid == launcher && !rest.starts_with('Z') {
-            return Some(pid);
-        }
-    }
-    None
-}
-
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
     (0..n)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
@@ -149,7 +131,7 @@ fn main() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let mut g = Guest::new(&dir);
-    let backend = backend_pid(launcher.pid()).expect("a bw-vsock process");
+    let backend = backend_pid(launcher.pid(), "bw-vsock").expect("a bw-vsock process");
     let maps = std::fs::read_to_string(format!("/proc/{backend}/maps")).unwrap();
     assert!(
         maps.contains("bulwark-window-vsock") && !maps.contains("bulwark-guest"),
@@ -252,7 +234,7 @@ fn main() {
     );
     let s = g.stats();
     assert_eq!(s.restarts, 1, "{s}");
-    let again = backend_pid(launcher.pid()).expect("a new bw-vsock process");
+    let again = backend_pid(launcher.pid(), "bw-vsock").expect("a new bw-vsock process");
     assert_ne!(again, backend);
     assert_eq!(g.dev.usage().connections, 1);
 
@@ -261,7 +243,7 @@ fn main() {
     // client must still be heard.
     assert_eq!(kill9(again), 0);
     let deadline = Instant::now() + WAIT;
-    while backend_pid(launcher.pid()) == Some(again) {
+    while backend_pid(launcher.pid(), "bw-vsock") == Some(again) {
         assert!(Instant::now() < deadline, "the back-end did not die");
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -317,7 +299,7 @@ fn main() {
         "{req:?}"
     );
     let s = g.stats();
-    let rss = backend_pid(launcher.pid())
+    let rss = backend_pid(launcher.pid(), "bw-vsock")
         .and_then(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
         .and_then(|st| {
             st.lines()
@@ -329,12 +311,4 @@ fn main() {
     );
     drop(g);
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// `kill -9 pid` through the kill command (the test has no unsafe code of its own).
-fn kill9(pid: i32) -> i32 {
-    std::process::Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .map_or(-1, |s| s.code().unwrap_or(-1))
 }

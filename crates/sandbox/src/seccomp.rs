@@ -273,6 +273,7 @@ pub fn syscall_name(nr: i64) -> &'static str {
         (295, "preadv"),
         (296, "pwritev"),
         (302, "prlimit64"),
+        (307, "sendmmsg"),
         (310, "process_vm_readv"),
         (311, "process_vm_writev"),
         (313, "finit_module"),

@@ -21,13 +21,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bulwark_backends::client::{BackEnd, BackEndStats, RemoteDisk};
-use bulwark_backends::disk::{Disk, Punch};
+use bulwark_backends::disk::{Disk, DiskOp, Punch};
 use bulwark_backends::launcher;
 use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
 use super::chain::{self, Segment, Streams, read_stream, stream_len, sub_stream, write_stream};
-use super::{ActivateError, DeviceStats, Interrupt, VirtioDevice, serve_device_queue};
+use super::{ActivateError, DeviceStats, Interrupt, VirtioDevice, serve_device_queue_batches};
 
 pub const SECTOR: u64 = 512;
 /// Queue size offered to the driver.
@@ -417,32 +417,59 @@ impl Block {
         c
     }
 
-    /// Runs one checked request; returns the status and the bytes written into guest buffers.
-    fn execute(&mut self, mem: &GuestMemoryMmap, r: &Request) -> (u8, u64) {
-        let result = match r.kind {
-            req::IN | req::OUT => self.transfer(mem, r),
-            req::FLUSH => match &mut self.storage {
-                Storage::Inline(d) => d.flush(),
-                Storage::Process(d) => d.flush(),
-            },
+    /// What a checked request asks of the disk, or (`Err`) its answer when it asks nothing of
+    /// it (the serial, an unsupported type, bad discard ranges): status and bytes written.
+    fn plan<'m>(
+        &self,
+        mem: &'m GuestMemoryMmap,
+        r: &Request,
+    ) -> Result<Vec<DiskOp<'m>>, (u8, u64)> {
+        let offset = r.sector * SECTOR;
+        let data = || -> Result<Vec<VolatileSlice<'m>>, (u8, u64)> {
+            // parse() checked every buffer against guest memory.
+            r.data
+                .iter()
+                .map(|s| mem.get_slice(s.addr, s.len as usize))
+                .collect::<Result<_, _>>()
+                .map_err(|_| (status::IOERR, 0))
+        };
+        match r.kind {
+            req::IN => Ok(vec![DiskOp::Read(offset, data()?)]),
+            req::OUT => Ok(vec![DiskOp::Write(offset, data()?)]),
+            req::FLUSH => Ok(vec![DiskOp::Flush]),
             req::GET_ID => {
                 let n = r.data_len.min(SERIAL_LEN as u64) as usize;
-                return match write_stream(mem, &r.data, &self.serial[..n]) {
+                Err(match write_stream(mem, &r.data, &self.serial[..n]) {
                     Ok(()) => (status::OK, n as u64),
                     Err(_) => (status::IOERR, 0),
-                };
+                })
             }
             req::DISCARD | req::WRITE_ZEROES => match parse_ranges(mem, r, self.capacity) {
-                Ok(ranges) => self.punch(r.kind, &ranges),
+                Ok(ranges) => Ok(ranges
+                    .into_iter()
+                    .map(|(sector, count, flags)| {
+                        let how = if r.kind == req::DISCARD {
+                            Punch::Discard
+                        } else if flags & WRITE_ZEROES_UNMAP != 0 {
+                            Punch::ZeroUnmap
+                        } else {
+                            Punch::Zero
+                        };
+                        DiskOp::Punch(how, sector * SECTOR, count * SECTOR)
+                    })
+                    .collect()),
                 Err(e) => {
                     tracing::debug!(error = %e, "bad discard request");
                     DeviceStats::add(&self.stats.bad_requests, 1);
-                    return (status::IOERR, 0);
+                    Err((status::IOERR, 0))
                 }
             },
-            _ => return (status::UNSUPP, 0),
-        };
-        self.stats.copy_backend(self.backend_stats());
+            _ => Err((status::UNSUPP, 0)),
+        }
+    }
+
+    /// A planned request's answer once its disk operations ended: status and bytes written.
+    fn finish(&self, r: &Request, result: std::io::Result<()>) -> (u8, u64) {
         if let Err(e) = result {
             tracing::debug!(path = %self.path.display(), error = %e, "drive I/O failed");
             DeviceStats::add(&self.stats.io_errors, 1);
@@ -461,60 +488,73 @@ impl Block {
         }
     }
 
-    fn transfer(&mut self, mem: &GuestMemoryMmap, r: &Request) -> std::io::Result<()> {
-        let slices: Vec<VolatileSlice<'_>> = r
-            .data
-            .iter()
-            .map(|s| mem.get_slice(s.addr, s.len as usize))
-            .collect::<Result<_, _>>()
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        let offset = r.sector * SECTOR;
-        match (&mut self.storage, r.kind) {
-            (Storage::Inline(d), req::IN) => d.read(offset, &slices),
-            (Storage::Inline(d), _) => d.write(offset, &slices),
-            (Storage::Process(d), req::IN) => d.read(offset, &slices),
-            (Storage::Process(d), _) => d.write(offset, &slices),
+    /// Serves the chains of one pass over the queue; returns each head with the bytes written
+    /// into its device-writable buffers. Every request is parsed and planned first; their disk
+    /// operations then run together, in order (a back-end gets all of them before it answers
+    /// the first, as many as its window holds).
+    fn serve(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        chains: Vec<DescriptorChain<&GuestMemoryMmap>>,
+    ) -> Vec<(u16, u32)> {
+        enum Step {
+            /// The answer is known; write this status there.
+            Answer(u8, u64, GuestAddress),
+            /// Disk operations `ops[.1]`, then answer.
+            Disk(Request, std::ops::Range<usize>),
+            /// No status byte to answer through.
+            Drop,
         }
-    }
-
-    fn punch(&mut self, kind: u32, ranges: &[(u64, u64, u32)]) -> std::io::Result<()> {
-        for &(sector, count, flags) in ranges {
-            let how = if kind == req::DISCARD {
-                Punch::Discard
-            } else if flags & WRITE_ZEROES_UNMAP != 0 {
-                Punch::ZeroUnmap
-            } else {
-                Punch::Zero
+        DeviceStats::add(&self.stats.requests, chains.len() as u64);
+        let mut ops = Vec::new();
+        let mut steps = Vec::with_capacity(chains.len());
+        for chain in chains {
+            let head = chain.head_index();
+            let descriptors = chain::descriptors(chain);
+            let step = match parse(mem, &descriptors, self.capacity, self.read_only) {
+                Ok(r) => match self.plan(mem, &r) {
+                    Ok(mut planned) => {
+                        let first = ops.len();
+                        ops.append(&mut planned);
+                        Step::Disk(r, first..ops.len())
+                    }
+                    Err((st, n)) => Step::Answer(st, n, r.status),
+                },
+                Err((e, at)) => {
+                    tracing::debug!(error = %e, "bad block request");
+                    DeviceStats::add(&self.stats.bad_requests, 1);
+                    at.map_or(Step::Drop, |at| Step::Answer(status::IOERR, 0, at))
+                }
             };
-            let (off, len) = (sector * SECTOR, count * SECTOR);
-            match &mut self.storage {
-                Storage::Inline(d) => d.punch(how, off, len)?,
-                Storage::Process(d) => d.punch(how, off, len)?,
-            }
+            steps.push((head, step));
         }
-        Ok(())
-    }
-
-    /// Serves one chain; returns the bytes written into its device-writable buffers.
-    fn serve(&mut self, mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
-        let descriptors = chain::descriptors(chain);
-        DeviceStats::add(&self.stats.requests, 1);
-        let (st, written, at) = match parse(mem, &descriptors, self.capacity, self.read_only) {
-            Ok(r) => {
-                let (st, n) = self.execute(mem, &r);
-                (st, n, r.status)
-            }
-            Err((e, at)) => {
-                tracing::debug!(error = %e, "bad block request");
-                DeviceStats::add(&self.stats.bad_requests, 1);
-                let Some(at) = at else { return 0 };
-                (status::IOERR, 0, at)
-            }
+        let mut results: Vec<std::io::Result<()>> = match &mut self.storage {
+            Storage::Inline(d) => ops.iter().map(|op| d.run(op)).collect(),
+            Storage::Process(d) => d.run(&ops),
         };
-        if mem.write_obj(st, at).is_err() {
-            return 0;
-        }
-        u32::try_from(written + 1).unwrap_or(u32::MAX)
+        self.stats.copy_backend(self.backend_stats());
+        steps
+            .into_iter()
+            .map(|(head, step)| {
+                let (st, n, at) = match step {
+                    Step::Drop => return (head, 0),
+                    Step::Answer(st, n, at) => (st, n, at),
+                    Step::Disk(r, range) => {
+                        // The request failed if any of its operations did.
+                        let result = results[range]
+                            .iter_mut()
+                            .find(|r| r.is_err())
+                            .map_or(Ok(()), |e| std::mem::replace(e, Ok(())));
+                        let (st, n) = self.finish(&r, result);
+                        (st, n, r.status)
+                    }
+                };
+                if mem.write_obj(st, at).is_err() {
+                    return (head, 0);
+                }
+                (head, u32::try_from(n + 1).unwrap_or(u32::MAX))
+            })
+            .collect()
     }
 }
 
@@ -573,8 +613,8 @@ impl VirtioDevice for Block {
             queue: Some(q),
             interrupt: Some(irq),
         } = &mut active
-            && !serve_device_queue(q, mem, irq, &self.stats.clone(), |chain| {
-                self.serve(mem, chain)
+            && !serve_device_queue_batches(q, mem, irq, &self.stats.clone(), |chains| {
+                self.serve(mem, chains)
             })
         {
             active.queue = None;

@@ -22,7 +22,10 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-pub use queue::{QueueBroken, interrupt_if_wanted, serve_device_queue, serve_queue};
+pub use queue::{
+    QueueBroken, interrupt_if_wanted, serve_device_queue, serve_device_queue_batches, serve_queue,
+    serve_queue_batches,
+};
 
 /// `VIRTIO_F_VERSION_1`: the only kind of device bulwark offers.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -128,6 +131,8 @@ pub struct DeviceStats {
     /// How long the last back-end restart took, from noticing the death to the new back-end's
     /// hello, in µs (a gauge).
     pub last_restart_us: AtomicU64,
+    /// Most requests the device had sent its back-end and not yet had answered, at any time.
+    pub backend_peak_in_flight: AtomicU64,
 }
 
 /// A snapshot of [`DeviceStats`].
@@ -142,11 +147,12 @@ pub struct DeviceCounters {
     pub restarts: u64,
     pub violations: u64,
     pub last_restart_us: u64,
+    pub backend_peak_in_flight: u64,
 }
 
 impl DeviceCounters {
     /// Every counter by name, in a fixed order (reports, the control channel, metrics).
-    pub fn fields(&self) -> [(&'static str, u64); 9] {
+    pub fn fields(&self) -> [(&'static str, u64); 10] {
         [
             ("requests", self.requests),
             ("bytes_out", self.bytes_out),
@@ -157,6 +163,7 @@ impl DeviceCounters {
             ("restarts", self.restarts),
             ("violations", self.violations),
             ("last_restart_us", self.last_restart_us),
+            ("backend_peak_in_flight", self.backend_peak_in_flight),
         ]
     }
 }
@@ -183,6 +190,7 @@ impl DeviceStats {
             restarts: Self::get(&self.restarts),
             violations: Self::get(&self.violations),
             last_restart_us: Self::get(&self.last_restart_us),
+            backend_peak_in_flight: Self::get(&self.backend_peak_in_flight),
         }
     }
 
@@ -201,6 +209,7 @@ impl DeviceStats {
         Self::set(&self.restarts, Self::get(&b.restarts));
         Self::set(&self.violations, Self::get(&b.violations));
         Self::set(&self.last_restart_us, Self::get(&b.last_restart_us));
+        Self::set(&self.backend_peak_in_flight, Self::get(&b.peak_in_flight));
     }
 
     pub fn get(counter: &AtomicU64) -> u64 {

@@ -27,24 +27,47 @@ pub fn serve_queue<F>(
 where
     F: FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
 {
+    serve_queue_batches(q, mem, irq, |chains| {
+        chains
+            .into_iter()
+            .map(|c| (c.head_index(), handle(c)))
+            .collect()
+    })
+}
+
+/// [`serve_queue`] for a device that serves the chains available at one look together:
+/// `handle` gets them all and returns, for each, its head index and the bytes it wrote.
+pub fn serve_queue_batches<F>(
+    q: &mut Queue,
+    mem: &GuestMemoryMmap,
+    irq: &Interrupt,
+    mut handle: F,
+) -> Result<u64, QueueBroken>
+where
+    F: FnMut(Vec<DescriptorChain<&GuestMemoryMmap>>) -> Vec<(u16, u32)>,
+{
     let mut served = 0u64;
     let result = loop {
         if q.disable_notification(mem).is_err() {
             break Err(QueueBroken);
         }
-        let mut popped = 0u64;
-        let mut broken = false;
-        while let Some(chain) = q.pop_descriptor_chain(mem) {
-            popped += 1;
-            let head = chain.head_index();
-            let written = handle(chain);
-            if q.add_used(mem, head, written).is_err() {
-                broken = true;
-                break;
-            }
-        }
+        // At most a ring's worth per pass: a driver that keeps publishing while the device
+        // takes chains gets served in several passes, not into an ever-growing batch.
+        let most = usize::from(q.size());
+        let chains: Vec<_> = std::iter::from_fn(|| q.pop_descriptor_chain(mem))
+            .take(most)
+            .collect();
+        let popped = chains.len() as u64;
+        let used = if chains.is_empty() {
+            Vec::new()
+        } else {
+            handle(chains)
+        };
         served += popped;
-        if broken {
+        if used
+            .iter()
+            .any(|&(head, n)| q.add_used(mem, head, n).is_err())
+        {
             break Err(QueueBroken);
         }
         match q.enable_notification(mem) {
@@ -77,12 +100,31 @@ pub fn serve_device_queue<F>(
     mem: &GuestMemoryMmap,
     irq: &Interrupt,
     stats: &DeviceStats,
-    handle: F,
+    mut handle: F,
 ) -> bool
 where
     F: FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
 {
-    if serve_queue(q, mem, irq, handle).is_ok() {
+    serve_device_queue_batches(q, mem, irq, stats, |chains| {
+        chains
+            .into_iter()
+            .map(|c| (c.head_index(), handle(c)))
+            .collect()
+    })
+}
+
+/// [`serve_device_queue`] with [`serve_queue_batches`]' handler.
+pub fn serve_device_queue_batches<F>(
+    q: &mut Queue,
+    mem: &GuestMemoryMmap,
+    irq: &Interrupt,
+    stats: &DeviceStats,
+    handle: F,
+) -> bool
+where
+    F: FnMut(Vec<DescriptorChain<&GuestMemoryMmap>>) -> Vec<(u16, u32)>,
+{
+    if serve_queue_batches(q, mem, irq, handle).is_ok() {
         return true;
     }
     DeviceStats::add(&stats.broken_queues, 1);
