@@ -501,6 +501,11 @@ impl RemoteDisk {
     /// times per window-full.
     pub fn run(&mut self, ops: &[DiskOp<'_>]) -> Vec<std::io::Result<()>> {
         let cap = self.backend.window.len();
+        let piece_cap = if spare_cpu() {
+            proto::STREAM_PIECE.min(cap)
+        } else {
+            cap
+        };
         let mut pieces = Vec::new();
         for (i, op) in ops.iter().enumerate() {
             let one = |msg: Msg| Piece {
@@ -519,7 +524,7 @@ impl RemoteDisk {
                     let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
                     let mut done = 0;
                     while done < total {
-                        let len = cap.min(total - done);
+                        let len = piece_cap.min(total - done);
                         pieces.push(Piece {
                             bufs: sub_slices(bufs, done, len),
                             ..one(Msg {
@@ -594,17 +599,27 @@ impl RemoteDisk {
         pieces: &mut [Piece<'_>],
         results: &mut [std::io::Result<()>],
     ) -> Result<(), Death> {
+        let mut waiting = BTreeMap::new();
+        let mut group: Vec<usize> = Vec::new();
+        let mut copied = 0;
         let open: Vec<usize> = (0..pieces.len()).filter(|&i| !pieces[i].answered).collect();
-        for &i in &open {
+        for (k, &i) in open.iter().enumerate() {
             let p = &pieces[i];
             if p.msg.op == Op::Write {
                 copy_in(&self.backend.window_range(&p.msg)?, &p.bufs);
+                copied += p.msg.len;
+            }
+            group.push(i);
+            // With a CPU to spare the back-end starts on what is copied while the next piece
+            // is; without, everything goes at once (each send would wake it only to wait).
+            let last = k + 1 == open.len();
+            if last || (spare_cpu() && copied >= proto::STREAM_PIECE) {
+                let mut msgs: Vec<Msg> = group.iter().map(|&i| pieces[i].msg).collect();
+                self.backend.send_all(&mut msgs)?;
+                waiting.extend(msgs.iter().zip(group.drain(..)).map(|(m, i)| (m.id, i)));
+                copied = 0;
             }
         }
-        let mut msgs: Vec<Msg> = open.iter().map(|&i| pieces[i].msg).collect();
-        self.backend.send_all(&mut msgs)?;
-        let mut waiting: BTreeMap<u64, usize> =
-            msgs.iter().zip(open).map(|(m, i)| (m.id, i)).collect();
         while !waiting.is_empty() {
             let m = self
                 .backend

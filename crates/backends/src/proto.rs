@@ -31,6 +31,10 @@ pub const MSG_LEN: usize = 48;
 /// Most requests a device has in flight to its back-end at once. Both ends' socket buffers hold
 /// this many messages with room to spare, so neither blocks sending while the other does.
 pub const MAX_BATCH: usize = 64;
+/// A read or write at least this large is answered as soon as it is done, not with the rest of
+/// its batch, and with a CPU to spare the monitor cuts larger transfers into pieces of this
+/// size and sends each once it is copied: copying one piece overlaps moving the next.
+pub const STREAM_PIECE: u64 = 256 << 10;
 /// Largest errno a reply may carry.
 const MAX_ERRNO: u32 = 4095;
 /// Longest violation report kept (the rest is cut).

@@ -173,8 +173,8 @@ fn errno(result: std::io::Result<()>) -> u32 {
 }
 
 /// A block back-end: takes every request waiting (the monitor sends a queue notification's
-/// worth at once), runs them in order, and answers them together, so that it and the monitor
-/// wake each other once per batch rather than once per request.
+/// worth at once), runs them in order, and answers them together (large transfers at once),
+/// so that it and the monitor wake each other once per batch rather than once per request.
 fn serve_block(channel: &OwnedFd, window: &Window, disk: &Disk, probe: &mut Probe) -> ! {
     let mut replies = Vec::new();
     loop {
@@ -196,9 +196,10 @@ fn serve_block(channel: &OwnedFd, window: &Window, disk: &Disk, probe: &mut Prob
                 _ => sys::exit_now(EXIT_PROTOCOL),
             };
             replies.push(Msg::done(m.id, errno(result)));
-            if probe.fires_next() {
-                // What was done before the probe's call is answered, as it would be had the
-                // back-end died of something else there.
+            // A large transfer is answered at once: the monitor can copy it out while this
+            // goes on with the next. What was done before the probe's call is answered, as it
+            // would be had the back-end died of something else there.
+            if m.len >= proto::STREAM_PIECE || probe.fires_next() {
                 reply_all(channel, &mut replies);
             }
             probe.served();

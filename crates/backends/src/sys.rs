@@ -314,9 +314,8 @@ pub fn send_many(sock: BorrowedFd<'_>, msgs: &[&[u8]]) -> io::Result<()> {
         let n = rest.len().min(libc::c_uint::MAX as usize) as libc::c_uint;
         // SAFETY: every header points at one live iovec, which points at a live message, for
         // the call's duration; the kernel writes only the headers' msg_len fields.
-        let r = unsafe {
-            libc::sendmmsg(sock.as_raw_fd(), rest.as_mut_ptr(), n, libc::MSG_NOSIGNAL)
-        };
+        let r =
+            unsafe { libc::sendmmsg(sock.as_raw_fd(), rest.as_mut_ptr(), n, libc::MSG_NOSIGNAL) };
         if r < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {

@@ -313,7 +313,7 @@ fn main() {
     assert_eq!(s.restarts, kills, "every death cost one restart: {s}");
     assert_eq!(s.io_errors, 0, "{s}");
     println!(
-        "block back-end: batches, window-sized pieces, an exit mid-batch, {} kills: ok ({s})",
+        "block back-end: batches, pieces, an exit mid-batch, {} kills: ok ({s})",
         kills - 1
     );
     drop(g);
