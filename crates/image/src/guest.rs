@@ -7,6 +7,7 @@ use std::time::Instant;
 use crate::bzimage::{BzImage, BzImageError};
 use crate::elf::{Elf, ElfError};
 use crate::initramfs::{self, ExtraFile, Initramfs, InitramfsError};
+use crate::kallsyms::{self, KallsymsError};
 use crate::kernel::{self, BusyboxSource, KernelError, KernelFiles, KernelSource};
 use crate::manifest::{self, ImageManifest, InitramfsInfo, KernelInfo, ManifestError};
 use crate::modules::ModulesError;
@@ -62,6 +63,14 @@ pub enum ImageError {
         path: PathBuf,
         #[source]
         source: ElfError,
+    },
+    #[error(
+        "cannot make a System.map from the kallsyms tables of the kernel in {path} (its package has no real one)"
+    )]
+    Kallsyms {
+        path: PathBuf,
+        #[source]
+        source: KallsymsError,
     },
     #[error("cannot write {path}")]
     Write {
@@ -162,24 +171,20 @@ pub fn build_image(spec: &ImageSpec) -> Result<ImageManifest, ImageError> {
     }
     write(&out.join(BZIMAGE_FILE), &bz_data)?;
     write(&out.join(VMLINUX_FILE), &vmlinux)?;
+    write_system_map(&kernel, &vmlinux, &out.join(SYSTEM_MAP_FILE))?;
     let boot_protocol = format!("{}.{:02}", bz.protocol >> 8, bz.protocol & 0xff);
     drop(vmlinux);
 
-    for (src, name) in [
-        (&kernel.system_map, SYSTEM_MAP_FILE),
-        (&kernel.config, CONFIG_FILE),
-    ] {
-        let dest = out.join(name);
-        match src {
-            Some(src) => {
-                std::fs::copy(src, &dest).map_err(|source| ImageError::Write {
-                    path: dest.clone(),
-                    source,
-                })?;
-            }
-            None => {
-                let _ = std::fs::remove_file(&dest);
-            }
+    let config = out.join(CONFIG_FILE);
+    match &kernel.config {
+        Some(src) => {
+            std::fs::copy(src, &config).map_err(|source| ImageError::Write {
+                path: config.clone(),
+                source,
+            })?;
+        }
+        None => {
+            let _ = std::fs::remove_file(&config);
         }
     }
 
@@ -244,6 +249,40 @@ pub fn build_image(spec: &ImageSpec) -> Result<ImageManifest, ImageError> {
     manifest.write(out)?;
     tracing::info!(dir = %out.display(), elapsed = ?started.elapsed(), "image built");
     Ok(manifest)
+}
+
+/// Writes `dest`: the package's `System.map` when it is a real one, else (Debian ships a
+/// placeholder) the map made from the kallsyms tables in `vmlinux`. A kernel without kallsyms
+/// and without a real map gets none (introspection then says the map is missing); damaged
+/// tables fail the build.
+fn write_system_map(kernel: &KernelFiles, vmlinux: &[u8], dest: &Path) -> Result<(), ImageError> {
+    if let Some(src) = &kernel.system_map {
+        std::fs::copy(src, dest).map_err(|source| ImageError::Write {
+            path: dest.to_owned(),
+            source,
+        })?;
+        return Ok(());
+    }
+    match kallsyms::symbols(vmlinux) {
+        Ok(symbols) => {
+            tracing::info!(
+                symbols = symbols.len(),
+                "System.map made from the kernel's kallsyms tables (the package has no real one)"
+            );
+            write(dest, kallsyms::system_map(&symbols).as_bytes())
+        }
+        Err(KallsymsError::NoTables) => {
+            tracing::warn!(
+                "no System.map: the package has no real one and the kernel has no kallsyms tables"
+            );
+            let _ = std::fs::remove_file(dest);
+            Ok(())
+        }
+        Err(source) => Err(ImageError::Kallsyms {
+            path: kernel.bzimage.clone(),
+            source,
+        }),
+    }
 }
 
 fn write(path: &Path, data: &[u8]) -> Result<(), ImageError> {

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::bzimage::{BzImage, BzImageError};
+use crate::kallsyms;
 use crate::manifest::PackageRef;
 use crate::modules::{ModuleTree, ModulesError};
 use crate::packages::{self, Apt, BUSYBOX_PACKAGE, PackageError};
@@ -76,6 +77,10 @@ pub struct KernelFiles {
     pub version: String,
     pub package: Option<PackageRef>,
     pub bzimage: PathBuf,
+    /// The package's `System.map-<release>`, when it names real symbols: Debian's is a
+    /// one-line placeholder pointing at the `-dbg` package ([`kallsyms::map_has_symbols`]),
+    /// and then this is `None` and the image builder makes the map from the kernel's own
+    /// kallsyms tables ([`kallsyms::symbols`]).
     pub system_map: Option<PathBuf>,
     pub config: Option<PathBuf>,
     /// `lib/modules/<release>`.
@@ -170,8 +175,12 @@ impl KernelFiles {
                 release: release.clone(),
             })?;
         let optional = |name: String| Some(boot.join(name)).filter(|p| p.is_file());
+        let system_map = match optional(format!("System.map-{release}")) {
+            Some(map) => real_system_map(map)?,
+            None => None,
+        };
         Ok(Self {
-            system_map: optional(format!("System.map-{release}")),
+            system_map,
             config: optional(format!("config-{release}")),
             release,
             version,
@@ -194,6 +203,20 @@ impl KernelFiles {
     pub fn module_tree(&self) -> Result<ModuleTree, KernelError> {
         Ok(ModuleTree::open(&self.modules_dir)?)
     }
+}
+
+/// `path` if it is a real `System.map`: its first 4 KiB name a symbol (a real map has
+/// thousands of lines; Debian's placeholder has one, naming none).
+fn real_system_map(path: PathBuf) -> Result<Option<PathBuf>, KernelError> {
+    use std::io::Read;
+    let mut head = Vec::new();
+    std::fs::File::open(&path)
+        .and_then(|f| f.take(4096).read_to_end(&mut head))
+        .map_err(|source| KernelError::Read {
+            path: path.clone(),
+            source,
+        })?;
+    Ok(kallsyms::map_has_symbols(&head).then_some(path))
 }
 
 /// Where to take busybox from.
@@ -270,6 +293,30 @@ mod tests {
         assert!(k.config.is_some());
         assert!(k.system_map.is_none());
         assert_eq!(k.modules_dir, root.join("lib/modules").join(REL));
+    }
+
+    #[test]
+    fn kernel_tree_placeholder_system_map_is_not_the_map() {
+        let (_t, root) = tree("placeholder-map", &[REL]);
+        let map = root.join(format!("boot/System.map-{REL}"));
+        let src = KernelSource::Tree {
+            root: root.clone(),
+            release: None,
+        };
+        std::fs::write(
+            &map,
+            "ffffffffffffffff B The real System.map is in the linux-image-<version>-dbg package\n",
+        )
+        .unwrap();
+        let k = KernelFiles::locate(&src, &mut Apt::new(&root)).unwrap();
+        assert_eq!(k.system_map, None);
+        std::fs::write(
+            &map,
+            "ffffffff81000000 T _text\nffffffff81000000 T startup_64\n",
+        )
+        .unwrap();
+        let k = KernelFiles::locate(&src, &mut Apt::new(&root)).unwrap();
+        assert_eq!(k.system_map, Some(map));
     }
 
     #[test]

@@ -23,7 +23,8 @@
 //! | `bzImage` | the package's kernel, for the Linux 64-bit boot protocol |
 //! | `vmlinux` | the ELF inside the bzImage ([`bzimage`]: lz4-legacy/gzip/xz/zstd payloads), for PVH; [`manifest::KernelInfo::pvh_entry`] says whether it has the PVH note |
 //! | `initramfs.cpio` | uncompressed cpio newc ([`cpio`], [`initramfs`]): busybox and applet links, the virtio modules of the same package ([`GUEST_MODULES`] plus dependencies, [`modules`]), `/init`, [`ImageSpec::extra_files`] |
-//! | `System.map`, `config` | from the package |
+//! | `System.map` | the package's when it is a real map; Debian's is a placeholder, so usually made from the kernel's own kallsyms tables in `vmlinux` ([`kallsyms`]); absent when the kernel has neither |
+//! | `config` | from the package |
 //! | `manifest.json` | [`ImageManifest`]: kernel release and version, packages, initramfs contents, size and SHA-256 of every file; written last |
 //!
 //! The guest's `/init` ([`initramfs::guest_init_script`]) mounts proc, sys and devtmpfs, loads
@@ -41,6 +42,7 @@ pub mod decompress;
 pub mod elf;
 mod guest;
 pub mod initramfs;
+pub mod kallsyms;
 pub mod kernel;
 pub mod manifest;
 pub mod modules;

@@ -1,0 +1,199 @@
+//! Structure layouts from the guest kernel's own BTF (the `.BTF` section of the vmlinux that
+//! `bulwark image` ships; Debian builds its kernels with `CONFIG_DEBUG_INFO_BTF`), so that no
+//! profile has to be made by hand for a kernel: the offsets introspection needs are looked up
+//! by name in the kernel they describe.
+
+use btfparse::{Offset, Readable, TypeInformation};
+use thiserror::Error;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum LayoutError {
+    #[error("{0}: not an ELF file (give the image's vmlinux, not the bzImage)")]
+    NotElf(String),
+    #[error(
+        "the vmlinux has no .BTF section: its kernel was built without CONFIG_DEBUG_INFO_BTF (Debian's cloud kernels have it)"
+    )]
+    NoBtf,
+    #[error("the BTF data is malformed or truncated: {0}")]
+    BadBtf(String),
+    #[error(
+        "the kernel's BTF has no type `{0}`: this kernel's layout is not one introspection knows"
+    )]
+    NoType(String),
+    #[error("the kernel's `{ty}` has no member `{path}` (this kernel's layout differs): {why}")]
+    NoMember {
+        ty: String,
+        path: String,
+        why: String,
+    },
+    #[error("`{ty}.{path}` is a bit-field; introspection reads whole bytes")]
+    BitField { ty: String, path: String },
+}
+
+/// A kernel's BTF, parsed.
+pub struct Btf {
+    info: TypeInformation,
+}
+
+impl std::fmt::Debug for Btf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Btf({} types)", self.info.get().len())
+    }
+}
+
+/// Raw BTF bytes, for the parser.
+struct Bytes<'a>(&'a [u8]);
+
+impl Readable for Bytes<'_> {
+    fn read(&self, offset: u64, buffer: &mut [u8]) -> btfparse::Result<()> {
+        let start = usize::try_from(offset).ok();
+        let src = start
+            .and_then(|s| self.0.get(s..s.checked_add(buffer.len())?))
+            .ok_or_else(|| {
+                btfparse::Error::new(
+                    btfparse::ErrorKind::IOError,
+                    "read past the end of the BTF data",
+                )
+            })?;
+        buffer.copy_from_slice(src);
+        Ok(())
+    }
+}
+
+impl Btf {
+    /// Parses raw BTF (a `.BTF` section, or `/sys/kernel/btf/vmlinux`).
+    pub fn parse(raw: &[u8]) -> Result<Self, LayoutError> {
+        let info =
+            TypeInformation::new(&Bytes(raw)).map_err(|e| LayoutError::BadBtf(format!("{e:?}")))?;
+        Ok(Self { info })
+    }
+
+    /// The BTF of an ELF vmlinux.
+    pub fn from_vmlinux(elf: &[u8]) -> Result<Self, LayoutError> {
+        let elf =
+            bulwark_image::elf::Elf::parse(elf).map_err(|e| LayoutError::NotElf(e.to_string()))?;
+        let raw = elf
+            .section(".BTF")
+            .map_err(|e| LayoutError::NotElf(e.to_string()))?
+            .ok_or(LayoutError::NoBtf)?;
+        Self::parse(raw)
+    }
+
+    fn id(&self, ty: &str) -> Result<u32, LayoutError> {
+        self.info
+            .id_of(ty)
+            .ok_or_else(|| LayoutError::NoType(ty.to_owned()))
+    }
+
+    /// The byte offset of member `path` (`a.b.c`, through nested structures and unions) in
+    /// structure `ty`.
+    pub fn offset(&self, ty: &str, path: &str) -> Result<u64, LayoutError> {
+        let (_, off) =
+            self.info
+                .offset_of(self.id(ty)?, path)
+                .map_err(|e| LayoutError::NoMember {
+                    ty: ty.to_owned(),
+                    path: path.to_owned(),
+                    why: format!("{e:?}"),
+                })?;
+        match off {
+            Offset::ByteOffset(b) => Ok(u64::from(b)),
+            Offset::BitOffsetAndSize(bits, _) if bits % 8 == 0 => Ok(u64::from(bits / 8)),
+            Offset::BitOffsetAndSize(..) => Err(LayoutError::BitField {
+                ty: ty.to_owned(),
+                path: path.to_owned(),
+            }),
+        }
+    }
+
+    /// The size in bytes of member `path` of `ty`.
+    pub fn member_size(&self, ty: &str, path: &str) -> Result<u64, LayoutError> {
+        let (tid, _) =
+            self.info
+                .offset_of(self.id(ty)?, path)
+                .map_err(|e| LayoutError::NoMember {
+                    ty: ty.to_owned(),
+                    path: path.to_owned(),
+                    why: format!("{e:?}"),
+                })?;
+        self.info
+            .size_of(tid)
+            .map(|s| s as u64)
+            .map_err(|e| LayoutError::BadBtf(format!("size of {ty}.{path}: {e:?}")))
+    }
+
+    /// The size in bytes of type `ty`.
+    pub fn size(&self, ty: &str) -> Result<u64, LayoutError> {
+        self.info
+            .size_of(self.id(ty)?)
+            .map(|s| s as u64)
+            .map_err(|e| LayoutError::BadBtf(format!("size of {ty}: {e:?}")))
+    }
+
+    /// The first of `paths` that `ty` has (members renamed between kernel versions).
+    fn offset_any(&self, ty: &str, paths: &[&str]) -> Result<u64, LayoutError> {
+        let mut last = None;
+        for p in paths {
+            match self.offset(ty, p) {
+                Ok(o) => return Ok(o),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| LayoutError::NoType(ty.to_owned())))
+    }
+}
+
+/// Where the members introspection reads sit in a kernel's structures (byte offsets).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelLayout {
+    /// `task_struct.tasks` (the `list_head` linking every process).
+    pub task_tasks: u64,
+    pub task_pid: u64,
+    pub task_tgid: u64,
+    /// `task_struct.comm` and its length (TASK_COMM_LEN).
+    pub task_comm: u64,
+    pub task_comm_len: u64,
+    pub task_real_parent: u64,
+    /// `task_struct.real_cred` (the objective credentials).
+    pub task_cred: u64,
+    /// `task_struct.__state` (`state` before Linux 5.14).
+    pub task_state: u64,
+    /// `task_struct.start_time` (ns of monotonic time at fork).
+    pub task_start_time: u64,
+    /// `task_struct.mm` (NULL for kernel threads).
+    pub task_mm: u64,
+    /// `cred.uid` (a `kuid_t`: one u32).
+    pub cred_uid: u64,
+    /// `module.list` (linking the loaded modules from the `modules` list head).
+    pub module_list: u64,
+    pub module_name: u64,
+    pub module_name_len: u64,
+    pub module_state: u64,
+    /// `list_head.next`.
+    pub list_next: u64,
+}
+
+impl KernelLayout {
+    /// Looks every member up in `btf`; the first one missing names itself.
+    pub fn from_btf(btf: &Btf) -> Result<Self, LayoutError> {
+        let t = "task_struct";
+        Ok(Self {
+            task_tasks: btf.offset(t, "tasks")?,
+            task_pid: btf.offset(t, "pid")?,
+            task_tgid: btf.offset(t, "tgid")?,
+            task_comm: btf.offset(t, "comm")?,
+            task_comm_len: btf.member_size(t, "comm")?,
+            task_real_parent: btf.offset(t, "real_parent")?,
+            task_cred: btf.offset(t, "real_cred")?,
+            task_state: btf.offset_any(t, &["__state", "state"])?,
+            task_start_time: btf.offset(t, "start_time")?,
+            task_mm: btf.offset(t, "mm")?,
+            cred_uid: btf.offset("cred", "uid")?,
+            module_list: btf.offset("module", "list")?,
+            module_name: btf.offset("module", "name")?,
+            module_name_len: btf.member_size("module", "name")?,
+            module_state: btf.offset("module", "state")?,
+            list_next: btf.offset("list_head", "next")?,
+        })
+    }
+}
