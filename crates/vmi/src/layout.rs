@@ -85,18 +85,21 @@ impl Btf {
             .ok_or_else(|| LayoutError::NoType(ty.to_owned()))
     }
 
+    /// Member `path` of `ty`: its type id and offset.
+    fn member(&self, ty: &str, path: &str) -> Result<(u32, Offset), LayoutError> {
+        self.info
+            .offset_of(self.id(ty)?, path)
+            .map_err(|e| LayoutError::NoMember {
+                ty: ty.to_owned(),
+                path: path.to_owned(),
+                why: format!("{e:?}"),
+            })
+    }
+
     /// The byte offset of member `path` (`a.b.c`, through nested structures and unions) in
     /// structure `ty`.
     pub fn offset(&self, ty: &str, path: &str) -> Result<u64, LayoutError> {
-        let (_, off) =
-            self.info
-                .offset_of(self.id(ty)?, path)
-                .map_err(|e| LayoutError::NoMember {
-                    ty: ty.to_owned(),
-                    path: path.to_owned(),
-                    why: format!("{e:?}"),
-                })?;
-        match off {
+        match self.member(ty, path)?.1 {
             Offset::ByteOffset(b) => Ok(u64::from(b)),
             Offset::BitOffsetAndSize(bits, _) if bits % 8 == 0 => Ok(u64::from(bits / 8)),
             Offset::BitOffsetAndSize(..) => Err(LayoutError::BitField {
@@ -108,14 +111,7 @@ impl Btf {
 
     /// The size in bytes of member `path` of `ty`.
     pub fn member_size(&self, ty: &str, path: &str) -> Result<u64, LayoutError> {
-        let (tid, _) =
-            self.info
-                .offset_of(self.id(ty)?, path)
-                .map_err(|e| LayoutError::NoMember {
-                    ty: ty.to_owned(),
-                    path: path.to_owned(),
-                    why: format!("{e:?}"),
-                })?;
+        let (tid, _) = self.member(ty, path)?;
         self.info
             .size_of(tid)
             .map(|s| s as u64)
