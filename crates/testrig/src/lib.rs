@@ -227,9 +227,25 @@ fn run(spec: &RigSpec, script: &str, mode: ConsoleMode) -> Result<RigRun, RigErr
             memory_mib: spec.memory_mib,
             cpus: spec.cpus,
             extra_args: Vec::new(),
+            // Someone at the console decides for themselves when to give up.
+            freeze_after: match mode {
+                ConsoleMode::Attached => Duration::MAX,
+                ConsoleMode::Capture { .. } => qemu::FREEZE_AFTER,
+            },
         };
         let remaining = spec.timeout.saturating_sub(started.elapsed());
-        let q = qemu::run(&cfg, mode, remaining)?;
+        let mut q = qemu::run(&cfg, mode, remaining);
+        // QEMU's emulated SVM now and then leaves L1 frozen for good (its CPU time stops;
+        // nothing in L1 runs again). The script starts from nothing in a new L1, so it is
+        // booted again, once, and said loudly.
+        if let Err(qemu::QemuError::Frozen { idle, tail }) = &q {
+            eprintln!(
+                "bulwark: rig: L1 froze (QEMU used no CPU for {idle:?}); booting it again, once. Its last console lines:\n{tail}"
+            );
+            let remaining = spec.timeout.saturating_sub(started.elapsed());
+            q = qemu::run(&cfg, mode, remaining);
+        }
+        let q = q?;
         let (status, output) =
             parse_console(&q.console, &nonce).ok_or_else(|| RigError::NoStatus {
                 console: q.console.clone(),

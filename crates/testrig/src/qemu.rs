@@ -34,6 +34,10 @@ pub enum QemuError {
         "the rig ran longer than {after:?}: QEMU was killed. Raise the timeout if the script needs longer; last console lines:\n{tail}"
     )]
     Timeout { after: Duration, tail: String },
+    #[error(
+        "the rig's L1 froze: QEMU used no CPU time for {idle:?} (a hang of QEMU's emulated SVM seen now and then; nothing in L1 can end it), so it was killed; last console lines:\n{tail}"
+    )]
+    Frozen { idle: Duration, tail: String },
     #[error("QEMU failed ({status}):\n{stderr}")]
     Failed { status: ExitStatus, stderr: String },
     #[error("cannot wait for QEMU")]
@@ -51,6 +55,49 @@ pub struct QemuConfig {
     pub cpus: u32,
     /// Appended to the command line as is.
     pub extra_args: Vec<String>,
+    /// QEMU is taken for frozen once its CPU time has not moved for this long (an L1 that
+    /// waits for a timer still uses some; a frozen one uses none).
+    pub freeze_after: Duration,
+}
+
+/// The default [`QemuConfig::freeze_after`]: far longer than any idle wait in a rig script.
+pub const FREEZE_AFTER: Duration = Duration::from_secs(90);
+
+/// Watches a process's CPU time for a stretch in which it does not move.
+#[derive(Debug)]
+struct FreezeWatch {
+    last: Option<u64>,
+    since: Instant,
+}
+
+impl FreezeWatch {
+    fn new(now: Instant) -> Self {
+        Self {
+            last: None,
+            since: now,
+        }
+    }
+
+    /// Takes a sample of CPU time (`None`: unreadable, which resets the watch) and returns how
+    /// long it has been flat.
+    fn sample(&mut self, cpu: Option<u64>, now: Instant) -> Duration {
+        if cpu.is_none() || cpu != self.last {
+            self.last = cpu;
+            self.since = now;
+        }
+        now - self.since
+    }
+}
+
+/// User plus system CPU time of process `pid`, all threads, in clock ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // pid (comm) state ppid ... utime(14) stime(15): fields after the comm's closing paren.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut f = rest.split(' ').skip(11);
+    let utime: u64 = f.next()?.parse().ok()?;
+    let stime: u64 = f.next()?.parse().ok()?;
+    Some(utime + stime)
 }
 
 impl QemuConfig {
@@ -183,11 +230,19 @@ pub fn run(cfg: &QemuConfig, mode: ConsoleMode, timeout: Duration) -> Result<Qem
     });
 
     let deadline = start + timeout;
+    let mut watch = FreezeWatch::new(start);
+    let mut next_sample = start;
     let status = loop {
         if let Some(status) = child.try_wait().map_err(QemuError::Wait)? {
             break status;
         }
-        if Instant::now() >= deadline {
+        let now = Instant::now();
+        let mut idle = Duration::ZERO;
+        if now >= next_sample {
+            idle = watch.sample(cpu_ticks(child.id()), now);
+            next_sample = now + Duration::from_secs(1);
+        }
+        if now >= deadline || idle >= cfg.freeze_after {
             // Our own child, by its handle.
             let _ = child.kill();
             let _ = child.wait();
@@ -196,9 +251,13 @@ pub fn run(cfg: &QemuConfig, mode: ConsoleMode, timeout: Duration) -> Result<Qem
                 .lock()
                 .map(|c| c.tail(TIMEOUT_TAIL_LINES))
                 .unwrap_or_default();
-            return Err(QemuError::Timeout {
-                after: timeout,
-                tail,
+            return Err(if now >= deadline {
+                QemuError::Timeout {
+                    after: timeout,
+                    tail,
+                }
+            } else {
+                QemuError::Frozen { idle, tail }
             });
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -358,6 +417,7 @@ mod tests {
             memory_mib: 2048,
             cpus: 1,
             extra_args: vec!["-s".into()],
+            freeze_after: FREEZE_AFTER,
         };
         let a = cfg.args().join(" ");
         for want in [
@@ -377,6 +437,37 @@ mod tests {
     }
 
     #[test]
+    fn freeze_watch_counts_only_time_without_cpu() {
+        let t0 = Instant::now();
+        let s = |secs| t0 + Duration::from_secs(secs);
+        let mut w = FreezeWatch::new(t0);
+        assert_eq!(w.sample(Some(100), s(0)), Duration::ZERO);
+        assert_eq!(w.sample(Some(100), s(30)), Duration::from_secs(30));
+        // Any CPU used starts the count again.
+        assert_eq!(w.sample(Some(101), s(31)), Duration::ZERO);
+        assert_eq!(w.sample(Some(101), s(120)), Duration::from_secs(89));
+        // An unreadable sample is not taken for a frozen one.
+        assert_eq!(w.sample(None, s(200)), Duration::ZERO);
+        assert_eq!(w.sample(Some(101), s(201)), Duration::ZERO);
+    }
+
+    #[test]
+    fn cpu_time_of_this_process_is_readable_and_grows() {
+        let me = std::process::id();
+        let a = cpu_ticks(me).expect("this process's /proc stat");
+        let until = Instant::now() + Duration::from_millis(200);
+        let mut x = 0u64;
+        while Instant::now() < until {
+            x = x.wrapping_mul(31).wrapping_add(1);
+        }
+        std::hint::black_box(x);
+        assert!(
+            cpu_ticks(me).unwrap() > a,
+            "200 ms of spinning shows in utime"
+        );
+    }
+
+    #[test]
     fn qemu_missing_binary_names_the_debian_package() {
         let cfg = QemuConfig {
             qemu: "/nonexistent/qemu-system-x86_64".into(),
@@ -386,6 +477,7 @@ mod tests {
             memory_mib: 64,
             cpus: 1,
             extra_args: vec![],
+            freeze_after: FREEZE_AFTER,
         };
         let e = run(
             &cfg,

@@ -8,6 +8,7 @@
 //! Not yet here (issue 6): reading a running VM's memory and vCPU state through the monitor,
 //! the CLI and API, modules, integrity baselines, write traps, breakpoints and cross-view.
 
+pub mod fuzz;
 pub mod layout;
 pub mod pagetable;
 pub mod symbols;
