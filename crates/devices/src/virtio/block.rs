@@ -424,7 +424,9 @@ impl Block {
         mem: &'m GuestMemoryMmap,
         r: &Request,
     ) -> Result<Vec<DiskOp<'m>>, (u8, u64)> {
-        let offset = r.sector * SECTOR;
+        // parse() checked the sector of reads and writes against the capacity; other types'
+        // sector is whatever the guest wrote, and unused.
+        let offset = r.sector.wrapping_mul(SECTOR);
         let data = || -> Result<Vec<VolatileSlice<'m>>, (u8, u64)> {
             // parse() checked every buffer against guest memory.
             r.data
@@ -779,6 +781,22 @@ mod tests {
         r.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
         assert_eq!(&id[..14], b"disk-serial-01");
         assert_eq!(id[14..], [0; 6]);
+    }
+
+    #[test]
+    fn block_requests_that_ignore_the_sector_accept_any_value_there() {
+        // Flush and get-id carry a sector field the device does not use: a hostile value in
+        // it (one whose byte offset overflows) changes nothing.
+        let mut r = rig("sector", 1 << 20, false);
+        assert_eq!(r.request(req::FLUSH, u64::MAX, None), (status::OK, 1));
+        assert_eq!(
+            r.request(req::GET_ID, u64::MAX, Some((20, true))),
+            (status::OK, 21)
+        );
+        assert_eq!(
+            r.request(req::IN, u64::MAX, Some((512, true))).0,
+            status::IOERR
+        );
     }
 
     #[test]

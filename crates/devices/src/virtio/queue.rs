@@ -53,10 +53,15 @@ where
         }
         // At most a ring's worth per pass: a driver that keeps publishing while the device
         // takes chains gets served in several passes, not into an ever-growing batch.
-        let most = usize::from(q.size());
-        let chains: Vec<_> = std::iter::from_fn(|| q.pop_descriptor_chain(mem))
-            .take(most)
+        let size = q.size();
+        let mut chains: Vec<_> = std::iter::from_fn(|| q.pop_descriptor_chain(mem))
+            .take(usize::from(size))
             .collect();
+        // A head index past the ring cannot be published, which breaks the queue: nothing
+        // after it is served (as when chains are served one at a time).
+        if let Some(bad) = chains.iter().position(|c| c.head_index() >= size) {
+            chains.truncate(bad + 1);
+        }
         let popped = chains.len() as u64;
         let used = if chains.is_empty() {
             Vec::new()
