@@ -14,8 +14,9 @@ use crate::tasks::{MAX_TASKS, Reader, processes};
 const RAM: usize = 1 << 20;
 const HEAD: usize = 25;
 
-/// A plausible layout (offsets of the 6.1 kernel's order of magnitude).
-fn layout() -> KernelLayout {
+/// A plausible layout (offsets of the 6.1 kernel's order of magnitude, all within the first
+/// 2 KiB of a task), shared with the task-list tests.
+pub(crate) fn layout() -> KernelLayout {
     KernelLayout {
         task_tasks: 0x4a8,
         task_pid: 0x598,

@@ -155,6 +155,7 @@ fn process(r: &Reader<'_>, l: &KernelLayout, task: u64) -> Result<Process, ReadE
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fuzz::layout;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     const BASE: u64 = 0xffff_8880_0000_0000;
@@ -180,27 +181,6 @@ mod tests {
                 five_level: false,
             },
         )
-    }
-
-    fn layout() -> KernelLayout {
-        KernelLayout {
-            task_tasks: 0x100,
-            task_pid: 0x110,
-            task_tgid: 0x114,
-            task_comm: 0x120,
-            task_comm_len: 16,
-            task_real_parent: 0x140,
-            task_cred: 0x148,
-            task_state: 0x18,
-            task_start_time: 0x150,
-            task_mm: 0x158,
-            cred_uid: 4,
-            module_list: 8,
-            module_name: 0x18,
-            module_name_len: 56,
-            module_state: 0,
-            list_next: 0,
-        }
     }
 
     /// Writes a task at guest-physical `pa` (virtual `BASE + pa`).
