@@ -424,9 +424,6 @@ impl Block {
         mem: &'m GuestMemoryMmap,
         r: &Request,
     ) -> Result<Vec<DiskOp<'m>>, (u8, u64)> {
-        // parse() checked the sector of reads and writes against the capacity; other types'
-        // sector is whatever the guest wrote, and unused.
-        let offset = r.sector.wrapping_mul(SECTOR);
         let data = || -> Result<Vec<VolatileSlice<'m>>, (u8, u64)> {
             // parse() checked every buffer against guest memory.
             r.data
@@ -436,8 +433,10 @@ impl Block {
                 .map_err(|_| (status::IOERR, 0))
         };
         match r.kind {
-            req::IN => Ok(vec![DiskOp::Read(offset, data()?)]),
-            req::OUT => Ok(vec![DiskOp::Write(offset, data()?)]),
+            // parse() checked a read's or write's sectors against the capacity; other types'
+            // sector field is whatever the guest wrote, and unused.
+            req::IN => Ok(vec![DiskOp::Read(r.sector * SECTOR, data()?)]),
+            req::OUT => Ok(vec![DiskOp::Write(r.sector * SECTOR, data()?)]),
             req::FLUSH => Ok(vec![DiskOp::Flush]),
             req::GET_ID => {
                 let n = r.data_len.min(SERIAL_LEN as u64) as usize;
