@@ -95,6 +95,71 @@ pub enum Request {
         #[serde(default)]
         leave_paused: bool,
     },
+    /// Read the guest kernel from outside (introspection): only where the VM's spec allows it
+    /// (`introspection = true`). The vCPUs pause while the monitor reads and then run on; the
+    /// answer goes to the VM's owner, and describe counts every one.
+    Introspect { view: IntrospectView },
+}
+
+/// What an introspection request lists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IntrospectView {
+    /// The kernel's task list.
+    Processes,
+    /// The kernel's module list.
+    Modules,
+}
+
+/// Most rows an introspection reply carries (a frame holds at most [`MAX_FRAME_LEN`] bytes);
+/// a guest with more is reported partial.
+pub const MAX_INTROSPECT_ROWS: usize = 2048;
+
+/// One process as the guest kernel records it, read from outside.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestProcess {
+    pub pid: i32,
+    pub ppid: i32,
+    pub comm: String,
+    pub uid: u32,
+    /// The kernel's `__state` (0 runnable, 1 sleeping, 2 uninterruptible, ...).
+    pub state: u32,
+    /// Nanoseconds after the guest booted.
+    pub start_time_ns: u64,
+    pub kernel_thread: bool,
+    /// The `task_struct`'s guest-virtual address.
+    pub task: u64,
+}
+
+/// One loaded module as the guest kernel records it, read from outside.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestModule {
+    pub name: String,
+    /// `live`, `coming`, `going`, `unformed`.
+    pub state: String,
+    /// Guest-virtual address and size of its code.
+    pub base: u64,
+    pub size: u32,
+}
+
+/// An introspection's answer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Introspection {
+    /// The guest kernel's KASLR slide.
+    pub slide: u64,
+    /// How long the vCPUs were held (0 when the VM was already paused).
+    pub paused_us: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub processes: Vec<GuestProcess>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub modules: Vec<GuestModule>,
+    /// Set when the list is incomplete, and why (a broken or looping list in guest memory,
+    /// more rows than a reply carries).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial: Option<String>,
 }
 
 /// Run state as the monitor sees it.
@@ -145,6 +210,9 @@ pub struct VmInfo {
     /// How far a lazy restore has got, if the VM was restored lazily.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lazy_restore: Option<LazyRestoreInfo>,
+    /// Introspection requests served, so the owner sees every look inside the VM.
+    #[serde(default)]
+    pub introspections: u64,
 }
 
 /// A lazy restore's progress: memory blocks stored in the snapshot, and how many are in place.
@@ -181,6 +249,7 @@ pub enum Response {
         bytes: u64,
         paused_ms: u64,
     },
+    Introspection(Introspection),
     /// The request cannot be served; `code` is stable (see [`error_code`]).
     Error {
         code: String,
@@ -211,6 +280,8 @@ pub mod error_code {
     pub const INVALID: &str = "invalid_request";
     /// The monitor failed serving it (a write error).
     pub const FAILED: &str = "failed";
+    /// The VM's spec does not allow it (introspection of a VM that did not opt in).
+    pub const FORBIDDEN: &str = "forbidden";
 }
 
 impl Response {
@@ -352,6 +423,9 @@ mod tests {
                 path: "/x".into(),
                 key: "00".repeat(32),
                 leave_paused: true,
+            },
+            Request::Introspect {
+                view: IntrospectView::Modules,
             },
         ];
         for r in reqs {

@@ -23,7 +23,8 @@ const EXIT_QUIT: u8 = 130;
 const EXIT_CRASH: u8 = 123;
 
 use bulwark_image::{
-    BZIMAGE_FILE as IMAGE_BZIMAGE, INITRAMFS_FILE as IMAGE_INITRAMFS, VMLINUX_FILE as IMAGE_VMLINUX,
+    BZIMAGE_FILE as IMAGE_BZIMAGE, INITRAMFS_FILE as IMAGE_INITRAMFS, SYSTEM_MAP_FILE,
+    VMLINUX_FILE as IMAGE_VMLINUX,
 };
 
 /// Kernel arguments every Linux guest gets: the console on COM1, reboot through the keyboard
@@ -44,6 +45,37 @@ pub(crate) enum VmSpec {
 
 fn read(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("cannot read {what} {}", path.display()))
+}
+
+/// The kernel profile introspection needs, from an image: its System.map and the raw BTF of
+/// its vmlinux. Read here, before the monitor's jail hides the image; parsed only when the
+/// owner first asks.
+fn introspection_profile(image: &Path) -> anyhow::Result<bulwark_monitor::IntrospectionConfig> {
+    let hint = || {
+        format!(
+            "introspection needs the image's {SYSTEM_MAP_FILE} and {IMAGE_VMLINUX}; rebuild it with `bulwark image build --out {}`",
+            image.display()
+        )
+    };
+    let system_map =
+        read(&image.join(SYSTEM_MAP_FILE), "the kernel's symbol map").with_context(hint)?;
+    let vmlinux = read(&image.join(IMAGE_VMLINUX), "the kernel's vmlinux").with_context(hint)?;
+    let elf = bulwark_image::elf::Elf::parse(&vmlinux).with_context(|| {
+        format!(
+            "{} is not an ELF vmlinux",
+            image.join(IMAGE_VMLINUX).display()
+        )
+    })?;
+    let btf = elf
+        .section(".BTF")?
+        .with_context(|| {
+            format!(
+                "{} has no .BTF section: its kernel was built without CONFIG_DEBUG_INFO_BTF, which introspection needs (Debian's cloud kernels have it)",
+                image.join(IMAGE_VMLINUX).display()
+            )
+        })?
+        .to_vec();
+    Ok(bulwark_monitor::IntrospectionConfig { system_map, btf })
 }
 
 /// The guest job after `--`, as init arguments on the kernel command line.
@@ -135,6 +167,13 @@ pub(crate) fn vm_spec_from(
         })),
         (None, image, kernel) if image.is_some() != kernel.is_some() => {
             let pvh = args.pvh || file.pvh.unwrap_or(false);
+            let introspection = match (&image, file.introspection) {
+                (Some(dir), Some(true)) => Some(introspection_profile(dir)?),
+                (None, Some(true)) => anyhow::bail!(
+                    "introspection = true needs a guest from an `image` (its System.map and vmlinux describe the kernel), not a bare kernel"
+                ),
+                _ => None,
+            };
             let (kernel, initrd): (PathBuf, Option<PathBuf>) = match (image, kernel) {
                 (Some(dir), _) => {
                     let k = dir.join(if pvh { IMAGE_VMLINUX } else { IMAGE_BZIMAGE });
@@ -191,6 +230,7 @@ pub(crate) fn vm_spec_from(
                         socket: v.socket,
                         isolation: isolation(v.backend),
                     }),
+                introspection,
             }))
         }
         (None, None, None) => Err(ConfigError::NoPayload.into()),

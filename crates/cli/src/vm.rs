@@ -96,6 +96,16 @@ enum VmCommand {
     },
     /// List a Linux guest's processes.
     Ps { name: String },
+    /// Read a Linux guest's kernel from outside (introspection): `vmi ps NAME` lists the
+    /// kernel's tasks, `vmi modules NAME` its loaded modules. The VM's spec must set
+    /// `introspection = true`; the guest pauses while it is read.
+    Vmi {
+        #[arg(value_enum)]
+        view: VmiView,
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Write an encrypted snapshot of a running VM.
     Snapshot {
         name: String,
@@ -118,6 +128,80 @@ enum VmCommand {
         #[arg(long)]
         lazy: bool,
     },
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum VmiView {
+    /// The guest kernel's task list.
+    Ps,
+    /// The guest kernel's module list.
+    Modules,
+    /// Cross-view: the guest agent's processes against the kernel's task list; exits 1 when
+    /// a process is hidden from either.
+    Xview,
+}
+
+/// A task's `__state` as `ps` shows it.
+fn task_state(state: u64) -> char {
+    const TASK_NOLOAD: u64 = 0x400;
+    match state {
+        0 => 'R',
+        s if s & 0x20 != 0 => 'Z',
+        s if s & 0x10 != 0 => 'X',
+        s if s & 0x8 != 0 => 't',
+        s if s & 0x4 != 0 => 'T',
+        s if s & 0x2 != 0 && s & TASK_NOLOAD != 0 => 'I',
+        s if s & 0x2 != 0 => 'D',
+        _ => 'S',
+    }
+}
+
+/// Prints an introspection's answer as a table; a partial one ends with why.
+fn print_introspection(view: VmiView, v: &Value) {
+    match view {
+        VmiView::Xview => {}
+        VmiView::Ps => {
+            println!(
+                "{:>7} {:>7} {:>6} S {:>10} COMMAND",
+                "PID", "PPID", "UID", "START"
+            );
+            for p in v["processes"].as_array().into_iter().flatten() {
+                let comm = s(&p["comm"]).escape_debug().to_string();
+                let start = p["start_time_ns"].as_u64().unwrap_or(0);
+                println!(
+                    "{:>7} {:>7} {:>6} {} {:>9.2}s {}",
+                    s(&p["pid"]),
+                    s(&p["ppid"]),
+                    s(&p["uid"]),
+                    task_state(p["state"].as_u64().unwrap_or(0)),
+                    start as f64 / 1e9,
+                    if p["kernel_thread"].as_bool() == Some(true) {
+                        format!("[{comm}]")
+                    } else {
+                        comm
+                    }
+                );
+            }
+        }
+        VmiView::Modules => {
+            println!(
+                "{:<34} {:<8} {:>18} {:>8}",
+                "MODULE", "STATE", "BASE", "SIZE"
+            );
+            for m in v["modules"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<34} {:<8} {:>#18x} {:>8}",
+                    s(&m["name"]).escape_debug().to_string(),
+                    s(&m["state"]),
+                    m["base"].as_u64().unwrap_or(0),
+                    s(&m["size"])
+                );
+            }
+        }
+    }
+    if let Some(why) = v["partial"].as_str() {
+        println!("(partial: {})", why.escape_debug());
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -343,6 +427,58 @@ async fn run(args: VmArgs) -> Result<ExitCode, VmCliError> {
                     s(&p["state"]),
                     s(&p["comm"]).escape_debug()
                 );
+            }
+        }
+        VmCommand::Vmi {
+            view: VmiView::Xview,
+            name,
+            json,
+        } => {
+            let v = client.call("GET", &vm(name, "/crossview"), None).await?;
+            let flagged: Vec<&Value> = ["missing_from_task_list", "hidden_from_agent"]
+                .iter()
+                .flat_map(|k| v[*k].as_array().into_iter().flatten())
+                .collect();
+            if *json {
+                print_json(&v);
+            } else {
+                println!(
+                    "agent sees {} processes, the kernel's task list {}",
+                    s(&v["agent"]),
+                    s(&v["introspected"])
+                );
+                for f in &flagged {
+                    println!(
+                        "HIDDEN pid {} {}: only the {} sees it",
+                        s(&f["pid"]),
+                        s(&f["comm"]).escape_debug(),
+                        s(&f["seen_by"])
+                    );
+                }
+                if let Some(why) = v["partial"].as_str() {
+                    println!("(partial: {})", why.escape_debug());
+                }
+            }
+            if !flagged.is_empty() {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        VmCommand::Vmi { view, name, json } => {
+            let wire = match view {
+                VmiView::Ps => "processes",
+                VmiView::Modules | VmiView::Xview => "modules",
+            };
+            let v = client
+                .call(
+                    "POST",
+                    &vm(name, "/introspect"),
+                    Some(&json!({ "view": wire })),
+                )
+                .await?;
+            if *json {
+                print_json(&v);
+            } else {
+                print_introspection(*view, &v);
             }
         }
         VmCommand::Snapshot {

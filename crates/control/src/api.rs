@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use tokio::net::UnixListener;
 use tracing::{debug, info, warn};
 
-use crate::daemon::{Caller, CreateRequest, Daemon, ExecBody, json_error};
+use crate::daemon::{Caller, CreateRequest, Daemon, ExecBody, IntrospectBody, json_error};
 use crate::error::ApiError;
 use crate::routes::{Action, Role, Route, Routed, route};
 
@@ -274,6 +274,11 @@ async fn dispatch(
             ok(d.exec(name, b).await?)
         }
         Action::Ps => ok(d.ps(name).await?),
+        Action::CrossView => ok(d.crossview(name).await?),
+        Action::Introspect => {
+            let b: IntrospectBody = parse(&read_body(req).await?)?;
+            ok(d.introspect(name, b.view).await?)
+        }
         Action::Snapshot => {
             let b: SnapshotBody = parse(&read_body(req).await?)?;
             ok(d.snapshot(name, &b.key, b.name).await?)

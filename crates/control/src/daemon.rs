@@ -138,6 +138,16 @@ pub struct CreateRequest {
     pub owner_token: Option<String>,
 }
 
+/// Rounds of a cross-view (agent, introspection, agent, introspection, agent).
+const CROSSVIEW_ROUNDS: usize = 2;
+
+/// `POST .../introspect` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntrospectBody {
+    pub view: bulwark_channel::IntrospectView,
+}
+
 /// `POST .../exec` body.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -974,6 +984,83 @@ impl Daemon {
             })
             .collect();
         Ok(json!({ "procs": list }))
+    }
+
+    /// Reads the guest kernel from outside (the monitor refuses unless the VM's spec allows
+    /// it). The answer goes to the owner; the daemon keeps nothing of it.
+    pub async fn introspect(
+        &self,
+        name: &str,
+        view: bulwark_channel::IntrospectView,
+    ) -> Result<Value, ApiError> {
+        let rec = self.get(name)?;
+        match self
+            .control(&rec, &Request::Introspect { view }, CALL_TIMEOUT)
+            .await?
+        {
+            Response::Introspection(r) => Ok(json!(r)),
+            other => Err(ApiError::Internal(format!(
+                "the monitor answered an introspection with {other:?}"
+            ))),
+        }
+    }
+
+    /// The guest agent's processes against the kernel's task list read from outside, in
+    /// [`CROSSVIEW_ROUNDS`] rounds (see [`crate::crossview`]).
+    pub async fn crossview(&self, name: &str) -> Result<Value, ApiError> {
+        let sock = self.agent_socket(name)?;
+        let agent_ps = || {
+            let sock = sock.clone();
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    let mut s = bulwark_agent::client::connect_vsock_uds(&sock, AGENT_PORT)?;
+                    bulwark_agent::client::ps(&mut s)
+                })
+                .await
+                .map_err(|e| ApiError::Internal(format!("ps task failed: {e}")))?
+                .map_err(Self::agent_error)
+            }
+        };
+        let mut lists = vec![agent_ps().await?];
+        let mut kernel = Vec::new();
+        let mut partial = None;
+        for _ in 0..CROSSVIEW_ROUNDS {
+            let rec = self.get(name)?;
+            let r = match self
+                .control(
+                    &rec,
+                    &Request::Introspect {
+                        view: bulwark_channel::IntrospectView::Processes,
+                    },
+                    CALL_TIMEOUT,
+                )
+                .await?
+            {
+                Response::Introspection(r) => r,
+                other => {
+                    return Err(ApiError::Internal(format!(
+                        "the monitor answered an introspection with {other:?}"
+                    )));
+                }
+            };
+            partial = partial.or(r.partial);
+            kernel.push(r.processes);
+            lists.push(agent_ps().await?);
+        }
+        let rounds: Vec<crate::crossview::Round<'_>> = kernel
+            .iter()
+            .enumerate()
+            .map(|(i, k)| crate::crossview::Round {
+                before: &lists[i],
+                kernel: k,
+                after: &lists[i + 1],
+            })
+            .collect();
+        let mut v = json!(crate::crossview::compare(&rounds));
+        if let Some(p) = partial {
+            v["partial"] = json!(p);
+        }
+        Ok(v)
     }
 
     fn snapshot_path(&self, rec: &VmRecord, snap: &str) -> PathBuf {

@@ -106,6 +106,7 @@ impl ApiError {
             Self::Monitor { monitor_code, .. } => match monitor_code.as_str() {
                 bulwark_channel::error_code::UNSUPPORTED => StatusCode::NOT_IMPLEMENTED,
                 bulwark_channel::error_code::INVALID => StatusCode::BAD_REQUEST,
+                bulwark_channel::error_code::FORBIDDEN => StatusCode::FORBIDDEN,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             },
             Self::Agent(_) => StatusCode::BAD_GATEWAY,

@@ -23,6 +23,7 @@
 //! - [`api`]: HTTP/1.1 on hyper, body limits, JSON errors, the console upgrade.
 //! - [`daemon`]: VM operations, monitor supervision and re-attachment.
 //! - [`monitor`]: spawning monitors, the async control channel, `/proc` liveness checks.
+//! - [`crossview`]: the guest agent's process list against introspection's.
 //! - [`store`], [`auth`], [`metrics`], [`error`].
 //! - [`client`]: the HTTP client `bulwark vm` uses.
 #![forbid(unsafe_code)]
@@ -30,6 +31,7 @@
 pub mod api;
 pub mod auth;
 pub mod client;
+pub mod crossview;
 pub mod daemon;
 pub mod error;
 pub mod metrics;

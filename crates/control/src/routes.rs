@@ -29,6 +29,8 @@ pub enum Action {
     Console,
     Exec,
     Ps,
+    Introspect,
+    CrossView,
     Snapshot,
     Restore,
     Metrics,
@@ -93,6 +95,18 @@ pub const ROUTES: &[Route] = &[
     ),
     r("POST", "/v1/vms/{name}/exec", Action::Exec, Role::Owner),
     r("GET", "/v1/vms/{name}/ps", Action::Ps, Role::Owner),
+    r(
+        "POST",
+        "/v1/vms/{name}/introspect",
+        Action::Introspect,
+        Role::Owner,
+    ),
+    r(
+        "GET",
+        "/v1/vms/{name}/crossview",
+        Action::CrossView,
+        Role::Owner,
+    ),
     r(
         "POST",
         "/v1/vms/{name}/snapshot",

@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bulwark_channel::{
-    CONSOLE_SOCKET, CONTROL_SOCKET, DeviceInfo, ExitCounts, FrameBuffer, Request, Response,
-    RunState, VmInfo, error_code,
+    CONSOLE_SOCKET, CONTROL_SOCKET, DeviceInfo, ExitCounts, FrameBuffer, IntrospectView, Request,
+    Response, RunState, VmInfo, error_code,
 };
 use bulwark_devices::console::ConsoleSink;
 use bulwark_devices::virtio::mmio::MmioTransport;
@@ -26,6 +26,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::control::VmControl;
+use crate::introspect::{Introspector, cpu_view};
 use crate::outcome::StopReason;
 use crate::snapshot::cpu::VcpuState;
 use crate::snapshot::{Header, RecordWriter, SNAPSHOT_FORMAT, SnapshotError, SnapshotSource};
@@ -206,6 +207,8 @@ pub struct VmView {
     pub power_button: Option<Box<dyn Fn() + Send>>,
     /// How this VM's state is saved, for VMs that can be snapshotted.
     pub snapshot: Option<Box<dyn SnapshotSource>>,
+    /// Introspection, for VMs whose spec allows it.
+    pub introspection: Option<Arc<Introspector>>,
 }
 
 enum ClientKind {
@@ -517,6 +520,61 @@ impl ManagedServer {
                 key,
                 leave_paused,
             } => self.snapshot(Path::new(&path), &key, leave_paused, ctx),
+            Request::Introspect { view } => self.introspect(view, ctx),
+        }
+    }
+
+    /// Holds the vCPUs, reads the guest kernel through vCPU 0's view of it, lets them run on.
+    fn introspect(&self, view: IntrospectView, ctx: &LoopCtx<'_>) -> Response {
+        let Some(vmi) = &self.view.introspection else {
+            return Response::error(
+                error_code::FORBIDDEN,
+                "this VM's spec does not allow introspection; its owner allows it with `introspection = true` in the spec the VM is created from",
+            );
+        };
+        // Parsing the profile takes a while the first time: before the vCPUs stop.
+        if let Err(e) = vmi.profile() {
+            return Response::error(error_code::FAILED, e);
+        }
+        let was_paused = ctx.control.is_paused();
+        let t0 = Instant::now();
+        if !was_paused && !self.pause(ctx) {
+            return Response::error(
+                error_code::FAILED,
+                "the vCPUs did not stop within 5 s; nothing was read",
+            );
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        ctx.vcpu.jobs.post(
+            0,
+            Box::new(move |fd, _, _| {
+                let _ = tx.send(cpu_view(fd));
+            }),
+        );
+        ctx.control.nudge();
+        let result = match rx.recv_timeout(PAUSE_WAIT) {
+            Ok(Ok(cpu)) => vmi.read(view, &ctx.vcpu.mem, &cpu),
+            Ok(Err(e)) => Err(format!("cannot read vCPU 0's registers: {e}")),
+            Err(_) => Err("vCPU 0 did not hand over its registers in time".into()),
+        };
+        let paused_us = if was_paused {
+            0
+        } else {
+            ctx.control.resume();
+            t0.elapsed().as_micros() as u64
+        };
+        tracing::info!(
+            ?view,
+            paused_us,
+            ok = result.is_ok(),
+            "introspection served"
+        );
+        match result {
+            Ok(mut r) => {
+                r.paused_us = paused_us;
+                Response::Introspection(r)
+            }
+            Err(e) => Response::error(error_code::FAILED, e),
         }
     }
 
@@ -716,6 +774,7 @@ impl ManagedServer {
             lazy_restore: (self.view.snapshot.as_ref())
                 .and_then(|s| s.base().lazy.as_ref())
                 .map(|l| l.info()),
+            introspections: self.view.introspection.as_ref().map_or(0, |v| v.served()),
         }
     }
 }

@@ -442,6 +442,7 @@ fn run_function_from(
                     devices: devices.virtio.clone(),
                     power_button: None,
                     snapshot: Some(Box::new(snapshot_source)),
+                    introspection: None,
                 },
             )
         })

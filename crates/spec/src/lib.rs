@@ -334,6 +334,10 @@ pub struct FileConfig {
     pub net: Option<Vec<NetSpec>>,
     /// The guest job for a Linux guest image (what `bulwark run ... -- CMD` gives).
     pub command: Option<Vec<String>>,
+    /// Let the VM's owner introspect it: read its kernel's process and module lists from
+    /// outside. Only for a Linux guest from an `image`, whose System.map and vmlinux (BTF) are
+    /// the kernel's profile.
+    pub introspection: Option<bool>,
 }
 
 impl FileConfig {
@@ -414,6 +418,13 @@ impl FileConfig {
                     ConfigError::BadNet(format!("mac={m}"), "mac must be six hex bytes, unicast")
                 })?;
             }
+        }
+        if self.introspection == Some(true) && self.image.is_none() {
+            return Err(ConfigError::BadValue {
+                field: "introspection",
+                value: "true".into(),
+                why: "introspection needs a Linux guest from an `image`: its System.map and vmlinux describe the kernel",
+            });
         }
         if kind == VmKind::Function && self.command.as_ref().is_some_and(|c| !c.is_empty()) {
             return Err(ConfigError::BadValue {

@@ -33,6 +33,8 @@ pub(crate) fn layout() -> KernelLayout {
         module_name: 0x18,
         module_name_len: 56,
         module_state: 0,
+        module_base: 0x140,
+        module_size: 0x148,
         list_next: 0,
     }
 }

@@ -165,6 +165,10 @@ pub struct KernelLayout {
     pub module_name: u64,
     pub module_name_len: u64,
     pub module_state: u64,
+    /// Where a module's code sits: `module.core_layout.base` and `.size` (Linux 6.1 to 6.3), or
+    /// `module.mem[MOD_TEXT].base` and `.size` (6.4 on).
+    pub module_base: u64,
+    pub module_size: u64,
     /// `list_head.next`.
     pub list_next: u64,
 }
@@ -173,6 +177,20 @@ impl KernelLayout {
     /// Looks every member up in `btf`; the first one missing names itself.
     pub fn from_btf(btf: &Btf) -> Result<Self, LayoutError> {
         let t = "task_struct";
+        let (module_base, module_size) = match (
+            btf.offset("module", "core_layout.base"),
+            btf.offset("module", "core_layout.size"),
+        ) {
+            (Ok(b), Ok(s)) => (b, s),
+            (Err(e), _) | (_, Err(e)) => {
+                // MOD_TEXT is the first of `mem`'s module_memory entries.
+                let mem = btf.offset("module", "mem").map_err(|_| e)?;
+                (
+                    mem + btf.offset("module_memory", "base")?,
+                    mem + btf.offset("module_memory", "size")?,
+                )
+            }
+        };
         Ok(Self {
             task_tasks: btf.offset(t, "tasks")?,
             task_pid: btf.offset(t, "pid")?,
@@ -189,6 +207,8 @@ impl KernelLayout {
             module_name: btf.offset("module", "name")?,
             module_name_len: btf.member_size("module", "name")?,
             module_state: btf.offset("module", "state")?,
+            module_base,
+            module_size,
             list_next: btf.offset("list_head", "next")?,
         })
     }

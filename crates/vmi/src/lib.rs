@@ -5,11 +5,16 @@
 //! guest's process list. Everything read from the guest is the guest's to forge: walks are
 //! bounded and every short read is an error or a result marked partial.
 //!
-//! Not yet here (issue 6): reading a running VM's memory and vCPU state through the monitor,
-//! the CLI and API, modules, integrity baselines, write traps, breakpoints and cross-view.
+//! `guest` ties them together for a paused VM: [`guest::Profile`] (System.map and BTF) and
+//! [`guest::GuestKernel`] (located from one vCPU's registers), which lists processes and
+//! modules. The monitor serves that to the VM's owner over its control channel.
+//!
+//! Not yet here (issue 6): integrity baselines, write traps, breakpoints and cross-view.
 
 pub mod fuzz;
+pub mod guest;
 pub mod layout;
+pub mod modules;
 pub mod pagetable;
 pub mod symbols;
 pub mod tasks;

@@ -34,6 +34,7 @@ use super::layout::*;
 use crate::control::VmControl;
 use crate::exit::Buses;
 use crate::input::ConsoleInput;
+use crate::introspect::{IntrospectionConfig, Introspector};
 use crate::kvm::{self, KvmError};
 use crate::managed::{ManagedServer, VmView};
 use crate::memory::GuestRam;
@@ -115,6 +116,8 @@ pub struct LinuxVmConfig {
     pub vsock: Option<VsockConfig>,
     /// virtio-net interfaces on taps, in order: the first is `eth0`.
     pub nets: Vec<NetConfig>,
+    /// The guest kernel's profile, when the VM's owner allows introspection.
+    pub introspection: Option<IntrospectionConfig>,
 }
 
 fn power_signal(control: &Arc<VmControl>) -> PowerSignal {
@@ -681,6 +684,10 @@ fn run_platform(parts: RunParts<'_>) -> Result<RunReport, VmError> {
                         }) as Box<dyn Fn() + Send>
                     }),
                     snapshot: Some(Box::new(snapshot_source)),
+                    introspection: cfg
+                        .introspection
+                        .clone()
+                        .map(|c| Arc::new(Introspector::new(c))),
                 },
             )
         })

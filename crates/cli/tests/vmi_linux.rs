@@ -1,0 +1,330 @@
+//! Introspection of a stock Debian guest under bulwarkd, in one nested-rig boot (real kvm_amd
+//! on QEMU's emulated SVM): the owner lists the guest kernel's processes and modules from
+//! outside, with nothing but the image's System.map and vmlinux as the kernel's profile; the
+//! operator may not; cross-view against the guest agent is clean on a clean guest, also across
+//! loading and unloading a benign module, and flags a process a real kernel module
+//! (`tests/vmi-attacks/hide_pid.c`) unlinked from the task list. "host" below is the rig's L1.
+//!
+//! The attack modules are built here for the image's kernel release, which needs that
+//! release's `linux-headers-*` package (`.ci/run` installs it).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use bulwark_testrig::{ExtraFile, GuestImage, RigRun, RigSpec};
+use common::*;
+
+const OWNER: &str = "owner-token-of-the-vmi-test-vm";
+/// Where the image puts the attack modules in the guest.
+const MODDIR: &str = "/lib/vmi-attacks";
+const MODULES: &[&str] = &["benign", "hide_pid"];
+
+/// bulwarkd comes from another package: build it (cargo builds only this package's binaries
+/// for its tests).
+fn bulwarkd() -> PathBuf {
+    let dir = PathBuf::from(bulwark()).parent().unwrap().to_path_buf();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "-q", "-p", "bulwark-control", "--bins"]);
+    if dir.ends_with("release") {
+        cmd.arg("--release");
+    }
+    let o = cmd.current_dir(repo_root()).output().unwrap();
+    assert!(o.status.success(), "cargo build bulwarkd: {}", stderr(&o));
+    dir.join("bulwarkd")
+}
+
+/// The kernel release an image boots, from its manifest.
+fn kernel_release(image: &Path) -> String {
+    let text = std::fs::read_to_string(image.join("manifest.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["kernel"]["release"].as_str().unwrap().to_string()
+}
+
+/// Builds the attack modules for `kver` into `out`.
+fn build_modules(kver: &str, out: &Path) {
+    let o = Command::new(repo_root().join("tests/vmi-attacks/build.sh"))
+        .args([kver, out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "building the attack modules for {kver} failed (install linux-headers-{kver}, as .ci/run does): {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        stderr(&o)
+    );
+}
+
+fn script() -> String {
+    format!(
+        r#"set -u
+mkdir -p /var/lib/bulwark
+bulwarkd --state-dir /var/lib/bulwark > /tmp/bulwarkd.log 2>&1 &
+i=0; while [ ! -S /var/lib/bulwark/bulwarkd.sock ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done
+export BULWARK_SOCKET=/var/lib/bulwark/bulwarkd.sock
+OP="--token-file /var/lib/bulwark/operator.token"
+OWN="--token {OWNER}"
+cat > /tmp/vm.toml <<'EOF'
+image = "/images/vmi"
+memory = "192M"
+introspection = true
+command = ["sh", "-c", "sleep 100000 & sleep 100001 & exec sleep 100002"]
+[vsock]
+socket = "/tmp/vm.vsock"
+EOF
+cat > /tmp/plain.toml <<'EOF'
+image = "/images/vmi"
+memory = "128M"
+command = ["sleep", "100000"]
+EOF
+# Waits until the guest agent answers (the guest is up).
+up() {{ i=0; while ! bulwark vm $OWN exec vm -- true 2>/dev/null && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done; }}
+
+section start
+bulwark vm $OP create vm --config /tmp/vm.toml --owner-token {OWNER} && bulwark vm $OP start vm; echo start=$?
+up; bulwark vm $OWN exec vm -- uname -r; echo exec=$?
+echo status=0
+
+section ps
+bulwark vm $OWN vmi ps vm; echo vmi-ps=$?
+bulwark vm $OWN vmi ps vm --json | tr -d ' \n'; echo
+bulwark vm $OP vmi ps vm; echo operator-vmi=$?
+echo status=0
+
+section modules
+bulwark vm $OWN vmi modules vm; echo vmi-modules=$?
+echo agent-modules: $(bulwark vm $OWN exec vm -- cut -d' ' -f1 /proc/modules | sort | tr '\n' ' ')
+echo vmi-modules: $(bulwark vm $OWN vmi modules vm --json | grep '"name"' | cut -d'"' -f4 | sort | tr '\n' ' ')
+echo status=0
+
+section xview_clean
+bulwark vm $OWN vmi xview vm; echo xview=$?
+bulwark vm $OWN exec vm -- insmod {MODDIR}/benign.ko; echo insmod-benign=$?
+bulwark vm $OWN vmi modules vm | grep -c '^benign '; echo benign-listed=$?
+bulwark vm $OWN vmi xview vm; echo xview-benign=$?
+bulwark vm $OWN exec vm -- rmmod benign; echo rmmod-benign=$?
+bulwark vm $OWN vmi modules vm | grep -c '^benign '; echo benign-gone=$?
+bulwark vm $OWN vmi xview vm; echo xview-after=$?
+echo status=0
+
+section hide_pid
+victim=$(bulwark vm $OWN exec vm -- sh -c 'sleep 77777 >/dev/null 2>&1 & echo $!')
+echo victim=$victim
+bulwark vm $OWN exec vm -- insmod {MODDIR}/hide_pid.ko pid=$victim; echo insmod-hide=$?
+bulwark vm $OWN exec vm -- sh -c "dmesg | grep vmi-attack: | tail -n 2"
+bulwark vm $OWN exec vm -- ps | grep -c 77777; echo agent-sees=$?
+bulwark vm $OWN vmi ps vm | grep -c 77777; echo vmi-sees=$?
+bulwark vm $OWN vmi xview vm; echo xview=$?
+echo status=0
+
+section forbidden
+bulwark vm $OP create plain --config /tmp/plain.toml --owner-token {OWNER} && bulwark vm $OP start plain; echo start=$?
+bulwark vm $OWN vmi ps plain; echo plain-vmi=$?
+bulwark vm $OP kill plain
+bulwark vm $OP describe vm --json | tr -d ' \n'; echo
+echo status=0
+
+section daemon_log
+cat /tmp/bulwarkd.log
+echo status=0
+"#
+    )
+}
+
+fn rig_run() -> &'static RigRun {
+    static RUN: OnceLock<Result<RigRun, String>> = OnceLock::new();
+    rig_once(&RUN, || {
+        let plain = build_image("test-image", &[]);
+        let kver = kernel_release(&plain);
+        let tmp = TestDir::new("vmi-attack-modules");
+        let mods = tmp.path("ko");
+        build_modules(&kver, &mods);
+        let adds: Vec<String> = MODULES
+            .iter()
+            .map(|m| format!("{}/{m}.ko:{MODDIR}/{m}.ko", mods.display()))
+            .flat_map(|a| ["--add".to_string(), a])
+            .collect();
+        let adds: Vec<&str> = adds.iter().map(String::as_str).collect();
+        let image = build_image("test-image-vmi", &adds);
+        assert_eq!(kernel_release(&image), kver);
+        let mut spec = RigSpec::new(bulwark());
+        spec.images = vec![GuestImage::new("vmi", image)];
+        spec.files = vec![
+            ExtraFile::host("/bin/bulwarkd", bulwarkd(), 0o755),
+            ExtraFile::host(
+                "/bin/bulwark-tools",
+                env!("CARGO_BIN_EXE_bulwark-tools"),
+                0o755,
+            ),
+        ];
+        spec.cmdline_extra = "loglevel=1".into();
+        spec.memory_mib = 2048;
+        spec.timeout = std::time::Duration::from_secs(1200);
+        (spec, script())
+    })
+}
+
+fn check(name: &str) -> (String, i32) {
+    section_status(rig_run(), name)
+}
+
+/// The number after `label=` on its line.
+fn num(out: &str, label: &str) -> i64 {
+    out.lines()
+        .find_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{label}=")))
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no `{label}=` in:\n{out}"))
+}
+
+/// The words after `label:` on its line.
+fn words<'a>(out: &'a str, label: &str) -> Vec<&'a str> {
+    out.lines()
+        .find_map(|l| l.strip_prefix(&format!("{label}:")))
+        .unwrap_or_else(|| panic!("no `{label}:` in:\n{out}"))
+        .split_whitespace()
+        .collect()
+}
+
+#[test]
+fn the_guest_boots_with_introspection_allowed() {
+    let (out, status) = check("start");
+    assert_eq!(status, 0, "{out}");
+    assert_eq!(num(&out, "start"), 0, "{out}");
+    assert_eq!(num(&out, "exec"), 0, "{out}");
+}
+
+#[test]
+fn the_owner_lists_the_guest_kernel_s_processes_from_outside() {
+    let (out, _) = check("ps");
+    assert_eq!(num(&out, "vmi-ps"), 0, "{out}");
+    // The table: init (pid 1, the image's /init), kthreadd (pid 2, a kernel thread), the job's
+    // three sleeps.
+    let row = |pid: &str| {
+        out.lines()
+            .find(|l| l.split_whitespace().next() == Some(pid))
+            .unwrap_or_else(|| panic!("no pid {pid} row in:\n{out}"))
+    };
+    assert!(row("2").ends_with("[kthreadd]"), "{}", row("2"));
+    assert!(
+        row("1").split_whitespace().nth(2) == Some("0"),
+        "init runs as root: {out}"
+    );
+    assert!(
+        out.lines().filter(|l| l.ends_with(" sleep")).count() >= 3,
+        "the job's sleeps: {out}"
+    );
+    let json = out
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("{out}"));
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    let slide = v["slide"].as_u64().unwrap();
+    assert_eq!(
+        slide % (2 << 20),
+        0,
+        "a KASLR slide is whole 2 MiB steps: {slide:#x}"
+    );
+    assert!(v["paused_us"].as_u64().unwrap() > 0, "{json}");
+    assert!(
+        v.get("partial").is_none(),
+        "a clean task list is complete: {json}"
+    );
+    let procs = v["processes"].as_array().unwrap();
+    assert_eq!(procs[0]["pid"], 0, "the idle task comes first: {json}");
+    assert!(
+        procs.len() > 20,
+        "a booted kernel has tens of tasks: {json}"
+    );
+    assert_ne!(
+        num(&out, "operator-vmi"),
+        0,
+        "the operator may not introspect: {out}"
+    );
+    assert!(out.contains("forbidden"), "{out}");
+}
+
+#[test]
+fn the_module_list_read_from_outside_matches_the_guest_s_own() {
+    let (out, _) = check("modules");
+    assert_eq!(num(&out, "vmi-modules"), 0, "{out}");
+    let agent = words(&out, "agent-modules");
+    let vmi = words(&out, "vmi-modules");
+    assert!(
+        agent.contains(&"virtio_blk") || agent.contains(&"virtio_net"),
+        "the image loads its virtio modules: {out}"
+    );
+    assert_eq!(agent, vmi, "{out}");
+}
+
+#[test]
+fn a_clean_guest_and_a_benign_module_give_no_cross_view_alert() {
+    let (out, _) = check("xview_clean");
+    assert_eq!(num(&out, "xview"), 0, "{out}");
+    assert_eq!(num(&out, "insmod-benign"), 0, "{out}");
+    assert_eq!(
+        num(&out, "benign-listed"),
+        0,
+        "benign shows while loaded: {out}"
+    );
+    assert_eq!(num(&out, "xview-benign"), 0, "{out}");
+    assert_eq!(num(&out, "rmmod-benign"), 0, "{out}");
+    assert_ne!(
+        num(&out, "benign-gone"),
+        0,
+        "benign gone once unloaded: {out}"
+    );
+    assert_eq!(num(&out, "xview-after"), 0, "{out}");
+    assert!(!out.contains("HIDDEN"), "{out}");
+}
+
+#[test]
+fn a_process_unlinked_by_a_kernel_module_is_flagged_by_cross_view() {
+    let (out, _) = check("hide_pid");
+    let victim = num(&out, "victim");
+    assert_eq!(num(&out, "insmod-hide"), 0, "{out}");
+    assert!(out.contains("vmi-attack: hid pid"), "{out}");
+    assert_eq!(
+        num(&out, "agent-sees"),
+        0,
+        "the guest's /proc still shows it: {out}"
+    );
+    assert_ne!(
+        num(&out, "vmi-sees"),
+        0,
+        "the task list no longer has it: {out}"
+    );
+    assert_eq!(
+        num(&out, "xview"),
+        1,
+        "cross-view exits 1 on a hidden process: {out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "HIDDEN pid {victim} sleep: only the agent sees it"
+        )),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_vm_whose_spec_does_not_allow_it_is_not_introspected_and_the_owner_sees_the_count() {
+    let (out, _) = check("forbidden");
+    assert_eq!(num(&out, "start"), 0, "{out}");
+    assert_ne!(num(&out, "plain-vmi"), 0, "{out}");
+    assert!(out.contains("does not allow introspection"), "{out}");
+    let json = out
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("{out}"));
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    let n = v["live"]["introspections"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{json}"));
+    assert!(n >= 10, "every request counted: {json}");
+}
