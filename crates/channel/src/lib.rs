@@ -109,6 +109,36 @@ pub enum IntrospectView {
     Processes,
     /// The kernel's module list.
     Modules,
+    /// Measure the kernel (text and rodata page hashes, system call table, every vCPU's IDT,
+    /// GDT, system-call MSRs and CR0/CR4 protections) and keep it as the baseline.
+    Baseline,
+    /// Measure again and report every difference from the baseline, and modules hidden from
+    /// the module list.
+    Check,
+}
+
+/// One integrity finding.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntegrityFinding {
+    /// `kernel_text`, `kernel_rodata`, `syscall_table`, `idt`, `gdt`, `msr`, `cr0_wp`,
+    /// `cr4_smep`, `cr4_smap`, `hidden_module`.
+    pub kind: String,
+    /// The guest-virtual address concerned (0 when none).
+    pub address: u64,
+    pub detail: String,
+}
+
+/// What a baseline or check measured.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Measured {
+    /// Kernel text and rodata bytes hashed.
+    pub bytes: u64,
+    pub syscalls: u64,
+    pub vcpus: u32,
+    /// Time spent measuring (within the pause).
+    pub measure_us: u64,
 }
 
 /// Most rows an introspection reply carries (a frame holds at most [`MAX_FRAME_LEN`] bytes);
@@ -156,6 +186,12 @@ pub struct Introspection {
     pub processes: Vec<GuestProcess>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub modules: Vec<GuestModule>,
+    /// For a baseline or a check: what was measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured: Option<Measured>,
+    /// For a check: every difference from the baseline (empty: none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub findings: Vec<IntegrityFinding>,
     /// Set when the list is incomplete, and why (a broken or looping list in guest memory,
     /// more rows than a reply carries).
     #[serde(default, skip_serializing_if = "Option::is_none")]

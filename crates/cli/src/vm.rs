@@ -139,6 +139,25 @@ enum VmiView {
     /// Cross-view: the guest agent's processes against the kernel's task list; exits 1 when
     /// a process is hidden from either.
     Xview,
+    /// Measure the guest kernel (text, rodata, system call table, IDT, GDT, MSRs, CR0/CR4
+    /// protections) as the integrity baseline; take it once the guest is up.
+    Baseline,
+    /// Measure again and list every difference from the baseline and every module hidden from
+    /// the module list; exits 1 when there is one.
+    Check,
+}
+
+/// Text from the guest with its control characters escaped (quotes stay as they are).
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// A task's `__state` as `ps` shows it.
@@ -160,6 +179,26 @@ fn task_state(state: u64) -> char {
 fn print_introspection(view: VmiView, v: &Value) {
     match view {
         VmiView::Xview => {}
+        VmiView::Baseline | VmiView::Check => {
+            let m = &v["measured"];
+            println!(
+                "measured {} KiB of kernel text and rodata, {} system calls, {} vCPUs in {:.1} ms (guest paused {:.1} ms)",
+                m["bytes"].as_u64().unwrap_or(0) >> 10,
+                s(&m["syscalls"]),
+                s(&m["vcpus"]),
+                m["measure_us"].as_u64().unwrap_or(0) as f64 / 1e3,
+                v["paused_us"].as_u64().unwrap_or(0) as f64 / 1e3,
+            );
+            let findings = v["findings"].as_array().map_or(&[][..], |f| f.as_slice());
+            if matches!(view, VmiView::Check) {
+                if findings.is_empty() {
+                    println!("no differences from the baseline");
+                }
+                for f in findings {
+                    println!("ALERT {}: {}", s(&f["kind"]), printable(&s(&f["detail"])));
+                }
+            }
+        }
         VmiView::Ps => {
             println!(
                 "{:>7} {:>7} {:>6} S {:>10} COMMAND",
@@ -467,6 +506,8 @@ async fn run(args: VmArgs) -> Result<ExitCode, VmCliError> {
             let wire = match view {
                 VmiView::Ps => "processes",
                 VmiView::Modules | VmiView::Xview => "modules",
+                VmiView::Baseline => "baseline",
+                VmiView::Check => "check",
             };
             let v = client
                 .call(
@@ -479,6 +520,11 @@ async fn run(args: VmArgs) -> Result<ExitCode, VmCliError> {
                 print_json(&v);
             } else {
                 print_introspection(*view, &v);
+            }
+            if matches!(view, VmiView::Check)
+                && v["findings"].as_array().is_some_and(|f| !f.is_empty())
+            {
+                return Ok(ExitCode::from(1));
             }
         }
         VmCommand::Snapshot {

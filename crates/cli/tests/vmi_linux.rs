@@ -20,7 +20,13 @@ use common::*;
 const OWNER: &str = "owner-token-of-the-vmi-test-vm";
 /// Where the image puts the attack modules in the guest.
 const MODDIR: &str = "/lib/vmi-attacks";
-const MODULES: &[&str] = &["benign", "hide_pid"];
+const MODULES: &[&str] = &[
+    "benign",
+    "hide_pid",
+    "hook_syscall",
+    "patch_text",
+    "hide_module",
+];
 
 /// bulwarkd comes from another package: build it (cargo builds only this package's binaries
 /// for its tests).
@@ -101,6 +107,7 @@ echo vmi-modules: $(bulwark vm $OWN vmi modules vm --json | grep '"name"' | cut 
 echo status=0
 
 section xview_clean
+bulwark vm $OWN vmi baseline vm; echo baseline=$?
 bulwark vm $OWN vmi xview vm; echo xview=$?
 bulwark vm $OWN exec vm -- insmod {MODDIR}/benign.ko; echo insmod-benign=$?
 bulwark vm $OWN vmi modules vm | grep -c '^benign '; echo benign-listed=$?
@@ -108,6 +115,30 @@ bulwark vm $OWN vmi xview vm; echo xview-benign=$?
 bulwark vm $OWN exec vm -- rmmod benign; echo rmmod-benign=$?
 bulwark vm $OWN vmi modules vm | grep -c '^benign '; echo benign-gone=$?
 bulwark vm $OWN vmi xview vm; echo xview-after=$?
+for i in 1 2 3; do bulwark vm $OWN exec vm -- sh -c 'ls -R /sys > /dev/null; cat /proc/*/stat > /dev/null; echo x | nc -w 1 127.0.0.1 9 2>/dev/null; true'; done
+bulwark vm $OWN vmi check vm; echo check-clean=$?
+echo status=0
+
+section hook_syscall
+bulwark vm $OWN exec vm -- insmod {MODDIR}/hook_syscall.ko; echo insmod-hook=$?
+bulwark vm $OWN exec vm -- sh -c "dmesg | grep vmi-attack: | tail -n 1"
+bulwark vm $OWN vmi check vm; echo check-hooked=$?
+bulwark vm $OWN exec vm -- rmmod hook_syscall; echo rmmod-hook=$?
+bulwark vm $OWN vmi check vm; echo check-unhooked=$?
+echo status=0
+
+section patch_text
+bulwark vm $OWN exec vm -- insmod {MODDIR}/patch_text.ko; echo insmod-patch=$?
+bulwark vm $OWN exec vm -- sh -c "dmesg | grep vmi-attack: | tail -n 1"
+bulwark vm $OWN vmi check vm; echo check-patched=$?
+echo status=0
+
+section hide_module
+bulwark vm $OWN exec vm -- insmod {MODDIR}/hide_module.ko; echo insmod-hidemod=$?
+bulwark vm $OWN exec vm -- sh -c "dmesg | grep vmi-attack: | tail -n 1"
+bulwark vm $OWN exec vm -- cat /proc/modules | grep -c hide_module; echo lsmod-sees=$?
+bulwark vm $OWN vmi modules vm | grep -c hide_module; echo vmi-modules-sees=$?
+bulwark vm $OWN vmi check vm; echo check-hidden=$?
 echo status=0
 
 section hide_pid
@@ -281,6 +312,94 @@ fn a_clean_guest_and_a_benign_module_give_no_cross_view_alert() {
     );
     assert_eq!(num(&out, "xview-after"), 0, "{out}");
     assert!(!out.contains("HIDDEN"), "{out}");
+}
+
+/// The `ALERT` lines of a check.
+fn alerts(out: &str) -> Vec<&str> {
+    out.lines().filter(|l| l.starts_with("ALERT ")).collect()
+}
+
+#[test]
+fn a_clean_guest_with_ordinary_activity_gives_no_integrity_alert() {
+    let (out, _) = check("xview_clean");
+    assert_eq!(num(&out, "baseline"), 0, "{out}");
+    assert!(out.contains("KiB of kernel text and rodata"), "{out}");
+    assert_eq!(num(&out, "check-clean"), 0, "{out}");
+    assert!(alerts(&out).is_empty(), "{out}");
+    assert!(out.contains("no differences from the baseline"), "{out}");
+}
+
+#[test]
+fn a_hooked_system_call_is_found_in_the_table_and_named_by_module() {
+    let (out, _) = check("hook_syscall");
+    assert_eq!(num(&out, "insmod-hook"), 0, "{out}");
+    assert!(
+        out.contains("vmi-attack: hooked sys_call_table[110]"),
+        "{out}"
+    );
+    assert_eq!(num(&out, "check-hooked"), 1, "{out}");
+    assert!(
+        alerts(&out)
+            .iter()
+            .any(|l| l.starts_with("ALERT syscall_table:")
+                && l.contains("sys_call_table[110] was")
+                && l.contains("__x64_sys_getppid")
+                && l.contains("in module hook_syscall")),
+        "{out}"
+    );
+    // Unloading restores the entry: the alert goes with it.
+    assert_eq!(num(&out, "rmmod-hook"), 0, "{out}");
+    assert_eq!(num(&out, "check-unhooked"), 0, "{out}");
+}
+
+#[test]
+fn patched_kernel_text_is_found_to_the_byte_with_its_symbol() {
+    let (out, _) = check("patch_text");
+    assert_eq!(num(&out, "insmod-patch"), 0, "{out}");
+    // "vmi-attack: patched kernel text at ADDR (SYM+OFF/SIZE, padding after FUNC): cc -> 90"
+    let line = out
+        .lines()
+        .find(|l| l.contains("vmi-attack: patched kernel text at "))
+        .unwrap_or_else(|| panic!("{out}"));
+    let addr = line
+        .split("text at ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("{line}"));
+    let func = line
+        .split("padding after ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert_eq!(num(&out, "check-patched"), 1, "{out}");
+    let text: Vec<_> = alerts(&out)
+        .into_iter()
+        .filter(|l| l.starts_with("ALERT kernel_text:"))
+        .collect();
+    assert_eq!(text.len(), 1, "one byte changed: {out}");
+    assert!(
+        text[0].contains(&format!("at 0x{addr} ({func}+")),
+        "the alert names the address and the function: {out}"
+    );
+}
+
+#[test]
+fn a_module_that_hides_itself_is_found_through_sysfs() {
+    let (out, _) = check("hide_module");
+    assert_eq!(num(&out, "insmod-hidemod"), 0, "{out}");
+    assert_ne!(
+        num(&out, "lsmod-sees"),
+        0,
+        "the guest's lsmod misses it: {out}"
+    );
+    assert_ne!(num(&out, "vmi-modules-sees"), 0, "so does the list: {out}");
+    assert_eq!(num(&out, "check-hidden"), 1, "{out}");
+    assert!(
+        alerts(&out)
+            .iter()
+            .any(|l| l.starts_with("ALERT hidden_module:") && l.contains("\"hide_module\"")),
+        "{out}"
+    );
 }
 
 #[test]

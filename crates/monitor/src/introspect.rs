@@ -3,13 +3,16 @@
 //! the kernel's profile (System.map and BTF) is read before the monitor enters its jail and
 //! parsed on the first request, so a VM that is never looked at pays nothing but the read.
 
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
 
 use bulwark_channel::{
-    GuestModule, GuestProcess, IntrospectView, Introspection, MAX_INTROSPECT_ROWS,
+    GuestModule, GuestProcess, IntegrityFinding, IntrospectView, Introspection,
+    MAX_INTROSPECT_ROWS, Measured,
 };
-use bulwark_vmi::guest::{CpuView, GuestKernel, Profile};
+use bulwark_vmi::guest::{CpuView, GuestKernel, Profile, SECURITY_MSRS};
+use bulwark_vmi::integrity::{self, Measurement};
 use bulwark_vmi::tasks::Listing;
 use kvm_bindings::{Msrs, kvm_msr_entry};
 use kvm_ioctls::VcpuFd;
@@ -33,6 +36,8 @@ pub struct Introspector {
     config: IntrospectionConfig,
     profile: OnceLock<Result<Profile, String>>,
     served: AtomicU64,
+    /// The integrity baseline, once the owner took one.
+    baseline: Mutex<Option<Measurement>>,
 }
 
 impl Introspector {
@@ -41,6 +46,7 @@ impl Introspector {
             config,
             profile: OnceLock::new(),
             served: AtomicU64::new(0),
+            baseline: Mutex::new(None),
         }
     }
 
@@ -60,15 +66,16 @@ impl Introspector {
         self.served.load(Ordering::Relaxed)
     }
 
-    /// Reads `view` from a guest whose vCPUs are held; `cpu` is one of them.
+    /// Reads `view` from a guest whose vCPUs are held; `cpus` are all of them, in order.
     pub fn read(
         &self,
         view: IntrospectView,
         mem: &GuestMemoryMmap,
-        cpu: &CpuView,
+        cpus: &[CpuView],
     ) -> Result<Introspection, String> {
         self.served.fetch_add(1, Ordering::Relaxed);
         let profile = self.profile()?;
+        let cpu = cpus.first().ok_or("no vCPU state")?;
         let g = GuestKernel::attach(profile, mem, cpu).map_err(|e| e.to_string())?;
         let mut out = Introspection {
             slide: g.kernel.slide,
@@ -94,6 +101,41 @@ impl Introspector {
                 base: m.base,
                 size: m.size,
             }),
+            IntrospectView::Baseline | IntrospectView::Check => {
+                let t0 = Instant::now();
+                let now = integrity::measure(&g, cpus).map_err(|e| e.to_string())?;
+                let mut baseline = self.baseline.lock().unwrap_or_else(|e| e.into_inner());
+                let (findings, broken) = if view == IntrospectView::Check {
+                    let base = baseline.as_ref().ok_or(
+                        "no integrity baseline yet: take one once the guest is up (`bulwark vm vmi baseline NAME`)",
+                    )?;
+                    let modules = g.modules();
+                    let mut f = integrity::compare(&g, &modules.items, base, &now);
+                    let (hidden, broken) = integrity::hidden_modules(&g, &modules.items);
+                    f.extend(hidden);
+                    (f, broken.or(modules.broken))
+                } else {
+                    (Vec::new(), None)
+                };
+                out.measured = Some(Measured {
+                    bytes: now.bytes(),
+                    syscalls: now.syscalls.len() as u64,
+                    vcpus: now.cpus.len() as u32,
+                    measure_us: t0.elapsed().as_micros() as u64,
+                });
+                if view == IntrospectView::Baseline {
+                    *baseline = Some(now);
+                }
+                let list = Listing {
+                    items: findings,
+                    broken,
+                };
+                capped(list, &mut out.findings, |f| IntegrityFinding {
+                    kind: f.kind.to_string(),
+                    address: f.address,
+                    detail: f.detail,
+                })
+            }
         };
         Ok(out)
     }
@@ -114,18 +156,30 @@ fn capped<T, U>(list: Listing<T>, out: &mut Vec<U>, row: impl Fn(T) -> U) -> Opt
 /// What introspection needs of a vCPU outside `KVM_RUN`.
 pub fn cpu_view(fd: &VcpuFd) -> Result<CpuView, kvm_ioctls::Error> {
     let s = fd.get_sregs()?;
-    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
-        index: MSR_LSTAR,
-        ..Default::default()
-    }])
-    .map_err(|_| kvm_ioctls::Error::new(libc::EINVAL))?;
+    let entries: Vec<kvm_msr_entry> = std::iter::once(MSR_LSTAR)
+        .chain(SECURITY_MSRS.iter().map(|m| m.0))
+        .map(|index| kvm_msr_entry {
+            index,
+            ..Default::default()
+        })
+        .collect();
+    let mut msrs =
+        Msrs::from_entries(&entries).map_err(|_| kvm_ioctls::Error::new(libc::EINVAL))?;
+    // KVM stops at the first MSR it cannot read; those after it read as 0.
     let n = fd.get_msrs(&mut msrs)?;
-    let lstar = if n == 1 { msrs.as_slice()[0].data } else { 0 };
-    Ok(CpuView {
+    let value = |i: usize| if i < n { msrs.as_slice()[i].data } else { 0 };
+    let mut view = CpuView {
         cr0: s.cr0,
         cr3: s.cr3,
         cr4: s.cr4,
         efer: s.efer,
-        lstar,
-    })
+        lstar: value(0),
+        idt: (s.idt.base, s.idt.limit),
+        gdt: (s.gdt.base, s.gdt.limit),
+        ..Default::default()
+    };
+    for (i, (slot, (index, _))) in view.msrs.iter_mut().zip(SECURITY_MSRS).enumerate() {
+        *slot = (index, value(i + 1));
+    }
+    Ok(view)
 }

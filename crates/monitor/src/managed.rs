@@ -524,7 +524,8 @@ impl ManagedServer {
         }
     }
 
-    /// Holds the vCPUs, reads the guest kernel through vCPU 0's view of it, lets them run on.
+    /// Holds the vCPUs, takes every vCPU's registers, reads the guest kernel through vCPU 0's
+    /// view of it, lets them run on.
     fn introspect(&self, view: IntrospectView, ctx: &LoopCtx<'_>) -> Response {
         let Some(vmi) = &self.view.introspection else {
             return Response::error(
@@ -545,24 +546,56 @@ impl ManagedServer {
             );
         }
         let (tx, rx) = std::sync::mpsc::channel();
-        ctx.vcpu.jobs.post(
-            0,
-            Box::new(move |fd, _, _| {
-                let _ = tx.send(cpu_view(fd));
-            }),
-        );
+        for i in 0..self.view.vcpus {
+            let tx = tx.clone();
+            ctx.vcpu.jobs.post(
+                i,
+                Box::new(move |fd, _, _| {
+                    let _ = tx.send((i, cpu_view(fd)));
+                }),
+            );
+        }
+        drop(tx);
         ctx.control.nudge();
-        let result = match rx.recv_timeout(PAUSE_WAIT) {
-            Ok(Ok(cpu)) => vmi.read(view, &ctx.vcpu.mem, &cpu),
-            Ok(Err(e)) => Err(format!("cannot read vCPU 0's registers: {e}")),
-            Err(_) => Err("vCPU 0 did not hand over its registers in time".into()),
+        let deadline = Instant::now() + PAUSE_WAIT;
+        let mut cpus = vec![None; self.view.vcpus as usize];
+        let mut failed = None;
+        for _ in 0..self.view.vcpus {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok((i, Ok(c))) => cpus[i as usize] = Some(c),
+                Ok((i, Err(e))) => {
+                    failed.get_or_insert(format!("cannot read vCPU {i}'s registers: {e}"));
+                }
+                Err(_) => {
+                    failed.get_or_insert("a vCPU did not hand over its registers in time".into());
+                    break;
+                }
+            }
+        }
+        // Lists are read while the guest is held, so they are consistent. A measurement reads
+        // tens of MiB of kernel text, which does not change while the guest runs unless
+        // something attacks it (and then the check is what should see it), so the guest runs
+        // on once its registers are taken.
+        let mut paused_us = 0;
+        let mut run_on = || {
+            if !was_paused {
+                ctx.control.resume();
+                paused_us = t0.elapsed().as_micros() as u64;
+            }
         };
-        let paused_us = if was_paused {
-            0
-        } else {
-            ctx.control.resume();
-            t0.elapsed().as_micros() as u64
+        if matches!(view, IntrospectView::Baseline | IntrospectView::Check) {
+            run_on();
+        }
+        let result = match failed {
+            Some(e) => Err(e),
+            None => {
+                let cpus: Vec<_> = cpus.into_iter().flatten().collect();
+                vmi.read(view, &ctx.vcpu.mem, &cpus)
+            }
         };
+        if !matches!(view, IntrospectView::Baseline | IntrospectView::Check) {
+            run_on();
+        }
         tracing::info!(
             ?view,
             paused_us,

@@ -1,14 +1,19 @@
 //! Fuzz harness: introspection reading guest memory the guest wrote as it liked. Input: 8 bytes
 //! CR3, 1 byte paging mode, 8 bytes virtual address, 8 bytes `init_task` address, then the
-//! first bytes of a 1 MiB guest RAM (the rest zero). The page-table walk, a virtual read and
-//! the process-list walk must end (bounded), never panic, and keep their results inside what
-//! they read. `fuzz/fuzz_targets/vmi_walk.rs` runs it; `tests/fuzz_corpus.rs` replays the
+//! first bytes of a 1 MiB guest RAM (the rest zero). The page-table walk, a virtual read, the
+//! process- and module-list walks, an integrity measurement (IDT and GDT where the guest says)
+//! and the `/sys/module` walk must end (bounded) and never panic; a measurement compared with
+//! itself finds nothing. `fuzz/fuzz_targets/vmi_walk.rs` runs it; `tests/fuzz_corpus.rs` replays the
 //! corpus.
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use crate::guest::{CpuView, GuestKernel};
+use crate::integrity;
 use crate::layout::KernelLayout;
+use crate::modules::{MAX_MODULES, modules};
 use crate::pagetable::{Paging, read_virt, translate};
+use crate::symbols::{Kernel, SymbolMap};
 use crate::tasks::{MAX_TASKS, Reader, processes};
 
 const RAM: usize = 1 << 20;
@@ -36,6 +41,10 @@ pub(crate) fn layout() -> KernelLayout {
         module_base: 0x140,
         module_size: 0x148,
         list_next: 0,
+        kset_list: 0,
+        kobject_entry: 8,
+        kobject_name: 0,
+        module_kobject_mod: 0x40,
     }
 }
 
@@ -69,6 +78,44 @@ pub fn fuzz_walk(data: &[u8]) {
     for p in &list.items {
         assert!(p.comm.len() <= 16 * 3, "lossy UTF-8 of 16 bytes at most");
     }
+    // The module list from the same head, the integrity measurement of a small kernel whose
+    // symbols sit where the guest-chosen tables map them, and the sysfs walk.
+    let l = layout();
+    let mods = modules(&r, &l, init_task);
+    assert!(mods.items.len() <= MAX_MODULES);
+    let map = kernel_map();
+    let g = GuestKernel {
+        kernel: Kernel { map, slide: 0 },
+        reader: r,
+        layout: &l,
+        phys_base: 0,
+    };
+    let cpu = CpuView {
+        idt: (va, init_task as u16),
+        gdt: (va, (init_task >> 16) as u16),
+        ..Default::default()
+    };
+    if let Ok(m) = integrity::measure(&g, &[cpu]) {
+        assert!(m.cpus[0].idt.len() <= 256);
+        assert!(integrity::compare(&g, &mods.items, &m, &m).is_empty());
+    }
+    let _ = integrity::hidden_modules(&g, &mods.items);
+}
+
+/// A small kernel for the integrity measurement: 8 KiB of text and 4 KiB of rodata at
+/// `0xffff888000000000`, which the seeds' tables map.
+fn kernel_map() -> &'static SymbolMap {
+    static MAP: std::sync::OnceLock<SymbolMap> = std::sync::OnceLock::new();
+    MAP.get_or_init(|| {
+        let text = "ffff888000000000 T _stext\n\
+                    ffff888000002000 T _etext\n\
+                    ffff888000002000 R __start_rodata\n\
+                    ffff888000002800 R sys_call_table\n\
+                    ffff888000003000 R __end_rodata\n\
+                    ffff888000004000 D module_kset\n\
+                    ffff888000005000 B _end\n";
+        SymbolMap::parse(text).unwrap_or_else(|e| panic!("the fuzz kernel's map: {e}"))
+    })
 }
 
 /// Seeds: a walk through 4-level tables to a 2 MiB page holding a two-task list, a 5-level

@@ -55,6 +55,29 @@ pub struct CpuView {
     pub efer: u64,
     /// MSR_LSTAR: the 64-bit syscall entry point.
     pub lstar: u64,
+    /// IDTR and GDTR: base and limit.
+    pub idt: (u64, u16),
+    pub gdt: (u64, u16),
+    /// The other MSRs an attacker redirects system calls with: STAR, CSTAR, SFMASK (syscall
+    /// segments, compat entry, flags cleared on entry) and SYSENTER_CS/ESP/EIP.
+    pub msrs: [(u32, u64); SECURITY_MSRS.len()],
+}
+
+/// The MSRs [`CpuView::msrs`] holds, in order, with their names.
+pub const SECURITY_MSRS: [(u32, &str); 6] = [
+    (0xc000_0081, "STAR"),
+    (0xc000_0083, "CSTAR"),
+    (0xc000_0084, "SFMASK"),
+    (0x174, "SYSENTER_CS"),
+    (0x175, "SYSENTER_ESP"),
+    (0x176, "SYSENTER_EIP"),
+];
+
+impl CpuView {
+    /// CR0.WP: supervisor writes honour read-only pages.
+    pub const CR0_WP: u64 = 1 << 16;
+    pub const CR4_SMEP: u64 = 1 << 20;
+    pub const CR4_SMAP: u64 = 1 << 21;
 }
 
 #[derive(Debug, Error)]
@@ -172,31 +195,38 @@ impl<'a> GuestKernel<'a> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::fuzz::layout;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     const MAP: &str = "\
 ffffffff81000000 T _text
+ffffffff81000000 T _stext
 ffffffff81100000 T entry_SYSCALL_64
+ffffffff81180000 T _etext
+ffffffff81180000 R __start_rodata
+ffffffff81181000 R sys_call_table
+ffffffff81181100 R __end_rodata
 ffffffff81200000 D init_top_pgt
 ffffffff81210000 D init_task
 ffffffff81220000 D modules
+ffffffff81230000 D module_kset
+ffffffff81300000 B _end
 ";
-    const SLIDE: u64 = 0x0400_0000;
+    pub(crate) const SLIDE: u64 = 0x0400_0000;
     /// The run-time address of a linked kernel address.
-    const fn va(linked: u64) -> u64 {
+    pub(crate) const fn va(linked: u64) -> u64 {
         linked + SLIDE
     }
     /// Where the test loads the kernel image: `_text` at guest-physical 0.
-    const fn pa(linked: u64) -> u64 {
+    pub(crate) const fn pa(linked: u64) -> u64 {
         linked - 0xffff_ffff_8100_0000
     }
 
     /// A guest whose kernel image (4 MiB from `_text`) is mapped by the tables at
     /// `init_top_pgt`, and a second top-level table for the vCPU (as a process's would be).
-    fn guest() -> (GuestMemoryMmap, CpuView) {
+    pub(crate) fn guest() -> (GuestMemoryMmap, CpuView) {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
         let pgd = pa(0xffff_ffff_8120_0000);
         let (pud, pmd, user_pgd) = (pgd + 0x1000, pgd + 0x2000, 0x60_0000);
@@ -221,17 +251,32 @@ ffffffff81220000 D modules
         mem.write_slice(b"swapper/0", GuestAddress(pa(task + l.task_comm)))
             .unwrap();
         w(0xffff_ffff_8122_0000, va(0xffff_ffff_8122_0000));
+        // module_kset points at a kset whose kobject list is empty.
+        w(0xffff_ffff_8123_0000, va(0xffff_ffff_8123_0100));
+        w(0xffff_ffff_8123_0100, va(0xffff_ffff_8123_0100));
+        // IDT gate 3 present, pointing at entry_SYSCALL_64 + 0x10.
+        let handler = va(0xffff_ffff_8110_0010);
+        let mut gate = [0u8; 16];
+        gate[0..2].copy_from_slice(&(handler as u16).to_le_bytes());
+        gate[5] = 0x8e;
+        gate[6..8].copy_from_slice(&((handler >> 16) as u16).to_le_bytes());
+        gate[8..12].copy_from_slice(&((handler >> 32) as u32).to_le_bytes());
+        mem.write_slice(&gate, GuestAddress(pa(0xffff_ffff_8124_0000 + 3 * 16)))
+            .unwrap();
         let cpu = CpuView {
             cr0: 0x8005_0033,
             cr3: user_pgd,
             cr4: 0x20,
             efer: 0xd01,
             lstar: va(0xffff_ffff_8110_0000),
+            idt: (va(0xffff_ffff_8124_0000), 0xff),
+            gdt: (va(0xffff_ffff_8125_0000), 0x7f),
+            ..Default::default()
         };
         (mem, cpu)
     }
 
-    fn profile() -> Profile {
+    pub(crate) fn profile() -> Profile {
         Profile {
             map: SymbolMap::parse(MAP).unwrap(),
             layout: layout(),

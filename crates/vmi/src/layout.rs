@@ -171,6 +171,13 @@ pub struct KernelLayout {
     pub module_size: u64,
     /// `list_head.next`.
     pub list_next: u64,
+    /// The sysfs side of modules (`/sys/module`): `kset.list` links `kobject.entry`; a loaded
+    /// module's `module_kobject` (whose first member is its kobject) points back at it through
+    /// `.mod` (built-in modules have none).
+    pub kset_list: u64,
+    pub kobject_entry: u64,
+    pub kobject_name: u64,
+    pub module_kobject_mod: u64,
 }
 
 impl KernelLayout {
@@ -210,6 +217,10 @@ impl KernelLayout {
             module_base,
             module_size,
             list_next: btf.offset("list_head", "next")?,
+            kset_list: btf.offset("kset", "list")?,
+            kobject_entry: btf.offset("kobject", "entry")?,
+            kobject_name: btf.offset("kobject", "name")?,
+            module_kobject_mod: btf.offset("module_kobject", "mod")?,
         })
     }
 }

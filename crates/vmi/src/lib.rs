@@ -7,12 +7,15 @@
 //!
 //! `guest` ties them together for a paused VM: [`guest::Profile`] (System.map and BTF) and
 //! [`guest::GuestKernel`] (located from one vCPU's registers), which lists processes and
-//! modules. The monitor serves that to the VM's owner over its control channel.
+//! modules; `integrity` measures what rootkits change (kernel text and rodata, the system call
+//! table, IDT, GDT, MSRs, CR0/CR4 protections) against a baseline and finds modules hidden from
+//! the module list. The monitor serves that to the VM's owner over its control channel.
 //!
-//! Not yet here (issue 6): integrity baselines, write traps, breakpoints and cross-view.
+//! Not yet here (issue 6): write traps and breakpoints.
 
 pub mod fuzz;
 pub mod guest;
+pub mod integrity;
 pub mod layout;
 pub mod modules;
 pub mod pagetable;

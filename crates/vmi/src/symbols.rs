@@ -89,6 +89,13 @@ impl SymbolMap {
         Some((name, addr - a))
     }
 
+    /// Bytes from link-time address `addr` to the next symbol above it (how large the object
+    /// there can be), if one follows.
+    pub fn span(&self, addr: u64) -> Option<u64> {
+        let i = self.by_addr.partition_point(|(a, _)| *a <= addr);
+        Some(self.by_addr.get(i)?.0 - addr)
+    }
+
     pub fn len(&self) -> usize {
         self.by_name.len()
     }
@@ -163,6 +170,8 @@ ffffffff82a00000 D init_task
             Some(("entry_SYSCALL_64_safe_stack", 0x10))
         );
         assert_eq!(m.resolve(0xffff_ffff_8000_0000), None);
+        assert_eq!(m.span(0xffff_ffff_81e0_0000), Some(0x60));
+        assert_eq!(m.span(0xffff_ffff_82a0_0000), None);
         let slide = m.slide(0xffff_ffff_a5e0_0000).unwrap();
         assert_eq!(slide, 0x2400_0000);
         let k = Kernel { map: &m, slide };
