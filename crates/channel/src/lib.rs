@@ -115,6 +115,44 @@ pub enum IntrospectView {
     /// Measure again and report every difference from the baseline, and modules hidden from
     /// the module list.
     Check,
+    /// Guard kernel text and rodata: guest writes there exit to the monitor, which records
+    /// them (writer and target named) and then performs them.
+    Protect,
+    /// The same, but a write is dropped and the VM paused before it lands.
+    ProtectPause,
+    /// The writes trapped so far.
+    Traps,
+}
+
+/// Write protection's state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProtectionInfo {
+    pub armed: bool,
+    /// Guest-virtual ranges guarded, [start, end).
+    pub ranges: Vec<[u64; 2]>,
+    /// Writes pause the VM instead of landing.
+    pub pause: bool,
+    /// Writes trapped since it was armed.
+    pub writes: u64,
+}
+
+/// One trapped write.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrapReport {
+    pub vcpu: u32,
+    /// Guest-virtual address written, and its symbol.
+    pub address: u64,
+    pub target: String,
+    /// The writer's instruction pointer (just after the write), and what it is.
+    pub rip: u64,
+    pub writer: String,
+    /// The bytes the guest wrote, in hex.
+    pub bytes: String,
+    /// The write was performed (protect); false: dropped and the VM paused (protect_pause).
+    pub landed: bool,
+    pub ago_ms: u64,
 }
 
 /// One integrity finding.
@@ -192,6 +230,12 @@ pub struct Introspection {
     /// For a check: every difference from the baseline (empty: none).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub findings: Vec<IntegrityFinding>,
+    /// For protect and traps: the write protection's state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protection: Option<ProtectionInfo>,
+    /// For traps: the writes trapped (the last 1024).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub traps: Vec<TrapReport>,
     /// Set when the list is incomplete, and why (a broken or looping list in guest memory,
     /// more rows than a reply carries).
     #[serde(default, skip_serializing_if = "Option::is_none")]

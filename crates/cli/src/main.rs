@@ -59,6 +59,10 @@ enum Command {
     /// Manage VMs through bulwarkd: create, start, pause, snapshot, console, ...
     #[command(disable_help_flag = true)]
     Vm(VmPassThrough),
+    /// Introspect a VM under bulwarkd as its owner: `bulwark vmi --token OWNER ps NAME` (also
+    /// modules, xview, baseline, check, protect, traps); the same as `bulwark vm vmi ...`.
+    #[command(disable_help_flag = true)]
+    Vmi(VmPassThrough),
     /// The monitor of one VM under bulwarkd (started by the daemon, not by people).
     #[command(hide = true)]
     Monitor(monitor::MonitorArgs),
@@ -206,6 +210,11 @@ fn main() -> ExitCode {
         Command::Image(_) | Command::Rig(_) => tools::exec(std::env::args().skip(1).collect()),
         Command::Vm(VmPassThrough { rest }) => {
             let mut args = vec!["vm".to_string()];
+            args.extend(rest.iter().cloned());
+            tools::exec(args)
+        }
+        Command::Vmi(VmPassThrough { rest }) => {
+            let mut args = vec!["vm".to_string(), "vmi".to_string()];
             args.extend(rest.iter().cloned());
             tools::exec(args)
         }

@@ -105,6 +105,10 @@ enum VmCommand {
         name: String,
         #[arg(long)]
         json: bool,
+        /// With protect: a write to kernel text or rodata is dropped and the VM paused before
+        /// it lands (without: it is recorded, then performed).
+        #[arg(long)]
+        pause: bool,
     },
     /// Write an encrypted snapshot of a running VM.
     Snapshot {
@@ -145,6 +149,11 @@ enum VmiView {
     /// Measure again and list every difference from the baseline and every module hidden from
     /// the module list; exits 1 when there is one.
     Check,
+    /// Guard kernel text and rodata: every guest write there exits to the monitor and is
+    /// recorded with its writer (see --pause).
+    Protect,
+    /// The writes protect trapped; exits 1 when there is one.
+    Traps,
 }
 
 /// Text from the guest with its control characters escaped (quotes stay as they are).
@@ -179,6 +188,41 @@ fn task_state(state: u64) -> char {
 fn print_introspection(view: VmiView, v: &Value) {
     match view {
         VmiView::Xview => {}
+        VmiView::Protect | VmiView::Traps => {
+            let p = &v["protection"];
+            let ranges: Vec<String> = (p["ranges"].as_array().into_iter().flatten())
+                .map(|r| {
+                    let at = |i: usize| r[i].as_u64().unwrap_or(0);
+                    format!("{:#x}..{:#x}", at(0), at(1))
+                })
+                .collect();
+            println!(
+                "kernel text and rodata {}: {}; {} writes trapped",
+                ranges.join(", "),
+                match (p["armed"].as_bool(), p["pause"].as_bool()) {
+                    (Some(true), Some(true)) => "guarded, a write pauses the VM before it lands",
+                    (Some(true), _) => "guarded, writes are recorded and then land",
+                    _ => "not guarded",
+                },
+                s(&p["writes"])
+            );
+            for t in v["traps"].as_array().into_iter().flatten() {
+                println!(
+                    "WRITE vCPU {} to {:#x} ({}) by {}: {} [{}] {} ms ago",
+                    s(&t["vcpu"]),
+                    t["address"].as_u64().unwrap_or(0),
+                    printable(&s(&t["target"])),
+                    printable(&s(&t["writer"])),
+                    s(&t["bytes"]),
+                    if t["landed"].as_bool() == Some(true) {
+                        "landed"
+                    } else {
+                        "dropped, VM paused"
+                    },
+                    s(&t["ago_ms"])
+                );
+            }
+        }
         VmiView::Baseline | VmiView::Check => {
             let m = &v["measured"];
             println!(
@@ -472,6 +516,7 @@ async fn run(args: VmArgs) -> Result<ExitCode, VmCliError> {
             view: VmiView::Xview,
             name,
             json,
+            ..
         } => {
             let v = client.call("GET", &vm(name, "/crossview"), None).await?;
             let flagged: Vec<&Value> = ["missing_from_task_list", "hidden_from_agent"]
@@ -502,12 +547,20 @@ async fn run(args: VmArgs) -> Result<ExitCode, VmCliError> {
                 return Ok(ExitCode::from(1));
             }
         }
-        VmCommand::Vmi { view, name, json } => {
+        VmCommand::Vmi {
+            view,
+            name,
+            json,
+            pause,
+        } => {
             let wire = match view {
                 VmiView::Ps => "processes",
                 VmiView::Modules | VmiView::Xview => "modules",
                 VmiView::Baseline => "baseline",
                 VmiView::Check => "check",
+                VmiView::Protect if *pause => "protect_pause",
+                VmiView::Protect => "protect",
+                VmiView::Traps => "traps",
             };
             let v = client
                 .call(
@@ -521,8 +574,9 @@ async fn run(args: VmArgs) -> Result<ExitCode, VmCliError> {
             } else {
                 print_introspection(*view, &v);
             }
-            if matches!(view, VmiView::Check)
-                && v["findings"].as_array().is_some_and(|f| !f.is_empty())
+            let any = |k: &str| v[k].as_array().is_some_and(|f| !f.is_empty());
+            if (matches!(view, VmiView::Check) && any("findings"))
+                || (matches!(view, VmiView::Traps) && any("traps"))
             {
                 return Ok(ExitCode::from(1));
             }

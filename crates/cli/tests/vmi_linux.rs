@@ -101,7 +101,7 @@ bulwark vm $OP vmi ps vm; echo operator-vmi=$?
 echo status=0
 
 section modules
-bulwark vm $OWN vmi modules vm; echo vmi-modules=$?
+bulwark vmi $OWN modules vm; echo vmi-modules=$?
 echo agent-modules: $(bulwark vm $OWN exec vm -- cut -d' ' -f1 /proc/modules | sort | tr '\n' ' ')
 echo vmi-modules: $(bulwark vm $OWN vmi modules vm --json | grep '"name"' | cut -d'"' -f4 | sort | tr '\n' ' ')
 echo status=0
@@ -117,12 +117,16 @@ bulwark vm $OWN vmi modules vm | grep -c '^benign '; echo benign-gone=$?
 bulwark vm $OWN vmi xview vm; echo xview-after=$?
 for i in 1 2 3; do bulwark vm $OWN exec vm -- sh -c 'ls -R /sys > /dev/null; cat /proc/*/stat > /dev/null; echo x | nc -w 1 127.0.0.1 9 2>/dev/null; true'; done
 bulwark vm $OWN vmi check vm; echo check-clean=$?
+bulwark vm $OWN vmi protect vm; echo protect=$?
+bulwark vm $OWN exec vm -- sh -c 'insmod {MODDIR}/benign.ko && rmmod benign && ls -R /sys > /dev/null'; echo benign-again=$?
+bulwark vm $OWN vmi traps vm; echo traps-clean=$?
 echo status=0
 
 section hook_syscall
 bulwark vm $OWN exec vm -- insmod {MODDIR}/hook_syscall.ko; echo insmod-hook=$?
 bulwark vm $OWN exec vm -- sh -c "dmesg | grep vmi-attack: | tail -n 1"
 bulwark vm $OWN vmi check vm; echo check-hooked=$?
+bulwark vm $OWN vmi traps vm; echo traps-hooked=$?
 bulwark vm $OWN exec vm -- rmmod hook_syscall; echo rmmod-hook=$?
 bulwark vm $OWN vmi check vm; echo check-unhooked=$?
 echo status=0
@@ -131,6 +135,22 @@ section patch_text
 bulwark vm $OWN exec vm -- insmod {MODDIR}/patch_text.ko; echo insmod-patch=$?
 bulwark vm $OWN exec vm -- sh -c "dmesg | grep vmi-attack: | tail -n 1"
 bulwark vm $OWN vmi check vm; echo check-patched=$?
+bulwark vm $OWN vmi traps vm | grep 'in module patch_text'; echo traps-patched=$?
+# Now writes pause the VM before they land: the module's restore of the byte is stopped.
+bulwark vm $OWN vmi protect vm --pause; echo protect-pause=$?
+(bulwark vm $OWN exec vm -- rmmod patch_text; echo rmmod-patch=$?; touch /tmp/rmmod.done) > /tmp/rmmod.out 2>&1 &
+i=0; while ! bulwark vm $OWN describe vm --json | tr -d ' \n' | grep -q '"state":"paused"' && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+bulwark vm $OWN describe vm --json | tr -d ' \n' | grep -q '"state":"paused"'; echo paused-by-write=$?
+bulwark vm $OWN vmi traps vm | grep 'dropped, VM paused'
+bulwark vm $OWN vmi check vm | grep kernel_text; echo check-while-paused=$?
+# Writes land again (the rest of the unload may write too), then the guest goes on.
+bulwark vm $OWN vmi protect vm; echo protect-again=$?
+bulwark vm $OP resume vm; echo resume=$?
+i=0; while [ ! -e /tmp/rmmod.done ] && [ $i -lt 1800 ]; do sleep 0.1; i=$((i+1)); done
+cat /tmp/rmmod.out
+bulwark vm $OWN describe vm --json | tr -d ' \n' | grep -o '"state":"[a-z]*"' | head -n 1
+bulwark vm $OWN vmi ps vm | grep -e rmmod -e insmod
+bulwark vm $OWN vmi traps vm | tail -n 5
 echo status=0
 
 section hide_module
@@ -327,6 +347,14 @@ fn a_clean_guest_with_ordinary_activity_gives_no_integrity_alert() {
     assert_eq!(num(&out, "check-clean"), 0, "{out}");
     assert!(alerts(&out).is_empty(), "{out}");
     assert!(out.contains("no differences from the baseline"), "{out}");
+    // Kernel text and rodata guarded: loading and unloading a module writes to neither.
+    assert_eq!(num(&out, "protect"), 0, "{out}");
+    assert!(
+        out.contains("guarded, writes are recorded and then land"),
+        "{out}"
+    );
+    assert_eq!(num(&out, "benign-again"), 0, "{out}");
+    assert_eq!(num(&out, "traps-clean"), 0, "no write trapped: {out}");
 }
 
 #[test]
@@ -345,6 +373,15 @@ fn a_hooked_system_call_is_found_in_the_table_and_named_by_module() {
                 && l.contains("sys_call_table[110] was")
                 && l.contains("__x64_sys_getppid")
                 && l.contains("in module hook_syscall")),
+        "{out}"
+    );
+    // Write protection saw the write itself, from the module's code, as it happened.
+    assert_eq!(num(&out, "traps-hooked"), 1, "{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with("WRITE ")
+            && l.contains("(sys_call_table+0x370)")
+            && l.contains("(in module hook_syscall)")
+            && l.contains("[landed]")),
         "{out}"
     );
     // Unloading restores the entry: the alert goes with it.
@@ -372,15 +409,49 @@ fn patched_kernel_text_is_found_to_the_byte_with_its_symbol() {
         .and_then(|r| r.split(')').next())
         .unwrap_or_else(|| panic!("{line}"));
     assert_eq!(num(&out, "check-patched"), 1, "{out}");
-    let text: Vec<_> = alerts(&out)
+    let mut text: Vec<_> = alerts(&out)
         .into_iter()
         .filter(|l| l.starts_with("ALERT kernel_text:"))
         .collect();
+    // Two checks see it (before and while the VM is held): the same single byte.
+    text.dedup();
     assert_eq!(text.len(), 1, "one byte changed: {out}");
     assert!(
         text[0].contains(&format!("at 0x{addr} ({func}+")),
         "the alert names the address and the function: {out}"
     );
+    assert_eq!(
+        num(&out, "traps-patched"),
+        0,
+        "the write was trapped: {out}"
+    );
+    assert!(
+        out.lines().any(|l| l.starts_with("WRITE ")
+            && l.contains(&format!("to 0x{addr} ({func}+"))
+            && l.contains("(in module patch_text)")),
+        "{out}"
+    );
+    // With --pause the module's write of the old byte back never lands and the VM stops.
+    assert_eq!(num(&out, "protect-pause"), 0, "{out}");
+    assert_eq!(num(&out, "paused-by-write"), 0, "{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with("WRITE ")
+            && l.contains(&format!("to 0x{addr} "))
+            && l.contains("[dropped, VM paused]")),
+        "{out}"
+    );
+    assert_eq!(
+        num(&out, "check-while-paused"),
+        0,
+        "the byte is still the patched one: {out}"
+    );
+    assert_eq!(num(&out, "resume"), 0, "{out}");
+    assert_eq!(
+        num(&out, "rmmod-patch"),
+        0,
+        "the guest carries on after resume: {out}"
+    );
+    assert_eq!(num(&out, "protect-again"), 0, "{out}");
 }
 
 #[test]

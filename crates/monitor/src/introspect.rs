@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use bulwark_channel::{
     GuestModule, GuestProcess, IntegrityFinding, IntrospectView, Introspection,
-    MAX_INTROSPECT_ROWS, Measured,
+    MAX_INTROSPECT_ROWS, Measured, ProtectionInfo, TrapReport,
 };
 use bulwark_vmi::guest::{CpuView, GuestKernel, Profile, SECURITY_MSRS};
 use bulwark_vmi::integrity::{self, Measurement};
@@ -38,15 +38,22 @@ pub struct Introspector {
     served: AtomicU64,
     /// The integrity baseline, once the owner took one.
     baseline: Mutex<Option<Measurement>>,
+    /// Write protection of kernel text and rodata, for VMs whose slots can be edited.
+    protection: Option<(SlotEditor, std::sync::Arc<WriteTrap>)>,
 }
 
 impl Introspector {
-    pub fn new(config: IntrospectionConfig) -> Self {
+    /// `protection`: the VM's slots and the trap its vCPUs report writes to.
+    pub fn new(
+        config: IntrospectionConfig,
+        protection: Option<(SlotEditor, std::sync::Arc<WriteTrap>)>,
+    ) -> Self {
         Self {
             config,
             profile: OnceLock::new(),
             served: AtomicU64::new(0),
             baseline: Mutex::new(None),
+            protection,
         }
     }
 
@@ -101,6 +108,56 @@ impl Introspector {
                 base: m.base,
                 size: m.size,
             }),
+            IntrospectView::Protect | IntrospectView::ProtectPause => {
+                let (slots, trap) = self
+                    .protection
+                    .as_ref()
+                    .ok_or("write protection is not available for this VM")?;
+                let ranges = protected_ranges(&g).map_err(|e| e.to_string())?;
+                slots.protect(&ranges)?;
+                let head = g.kernel.addr("modules").map_err(|e| e.to_string())?;
+                trap.arm(Armed {
+                    ranges,
+                    pause: view == IntrospectView::ProtectPause,
+                    writers: Writers {
+                        paging: g.reader.paging,
+                        layout: *g.layout,
+                        modules: head,
+                    },
+                });
+                out.protection = Some(self.protection_info(&g));
+                None
+            }
+            IntrospectView::Traps => {
+                let (_, trap) = self
+                    .protection
+                    .as_ref()
+                    .ok_or("write protection is not available for this VM")?;
+                let modules = g.modules();
+                let (_, events) = trap.events();
+                out.protection = Some(self.protection_info(&g));
+                let va = |gpa: u64| {
+                    gpa.wrapping_sub(g.phys_base)
+                        .wrapping_add(bulwark_vmi::guest::START_KERNEL_MAP)
+                };
+                let list = Listing {
+                    items: events,
+                    broken: None,
+                };
+                capped(list, &mut out.traps, |e| TrapReport {
+                    vcpu: e.vcpu,
+                    address: va(e.gpa),
+                    target: g.kernel.describe(va(e.gpa)),
+                    rip: e.rip,
+                    writer: match &e.module {
+                        Some(m) => format!("{:#x} (in module {m})", e.rip),
+                        None => integrity::name(&g, &modules.items, e.rip),
+                    },
+                    bytes: e.data.iter().map(|b| format!("{b:02x}")).collect(),
+                    landed: e.landed,
+                    ago_ms: e.at.elapsed().as_millis() as u64,
+                })
+            }
             IntrospectView::Baseline | IntrospectView::Check => {
                 let t0 = Instant::now();
                 let now = integrity::measure(&g, cpus).map_err(|e| e.to_string())?;
@@ -139,6 +196,46 @@ impl Introspector {
         };
         Ok(out)
     }
+}
+
+impl Introspector {
+    fn protection_info(&self, g: &GuestKernel<'_>) -> ProtectionInfo {
+        let armed = self.protection.as_ref().and_then(|(_, t)| t.armed());
+        let writes = self.protection.as_ref().map_or(0, |(_, t)| t.events().0);
+        let va = |gpa: u64| {
+            gpa.wrapping_sub(g.phys_base)
+                .wrapping_add(bulwark_vmi::guest::START_KERNEL_MAP)
+        };
+        ProtectionInfo {
+            ranges: armed.map_or(Vec::new(), |a| {
+                a.ranges.iter().map(|&(s, e)| [va(s), va(e)]).collect()
+            }),
+            armed: armed.is_some(),
+            pause: armed.is_some_and(|a| a.pause),
+            writes,
+        }
+    }
+}
+
+/// Kernel text (`_stext`..`_etext`) and read-only data (`__start_rodata`..`__end_rodata`),
+/// guest-physical and page-aligned. Not the gap between them: the kernel frees it after boot
+/// and it becomes ordinary memory.
+fn protected_ranges(
+    g: &GuestKernel<'_>,
+) -> Result<[(u64, u64); 2], bulwark_vmi::symbols::SymbolError> {
+    let pa = |sym: &str| {
+        g.kernel.addr(sym).map(|va| {
+            va.wrapping_sub(bulwark_vmi::guest::START_KERNEL_MAP)
+                .wrapping_add(g.phys_base)
+        })
+    };
+    let range = |from: &str, to: &str| -> Result<(u64, u64), bulwark_vmi::symbols::SymbolError> {
+        Ok((pa(from)? & !0xfff, (pa(to)? + 0xfff) & !0xfff))
+    };
+    Ok([
+        range("_stext", "_etext")?,
+        range("__start_rodata", "__end_rodata")?,
+    ])
 }
 
 /// Moves at most [`MAX_INTROSPECT_ROWS`] rows of `list` into `out`; why the result is partial.
@@ -182,4 +279,240 @@ pub fn cpu_view(fd: &VcpuFd) -> Result<CpuView, kvm_ioctls::Error> {
         *slot = (index, value(i + 1));
     }
     Ok(view)
+}
+
+/// Most write-trap events kept (the oldest fall out; the total is still counted).
+const MAX_TRAP_EVENTS: usize = 1024;
+
+/// Guarded ranges: guest writes to them exit to the monitor instead of landing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Armed {
+    /// Guest-physical [start, end) ranges, sorted and disjoint.
+    pub ranges: [(u64, u64); 2],
+    /// Drop the write and pause the VM (otherwise the monitor writes it and the guest runs on).
+    pub pause: bool,
+    /// How a vCPU names the module a writer's code is in, at the time of the write (a module
+    /// loaded later may take the same addresses).
+    pub writers: Writers,
+}
+
+/// What a vCPU needs to find the module holding an address: the kernel's page tables, the
+/// layout, and the module list's head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Writers {
+    pub paging: bulwark_vmi::pagetable::Paging,
+    pub layout: bulwark_vmi::layout::KernelLayout,
+    pub modules: u64,
+}
+
+impl Writers {
+    fn module_of(&self, mem: &GuestMemoryMmap, addr: u64) -> Option<String> {
+        let r = bulwark_vmi::tasks::Reader {
+            mem,
+            paging: self.paging,
+        };
+        let list = bulwark_vmi::modules::modules(&r, &self.layout, self.modules);
+        list.items
+            .into_iter()
+            .find(|m| addr >= m.base && addr - m.base < u64::from(m.size))
+            .map(|m| m.name)
+    }
+}
+
+/// One trapped write, as the vCPU saw it.
+#[derive(Clone, Debug)]
+pub struct TrapEvent {
+    pub vcpu: u32,
+    pub gpa: u64,
+    /// The writer's instruction pointer (after the write: KVM has completed the instruction).
+    pub rip: u64,
+    pub data: Vec<u8>,
+    /// The monitor performed the write.
+    pub landed: bool,
+    pub at: Instant,
+    /// The module whose code wrote, when it was one.
+    pub module: Option<String>,
+}
+
+/// Write protection of guest memory through read-only memory slots: the vCPU that writes there
+/// reports here before anything lands.
+#[derive(Debug, Default)]
+pub struct WriteTrap {
+    armed: std::sync::RwLock<Option<Armed>>,
+    events: Mutex<std::collections::VecDeque<TrapEvent>>,
+    total: AtomicU64,
+}
+
+impl WriteTrap {
+    pub fn armed(&self) -> Option<Armed> {
+        *self.armed.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts (or changes) what is guarded and how.
+    pub fn arm(&self, a: Armed) {
+        *self.armed.write().unwrap_or_else(|e| e.into_inner()) = Some(a);
+    }
+
+    /// Whether a guest write to `gpa` is this trap's.
+    pub fn covers(&self, gpa: u64) -> bool {
+        self.armed()
+            .is_some_and(|a| a.ranges.iter().any(|&(s, e)| (s..e).contains(&gpa)))
+    }
+
+    /// A vCPU's write to the guarded range: recorded, then written through the monitor's own
+    /// mapping or dropped with the VM paused, as armed. True if the VM is to pause.
+    pub fn on_write(
+        &self,
+        vcpu: u32,
+        gpa: u64,
+        data: &[u8],
+        rip: u64,
+        mem: &GuestMemoryMmap,
+    ) -> bool {
+        use vm_memory::{Bytes, GuestAddress};
+        let armed = self.armed();
+        let pause = armed.is_some_and(|a| a.pause);
+        let module = armed.and_then(|a| a.writers.module_of(mem, rip));
+        let landed = !pause && mem.write_slice(data, GuestAddress(gpa)).is_ok();
+        self.total.fetch_add(1, Ordering::Relaxed);
+        let mut ev = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        if ev.len() == MAX_TRAP_EVENTS {
+            ev.pop_front();
+        }
+        ev.push_back(TrapEvent {
+            vcpu,
+            gpa,
+            rip,
+            data: data.to_vec(),
+            landed,
+            at: Instant::now(),
+            module,
+        });
+        tracing::warn!(
+            vcpu,
+            gpa,
+            rip,
+            len = data.len(),
+            landed,
+            "guest write to protected memory"
+        );
+        pause
+    }
+
+    /// Writes trapped since arming, and those still kept.
+    pub fn events(&self) -> (u64, Vec<TrapEvent>) {
+        let ev = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        (
+            self.total.load(Ordering::Relaxed),
+            ev.iter().cloned().collect(),
+        )
+    }
+}
+
+/// The VM's memory slots, as far as write protection changes them.
+pub struct SlotEditor {
+    vm: std::sync::Arc<kvm_ioctls::VmFd>,
+    /// (guest-physical start, size, host address) of each RAM slot, by slot number.
+    slots: Vec<(u64, u64, u64)>,
+    /// The ranges made read-only, once.
+    done: Mutex<Option<Vec<(u64, u64)>>>,
+}
+
+impl std::fmt::Debug for SlotEditor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SlotEditor({:?})", self.slots)
+    }
+}
+
+impl SlotEditor {
+    /// `regions` are the RAM slots in slot order (guest-physical start, size); `mem` maps them.
+    pub fn new(
+        vm: std::sync::Arc<kvm_ioctls::VmFd>,
+        regions: &[(u64, u64)],
+        mem: &GuestMemoryMmap,
+    ) -> Self {
+        use vm_memory::{GuestAddress, GuestMemoryBackend};
+        let slots = regions
+            .iter()
+            .filter_map(|&(g, s)| {
+                let host = mem.get_host_address(GuestAddress(g)).ok()?;
+                Some((g, s, host as u64))
+            })
+            .collect();
+        Self {
+            vm,
+            slots,
+            done: Mutex::new(None),
+        }
+    }
+
+    /// Makes the guest-physical `ranges` (page-aligned, sorted, disjoint, all in one RAM
+    /// region) read-only to the guest by splitting the RAM slot that holds them. The vCPUs
+    /// must be outside `KVM_RUN`. Done once per VM; asking again for the same ranges does
+    /// nothing.
+    pub fn protect(&self, ranges: &[(u64, u64)]) -> Result<(), String> {
+        let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        match &*done {
+            Some(r) if r == ranges => return Ok(()),
+            Some(r) => {
+                return Err(format!(
+                    "guest-physical {r:x?} is protected already; the ranges cannot change"
+                ));
+            }
+            None => {}
+        }
+        let aligned = |x: u64| x.is_multiple_of(4096);
+        let ordered = ranges.windows(2).all(|w| w[0].1 <= w[1].0);
+        if ranges.is_empty()
+            || !ordered
+            || ranges
+                .iter()
+                .any(|&(s, e)| s >= e || !aligned(s) || !aligned(e))
+        {
+            return Err(format!("{ranges:x?} are not sorted, page-aligned ranges"));
+        }
+        let (first, last) = (ranges[0].0, ranges[ranges.len() - 1].1);
+        let Some((i, &(gpa, size, host))) =
+            (self.slots.iter().enumerate()).find(|(_, (g, s, _))| *g <= first && last <= g + s)
+        else {
+            return Err(format!(
+                "{ranges:x?} are not inside one RAM region of this guest"
+            ));
+        };
+        fn err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> String {
+            move |e| format!("cannot {what} for write protection: {e}")
+        }
+        // The region in pieces: writable before, between and after the ranges, read-only
+        // over them. The first piece keeps the slot's number; the others take new ones.
+        let mut pieces = Vec::new();
+        let mut at = gpa;
+        for &(s, e) in ranges {
+            pieces.push((at, s - at, false));
+            pieces.push((s, e - s, true));
+            at = e;
+        }
+        pieces.push((at, gpa + size - at, false));
+        pieces.retain(|p| p.1 > 0);
+        let numbers: Vec<u32> = std::iter::once(i as u32)
+            .chain((self.slots.len() as u32)..)
+            .take(pieces.len())
+            .collect();
+        let vm = &self.vm;
+        crate::vm::set_slot(vm, i as u32, gpa, 0, host, false).map_err(err("remove a RAM slot"))?;
+        for (k, (&(g, s, ro), &n)) in pieces.iter().zip(&numbers).enumerate() {
+            if let Err(e) = crate::vm::set_slot(vm, n, g, s, host + (g - gpa), ro) {
+                // Put the slot back as it was: the guest must not lose its memory.
+                for &n in &numbers[..k] {
+                    let _ = crate::vm::set_slot(vm, n, 0, 0, 0, false);
+                }
+                crate::vm::set_slot(vm, i as u32, gpa, size, host, false)
+                    .map_err(err("restore a RAM slot"))?;
+                return Err(err(
+                    "add a read-only RAM slot (does this host's KVM have KVM_CAP_READONLY_MEM?)",
+                )(e));
+            }
+        }
+        *done = Some(ranges.to_vec());
+        Ok(())
+    }
 }

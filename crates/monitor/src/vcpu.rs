@@ -31,6 +31,8 @@ pub struct VcpuContext {
     pub jobs: VcpuJobs,
     /// Host calls restored vCPUs had in progress, by vCPU (empty for a fresh VM).
     pub restored_hostcalls: Vec<Option<u32>>,
+    /// Introspection's write protection, for VMs that allow introspection.
+    pub write_trap: Option<Arc<crate::introspect::WriteTrap>>,
 }
 
 /// Work a parked vCPU thread does with its own fd: the fd, the general registers as the
@@ -208,7 +210,22 @@ impl Vcpu {
                         Exit::MmioRead { .. } | Exit::MmioWrite { .. } => bump(&live.mmio),
                         _ => 0,
                     };
-                    dispatch(exit, &self.ctx.buses)
+                    let trapped = match (&exit, &ctx.write_trap) {
+                        (Exit::MmioWrite { addr, data }, Some(t)) if t.covers(*addr) => {
+                            Some((t.clone(), *addr, data.to_vec()))
+                        }
+                        _ => None,
+                    };
+                    match trapped {
+                        // A write to memory introspection guards (a read-only slot).
+                        Some((trap, gpa, data)) => {
+                            if trap.on_write(self.index, gpa, &data, self.rip(), &ctx.mem) {
+                                ctx.control.request_pause();
+                            }
+                            ExitAction::Resume
+                        }
+                        None => dispatch(exit, &self.ctx.buses),
+                    }
                 }
                 Err(e) if matches!(e.errno(), libc::EINTR | libc::EAGAIN) => continue,
                 Err(e) => {

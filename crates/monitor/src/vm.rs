@@ -175,6 +175,33 @@ impl Default for FunctionVmConfig {
     }
 }
 
+/// Sets (or, with `size` 0, deletes) KVM memory slot `slot`: `size` bytes of guest-physical
+/// memory at `gpa` backed by the host mapping at `host`, read-only to the guest if asked (its
+/// writes then exit as MMIO writes).
+pub(crate) fn set_slot(
+    vm: &VmFd,
+    slot: u32,
+    gpa: u64,
+    size: u64,
+    host: u64,
+    read_only: bool,
+) -> Result<(), kvm_ioctls::Error> {
+    let region = kvm_userspace_memory_region {
+        slot,
+        flags: if read_only {
+            kvm_bindings::KVM_MEM_READONLY
+        } else {
+            0
+        },
+        guest_phys_addr: gpa,
+        memory_size: size,
+        userspace_addr: host,
+    };
+    // SAFETY: callers pass a range of one of the VM's guest RAM mappings (a `GuestRam` region,
+    // found through its `GuestMemoryMmap`), which outlives the VM; a deletion maps nothing.
+    unsafe { vm.set_user_memory_region(region) }
+}
+
 pub(crate) fn register_memory(vm: &VmFd, ram: &GuestRam) -> Result<(), VmError> {
     for (slot, &(gpa, size, host)) in ram.regions().iter().enumerate() {
         let region = kvm_userspace_memory_region {
@@ -449,6 +476,7 @@ fn run_function_from(
         .transpose()?;
     let buses = Arc::new(devices.buses);
     let ctx = Arc::new(VcpuContext {
+        write_trap: None,
         buses: buses.clone(),
         hostcalls: Some(Arc::new(HostCalls {
             layout,

@@ -34,7 +34,7 @@ use super::layout::*;
 use crate::control::VmControl;
 use crate::exit::Buses;
 use crate::input::ConsoleInput;
-use crate::introspect::{IntrospectionConfig, Introspector};
+use crate::introspect::{IntrospectionConfig, Introspector, SlotEditor, WriteTrap};
 use crate::kvm::{self, KvmError};
 use crate::managed::{ManagedServer, VmView};
 use crate::memory::GuestRam;
@@ -656,7 +656,17 @@ fn run_platform(parts: RunParts<'_>) -> Result<RunReport, VmError> {
         console
     };
     let buses = Arc::new(platform.buses);
+    // Introspection's write protection: the vCPUs report writes to guarded memory here.
+    let write_trap = cfg
+        .introspection
+        .as_ref()
+        .map(|_| Arc::new(WriteTrap::default()));
+    let introspector = cfg.introspection.clone().map(|c| {
+        let slots = SlotEditor::new(vm.clone(), &snapshot_source.base.regions, mem);
+        Arc::new(Introspector::new(c, write_trap.clone().map(|t| (slots, t))))
+    });
     let ctx = Arc::new(VcpuContext {
+        write_trap,
         buses: buses.clone(),
         hostcalls: None,
         mem: mem.clone(),
@@ -684,10 +694,7 @@ fn run_platform(parts: RunParts<'_>) -> Result<RunReport, VmError> {
                         }) as Box<dyn Fn() + Send>
                     }),
                     snapshot: Some(Box::new(snapshot_source)),
-                    introspection: cfg
-                        .introspection
-                        .clone()
-                        .map(|c| Arc::new(Introspector::new(c))),
+                    introspection: introspector,
                 },
             )
         })
