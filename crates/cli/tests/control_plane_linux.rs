@@ -7,33 +7,12 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::OnceLock;
 
-use bulwark_testrig::{ExtraFile, GuestImage, RigRun, RigSpec};
+use bulwark_testrig::RigRun;
 use common::*;
 
 const OWNER: &str = "owner-token-of-the-snapshot-test-vm";
-
-/// bulwarkd comes from another package: build it (cargo builds only this package's binaries
-/// for its tests).
-fn bulwarkd() -> PathBuf {
-    let dir = PathBuf::from(bulwark()).parent().unwrap().to_path_buf();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.args(["build", "-q", "-p", "bulwark-control", "--bins"]);
-    if dir.ends_with("release") {
-        cmd.arg("--release");
-    }
-    let o = cmd.current_dir(repo_root()).output().unwrap();
-    assert!(
-        o.status.success(),
-        "cargo build -p bulwark-control: {}",
-        stderr(&o)
-    );
-    dir.join("bulwarkd")
-}
 
 /// The guest's job: a TCP stream of numbered lines to the host, and numbered 13-byte records
 /// written (and synced) to /dev/vda, each in its own slot.
@@ -156,36 +135,13 @@ fn rig_run() -> &'static RigRun {
         let mktap = build_static_c(&tools, "tests/guest/mktap.c");
         let image = build_image("test-image-snap", &[]);
         std::fs::copy(&mktap, image.join("mktap")).unwrap();
-        let mut spec = RigSpec::new(bulwark());
-        spec.images = vec![GuestImage::new("snap", image)];
-        spec.files = vec![
-            ExtraFile::host("/bin/bulwarkd", bulwarkd(), 0o755),
-            ExtraFile::host(
-                "/bin/bulwark-tools",
-                env!("CARGO_BIN_EXE_bulwark-tools"),
-                0o755,
-            ),
-        ];
-        spec.cmdline_extra = "loglevel=1".into();
-        spec.memory_mib = 2048;
-        spec.timeout = std::time::Duration::from_secs(1200);
+        let spec = daemon_rig("snap", image);
         (spec, script())
     })
 }
 
 fn check(name: &str) -> (String, i32) {
     section_status(rig_run(), name)
-}
-
-/// The number after `label=` on its line.
-fn num(out: &str, label: &str) -> i64 {
-    out.lines()
-        .find_map(|l| {
-            l.split_whitespace()
-                .find_map(|w| w.strip_prefix(&format!("{label}=")))
-        })
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no `{label}=` in:\n{out}"))
 }
 
 #[test]

@@ -10,11 +10,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::OnceLock;
 
-use bulwark_testrig::{ExtraFile, GuestImage, RigRun, RigSpec};
+use bulwark_testrig::RigRun;
 use common::*;
 
 const OWNER: &str = "owner-token-of-the-vmi-test-vm";
@@ -27,21 +27,6 @@ const MODULES: &[&str] = &[
     "patch_text",
     "hide_module",
 ];
-
-/// bulwarkd comes from another package: build it (cargo builds only this package's binaries
-/// for its tests).
-fn bulwarkd() -> PathBuf {
-    let dir = PathBuf::from(bulwark()).parent().unwrap().to_path_buf();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.args(["build", "-q", "-p", "bulwark-control", "--bins"]);
-    if dir.ends_with("release") {
-        cmd.arg("--release");
-    }
-    let o = cmd.current_dir(repo_root()).output().unwrap();
-    assert!(o.status.success(), "cargo build bulwarkd: {}", stderr(&o));
-    dir.join("bulwarkd")
-}
 
 /// The kernel release an image boots, from its manifest.
 fn kernel_release(image: &Path) -> String {
@@ -201,36 +186,13 @@ fn rig_run() -> &'static RigRun {
         let adds: Vec<&str> = adds.iter().map(String::as_str).collect();
         let image = build_image("test-image-vmi", &adds);
         assert_eq!(kernel_release(&image), kver);
-        let mut spec = RigSpec::new(bulwark());
-        spec.images = vec![GuestImage::new("vmi", image)];
-        spec.files = vec![
-            ExtraFile::host("/bin/bulwarkd", bulwarkd(), 0o755),
-            ExtraFile::host(
-                "/bin/bulwark-tools",
-                env!("CARGO_BIN_EXE_bulwark-tools"),
-                0o755,
-            ),
-        ];
-        spec.cmdline_extra = "loglevel=1".into();
-        spec.memory_mib = 2048;
-        spec.timeout = std::time::Duration::from_secs(1200);
+        let spec = daemon_rig("vmi", image);
         (spec, script())
     })
 }
 
 fn check(name: &str) -> (String, i32) {
     section_status(rig_run(), name)
-}
-
-/// The number after `label=` on its line.
-fn num(out: &str, label: &str) -> i64 {
-    out.lines()
-        .find_map(|l| {
-            l.split_whitespace()
-                .find_map(|w| w.strip_prefix(&format!("{label}=")))
-        })
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no `{label}=` in:\n{out}"))
 }
 
 /// The words after `label:` on its line.

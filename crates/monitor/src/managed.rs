@@ -545,33 +545,15 @@ impl ManagedServer {
                 "the vCPUs did not stop within 5 s; nothing was read",
             );
         }
-        let (tx, rx) = std::sync::mpsc::channel();
-        for i in 0..self.view.vcpus {
-            let tx = tx.clone();
-            ctx.vcpu.jobs.post(
-                i,
-                Box::new(move |fd, _, _| {
-                    let _ = tx.send((i, cpu_view(fd)));
-                }),
-            );
-        }
-        drop(tx);
-        ctx.control.nudge();
-        let deadline = Instant::now() + PAUSE_WAIT;
-        let mut cpus = vec![None; self.view.vcpus as usize];
-        let mut failed = None;
-        for _ in 0..self.view.vcpus {
-            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok((i, Ok(c))) => cpus[i as usize] = Some(c),
-                Ok((i, Err(e))) => {
-                    failed.get_or_insert(format!("cannot read vCPU {i}'s registers: {e}"));
-                }
-                Err(_) => {
-                    failed.get_or_insert("a vCPU did not hand over its registers in time".into());
-                    break;
-                }
-            }
-        }
+        let cpus = self.on_every_vcpu(ctx, |fd, _, _| cpu_view(fd));
+        let failed = match &cpus {
+            None => Some("a vCPU did not hand over its registers in time".to_string()),
+            Some(c) => c.iter().enumerate().find_map(|(i, r)| {
+                r.as_ref()
+                    .err()
+                    .map(|e| format!("cannot read vCPU {i}'s registers: {e}"))
+            }),
+        };
         // Lists are read while the guest is held, so they are consistent. A measurement reads
         // tens of MiB of kernel text, which does not change while the guest runs unless
         // something attacks it (and then the check is what should see it), so the guest runs
@@ -589,7 +571,7 @@ impl ManagedServer {
         let result = match failed {
             Some(e) => Err(e),
             None => {
-                let cpus: Vec<_> = cpus.into_iter().flatten().collect();
+                let cpus: Vec<_> = cpus.into_iter().flatten().flatten().collect();
                 vmi.read(view, &ctx.vcpu.mem, &cpus)
             }
         };
@@ -609,6 +591,46 @@ impl ManagedServer {
             }
             Err(e) => Response::error(error_code::FAILED, e),
         }
+    }
+
+    /// Runs `job` on every (parked) vCPU's own thread with its fd, its registers and its host
+    /// call in progress, and collects the results in vCPU order; `None` when a vCPU did not
+    /// answer within the pause timeout.
+    fn on_every_vcpu<T: Send + 'static>(
+        &self,
+        ctx: &LoopCtx<'_>,
+        job: impl Fn(
+            &kvm_ioctls::VcpuFd,
+            Result<kvm_bindings::kvm_regs, kvm_ioctls::Error>,
+            Option<u32>,
+        ) -> T
+        + Send
+        + Sync
+        + 'static,
+    ) -> Option<Vec<T>> {
+        let n = self.view.vcpus;
+        let job = Arc::new(job);
+        let (tx, rx) = std::sync::mpsc::channel();
+        for i in 0..n {
+            let (tx, job) = (tx.clone(), job.clone());
+            ctx.vcpu.jobs.post(
+                i,
+                Box::new(move |fd, regs, pending| {
+                    let _ = tx.send((i, job(fd, regs, pending)));
+                }),
+            );
+        }
+        drop(tx);
+        ctx.control.nudge();
+        let deadline = Instant::now() + PAUSE_WAIT;
+        let mut out: Vec<Option<T>> = (0..n).map(|_| None).collect();
+        for _ in 0..n {
+            let (i, v) = rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .ok()?;
+            out[i as usize] = Some(v);
+        }
+        out.into_iter().collect()
     }
 
     /// Pauses the VM if it runs; false if the vCPUs did not park.
@@ -706,33 +728,19 @@ impl ManagedServer {
             return Err(SnapshotError::Unsupported("no snapshot source".into()));
         };
         let n = self.view.vcpus;
-        let (tx, rx) = std::sync::mpsc::channel();
         let base = src.base();
         let msr_index: Arc<[u32]> = base.msr_index.as_slice().into();
         let irqchip = src.in_kernel_irqchip();
-        for i in 0..n {
-            let (tx, msr_index) = (tx.clone(), msr_index.clone());
-            ctx.vcpu.jobs.post(
-                i,
-                Box::new(move |fd, regs, pending| {
-                    let state = regs
-                        .map_err(crate::snapshot::kvm("KVM_GET_REGS"))
-                        .and_then(|r| VcpuState::capture(fd, r, &msr_index, irqchip, pending));
-                    let _ = tx.send((i, state));
-                }),
-            );
-        }
-        drop(tx);
-        ctx.control.nudge();
-        let mut states: Vec<Option<VcpuState>> = (0..n).map(|_| None).collect();
-        let deadline = Instant::now() + PAUSE_WAIT;
-        for _ in 0..n {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let (i, st) = rx.recv_timeout(left).map_err(|_| {
+        let states = self
+            .on_every_vcpu(ctx, move |fd, regs, pending| {
+                regs.map_err(crate::snapshot::kvm("KVM_GET_REGS"))
+                    .and_then(|r| VcpuState::capture(fd, r, &msr_index, irqchip, pending))
+            })
+            .ok_or_else(|| {
                 SnapshotError::Unsupported("a vCPU did not hand over its state in time".into())
-            })?;
-            states[i as usize] = Some(st?);
-        }
+            })?
+            .into_iter()
+            .collect::<Result<Vec<VcpuState>, SnapshotError>>()?;
         let regions = base.regions.clone();
         let header = Header {
             format: SNAPSHOT_FORMAT,
@@ -748,9 +756,7 @@ impl ManagedServer {
             let mut w = RecordWriter::new(out).with_progress(progress);
             w.header(&header)?;
             for (i, st) in states.iter().enumerate() {
-                if let Some(st) = st {
-                    st.write(i as u32, &mut w)?;
-                }
+                st.write(i as u32, &mut w)?;
             }
             src.write_state(&mut w, &mut |w| {
                 let populated = |i: usize, len: u64| {

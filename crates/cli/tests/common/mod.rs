@@ -205,3 +205,56 @@ pub fn rig_once(
     });
     run.as_ref().unwrap_or_else(|e| panic!("{e}"))
 }
+
+/// bulwarkd comes from another package: build it (cargo builds only this package's binaries
+/// for its tests).
+#[allow(dead_code)]
+pub fn bulwarkd() -> PathBuf {
+    let dir = PathBuf::from(bulwark()).parent().unwrap().to_path_buf();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.args(["build", "-q", "-p", "bulwark-control", "--bins"]);
+    if dir.ends_with("release") {
+        cmd.arg("--release");
+    }
+    let o = cmd.current_dir(repo_root()).output().unwrap();
+    assert!(
+        o.status.success(),
+        "cargo build -p bulwark-control: {}",
+        stderr(&o)
+    );
+    dir.join("bulwarkd")
+}
+
+/// The number after `label=` on its line of a rig section's output.
+#[allow(dead_code)]
+pub fn num(out: &str, label: &str) -> i64 {
+    out.lines()
+        .find_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{label}=")))
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no `{label}=` in:\n{out}"))
+}
+
+/// A rig for a test of bulwarkd with a Linux guest: the image as /images/NAME, bulwarkd and
+/// bulwark-tools on L1's PATH, 2 GiB for L1, 20 minutes at most.
+#[allow(dead_code)]
+pub fn daemon_rig(image_name: &str, image: PathBuf) -> bulwark_testrig::RigSpec {
+    use bulwark_testrig::{ExtraFile, GuestImage, RigSpec};
+    let mut spec = RigSpec::new(bulwark());
+    spec.images = vec![GuestImage::new(image_name, image)];
+    spec.files = vec![
+        ExtraFile::host("/bin/bulwarkd", bulwarkd(), 0o755),
+        ExtraFile::host(
+            "/bin/bulwark-tools",
+            env!("CARGO_BIN_EXE_bulwark-tools"),
+            0o755,
+        ),
+    ];
+    spec.cmdline_extra = "loglevel=1".into();
+    spec.memory_mib = 2048;
+    spec.timeout = std::time::Duration::from_secs(1200);
+    spec
+}
