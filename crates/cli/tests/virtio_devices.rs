@@ -31,7 +31,10 @@ fn net_script(backend: &str, bytes: u64) -> String {
                  i=0; while ! ip link show bwtap0 >/dev/null 2>&1 && [ $i -lt 300 ]; do i=$((i+1)); sleep 0.1; done; \
                  ip addr add 10.0.2.1/24 dev bwtap0; ip link set bwtap0 up; \
                  i=0; while [ $i -lt 120 ] && ! ping -c1 -W1 10.0.2.2 >/dev/null 2>&1; do i=$((i+1)); done; \
-                 timeout 280 /tmp/vsock_echo tcp-connect 10.0.2.2 5000 < /tmp/n; echo host-send=$?; \
+                 : the guest answers pings before its server listens: a refused connect is tried again; \
+                 i=0; while :; do timeout 280 /tmp/vsock_echo tcp-connect 10.0.2.2 5000 < /tmp/n; r=$?; \
+                   [ $r -eq 0 ] && break; i=$((i+1)); [ $i -ge 50 ] && break; sleep 0.2; done; \
+                 echo host-send=$r; \
                  echo back-ends=$(for p in /proc/[0-9]*; do [ \"$(cat $p/comm 2>/dev/null)\" = bw-net0 ] && echo $p; done | wc -l); \
                  wait $V; \
                  wait $L; echo host-recv=$?; \
