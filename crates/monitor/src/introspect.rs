@@ -134,12 +134,9 @@ impl Introspector {
                     .as_ref()
                     .ok_or("write protection is not available for this VM")?;
                 let modules = g.modules();
-                let (_, events) = trap.events();
+                let events = trap.events();
                 out.protection = Some(self.protection_info(&g));
-                let va = |gpa: u64| {
-                    gpa.wrapping_sub(g.phys_base)
-                        .wrapping_add(bulwark_vmi::guest::START_KERNEL_MAP)
-                };
+                let va = |gpa: u64| g.image_va(gpa);
                 let list = Listing {
                     items: events,
                     broken: None,
@@ -201,11 +198,8 @@ impl Introspector {
 impl Introspector {
     fn protection_info(&self, g: &GuestKernel<'_>) -> ProtectionInfo {
         let armed = self.protection.as_ref().and_then(|(_, t)| t.armed());
-        let writes = self.protection.as_ref().map_or(0, |(_, t)| t.events().0);
-        let va = |gpa: u64| {
-            gpa.wrapping_sub(g.phys_base)
-                .wrapping_add(bulwark_vmi::guest::START_KERNEL_MAP)
-        };
+        let writes = self.protection.as_ref().map_or(0, |(_, t)| t.total());
+        let va = |gpa: u64| g.image_va(gpa);
         ProtectionInfo {
             ranges: armed.map_or(Vec::new(), |a| {
                 a.ranges.iter().map(|&(s, e)| [va(s), va(e)]).collect()
@@ -223,12 +217,7 @@ impl Introspector {
 fn protected_ranges(
     g: &GuestKernel<'_>,
 ) -> Result<[(u64, u64); 2], bulwark_vmi::symbols::SymbolError> {
-    let pa = |sym: &str| {
-        g.kernel.addr(sym).map(|va| {
-            va.wrapping_sub(bulwark_vmi::guest::START_KERNEL_MAP)
-                .wrapping_add(g.phys_base)
-        })
-    };
+    let pa = |sym: &str| g.kernel.addr(sym).map(|va| g.image_pa(va));
     let range = |from: &str, to: &str| -> Result<(u64, u64), bulwark_vmi::symbols::SymbolError> {
         Ok((pa(from)? & !0xfff, (pa(to)? + 0xfff) & !0xfff))
     };
@@ -314,7 +303,7 @@ impl Writers {
         let list = bulwark_vmi::modules::modules(&r, &self.layout, self.modules);
         list.items
             .into_iter()
-            .find(|m| addr >= m.base && addr - m.base < u64::from(m.size))
+            .find(|m| m.holds(addr))
             .map(|m| m.name)
     }
 }
@@ -338,6 +327,9 @@ pub struct TrapEvent {
 /// reports here before anything lands.
 #[derive(Debug, Default)]
 pub struct WriteTrap {
+    /// Set once armed: every MMIO write exit of the VM asks [`WriteTrap::covers`], and until
+    /// then it answers without taking the lock.
+    is_armed: std::sync::atomic::AtomicBool,
     armed: std::sync::RwLock<Option<Armed>>,
     events: Mutex<std::collections::VecDeque<TrapEvent>>,
     total: AtomicU64,
@@ -351,12 +343,15 @@ impl WriteTrap {
     /// Starts (or changes) what is guarded and how.
     pub fn arm(&self, a: Armed) {
         *self.armed.write().unwrap_or_else(|e| e.into_inner()) = Some(a);
+        self.is_armed.store(true, Ordering::Release);
     }
 
     /// Whether a guest write to `gpa` is this trap's.
     pub fn covers(&self, gpa: u64) -> bool {
-        self.armed()
-            .is_some_and(|a| a.ranges.iter().any(|&(s, e)| (s..e).contains(&gpa)))
+        self.is_armed.load(Ordering::Acquire)
+            && self
+                .armed()
+                .is_some_and(|a| a.ranges.iter().any(|&(s, e)| (s..e).contains(&gpa)))
     }
 
     /// A vCPU's write to the guarded range: recorded, then written through the monitor's own
@@ -399,13 +394,15 @@ impl WriteTrap {
         pause
     }
 
-    /// Writes trapped since arming, and those still kept.
-    pub fn events(&self) -> (u64, Vec<TrapEvent>) {
+    /// The writes still kept (the last [`MAX_TRAP_EVENTS`]).
+    pub fn events(&self) -> Vec<TrapEvent> {
         let ev = self.events.lock().unwrap_or_else(|e| e.into_inner());
-        (
-            self.total.load(Ordering::Relaxed),
-            ev.iter().cloned().collect(),
-        )
+        ev.iter().cloned().collect()
+    }
+
+    /// Writes trapped since arming (also those no longer kept).
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
     }
 }
 

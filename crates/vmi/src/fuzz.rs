@@ -45,7 +45,6 @@ pub(crate) fn layout() -> KernelLayout {
         kobject_entry: 8,
         kobject_name: 0,
         module_kobject_mod: 0x40,
-        filename_name: 0,
     }
 }
 

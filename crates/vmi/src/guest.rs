@@ -137,19 +137,31 @@ impl<'a> GuestKernel<'a> {
         let phys_base = entry
             .gpa
             .wrapping_sub(cpu.lstar.wrapping_sub(START_KERNEL_MAP));
-        let pgt = kernel.addr("init_top_pgt").map_err(AttachError::Slide)?;
-        let paging = Paging {
-            cr3: pgt.wrapping_sub(START_KERNEL_MAP).wrapping_add(phys_base),
-            five_level: vcpu_paging.five_level,
-        };
-        let g = Self {
+        let mut g = Self {
             kernel,
-            reader: Reader { mem, paging },
+            reader: Reader {
+                mem,
+                paging: vcpu_paging,
+            },
             layout: &profile.layout,
             phys_base,
         };
+        let pgt = g.kernel.addr("init_top_pgt").map_err(AttachError::Slide)?;
+        g.reader.paging.cr3 = g.image_pa(pgt);
         g.check_idle_task()?;
         Ok(g)
+    }
+
+    /// The guest-physical address of a kernel-image virtual address (text, data, `init_*`).
+    pub fn image_pa(&self, va: u64) -> u64 {
+        va.wrapping_sub(START_KERNEL_MAP)
+            .wrapping_add(self.phys_base)
+    }
+
+    /// The kernel-image virtual address of a guest-physical address in the image.
+    pub fn image_va(&self, pa: u64) -> u64 {
+        pa.wrapping_sub(self.phys_base)
+            .wrapping_add(START_KERNEL_MAP)
     }
 
     /// `init_task` must be pid 0 named `swapper...` whose parent is itself: a profile of another
@@ -212,8 +224,6 @@ ffffffff81200000 D init_top_pgt
 ffffffff81210000 D init_task
 ffffffff81220000 D modules
 ffffffff81230000 D module_kset
-ffffffff81240000 T bprm_execve
-0000000000000100 D current_task
 ffffffff81300000 B _end
 ";
     pub(crate) const SLIDE: u64 = 0x0400_0000;

@@ -194,10 +194,7 @@ fn hex(b: &[u8]) -> String {
 
 /// Names an address: a kernel symbol, or the module whose code holds it, or neither.
 pub fn name(g: &GuestKernel<'_>, modules: &[Module], addr: u64) -> String {
-    if let Some(m) = modules
-        .iter()
-        .find(|m| addr >= m.base && addr - m.base < u64::from(m.size))
-    {
+    if let Some(m) = modules.iter().find(|m| m.holds(addr)) {
         return format!("{addr:#x} (in module {})", m.name);
     }
     let sym = g.kernel.describe(addr);

@@ -178,8 +178,6 @@ pub struct KernelLayout {
     pub kobject_entry: u64,
     pub kobject_name: u64,
     pub module_kobject_mod: u64,
-    /// `filename.name` (the path a `struct filename` carries, for exec tracing).
-    pub filename_name: u64,
 }
 
 impl KernelLayout {
@@ -223,7 +221,6 @@ impl KernelLayout {
             kobject_entry: btf.offset("kobject", "entry")?,
             kobject_name: btf.offset("kobject", "name")?,
             module_kobject_mod: btf.offset("module_kobject", "mod")?,
-            filename_name: btf.offset("filename", "name")?,
         })
     }
 }

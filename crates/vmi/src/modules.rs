@@ -5,7 +5,7 @@
 
 use crate::layout::KernelLayout;
 use crate::pagetable::ReadError;
-use crate::tasks::{Listing, Reader, walk_list};
+use crate::tasks::{Listing, Reader, read_each, walk_list};
 
 /// Most modules a walk visits (a Debian guest loads tens).
 pub const MAX_MODULES: usize = 4096;
@@ -24,6 +24,11 @@ pub struct Module {
 }
 
 impl Module {
+    /// Whether guest-virtual `addr` lies in this module's code.
+    pub fn holds(&self, addr: u64) -> bool {
+        addr.wrapping_sub(self.base) < u64::from(self.size)
+    }
+
     /// `module_state` in words.
     pub fn state_name(&self) -> &'static str {
         match self.state {
@@ -38,19 +43,11 @@ impl Module {
 
 /// Every module on the list whose head is the run-time address of the `modules` symbol.
 pub fn modules(r: &Reader<'_>, l: &KernelLayout, head: u64) -> Listing<Module> {
-    let (links, mut broken) = walk_list(r, head, l.list_next, MAX_MODULES);
-    let mut items = Vec::with_capacity(links.len());
-    for link in links {
-        let m = link.wrapping_sub(l.module_list);
-        match module(r, l, m) {
-            Ok(x) => items.push(x),
-            Err(e) => {
-                broken.get_or_insert(format!("module {m:#x} cannot be read: {e}"));
-                break;
-            }
-        }
-    }
-    Listing { items, broken }
+    let (links, broken) = walk_list(r, head, l.list_next, MAX_MODULES);
+    let mods = links
+        .into_iter()
+        .map(|link| link.wrapping_sub(l.module_list));
+    read_each(mods, "module", broken, |m| module(r, l, m))
 }
 
 fn module(r: &Reader<'_>, l: &KernelLayout, m: u64) -> Result<Module, ReadError> {

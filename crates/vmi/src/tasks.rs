@@ -116,14 +116,26 @@ pub fn walk_list(
 /// `init_task` is the run-time address of the `init_task` symbol.
 pub fn processes(r: &Reader<'_>, l: &KernelLayout, init_task: u64) -> Listing<Process> {
     let head = init_task.wrapping_add(l.task_tasks);
-    let (links, mut broken) = walk_list(r, head, l.list_next, MAX_TASKS);
-    let mut items = Vec::with_capacity(links.len() + 1);
-    for task in std::iter::once(init_task).chain(links.iter().map(|a| a.wrapping_sub(l.task_tasks)))
-    {
-        match process(r, l, task) {
-            Ok(p) => items.push(p),
+    let (links, broken) = walk_list(r, head, l.list_next, MAX_TASKS);
+    let tasks =
+        std::iter::once(init_task).chain(links.iter().map(|a| a.wrapping_sub(l.task_tasks)));
+    read_each(tasks, "task", broken, |t| process(r, l, t))
+}
+
+/// Reads the structure at each address in turn, stopping at the first that cannot be read;
+/// `broken` is why the list walk itself stopped early, if it did.
+pub(crate) fn read_each<T>(
+    addrs: impl Iterator<Item = u64>,
+    what: &str,
+    mut broken: Option<String>,
+    read: impl Fn(u64) -> Result<T, ReadError>,
+) -> Listing<T> {
+    let mut items = Vec::new();
+    for a in addrs {
+        match read(a) {
+            Ok(x) => items.push(x),
             Err(e) => {
-                broken.get_or_insert(format!("task {task:#x} cannot be read: {e}"));
+                broken.get_or_insert(format!("{what} {a:#x} cannot be read: {e}"));
                 break;
             }
         }
