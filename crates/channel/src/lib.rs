@@ -98,7 +98,13 @@ pub enum Request {
     /// Read the guest kernel from outside (introspection): only where the VM's spec allows it
     /// (`introspection = true`). The vCPUs pause while the monitor reads and then run on; the
     /// answer goes to the VM's owner, and describe counts every one.
-    Introspect { view: IntrospectView },
+    Introspect {
+        view: IntrospectView,
+        /// For `trace`: the kernel function to stop at (default: the kernel's exec path); for
+        /// `untrace`: the one to take out (default: all).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        symbol: Option<String>,
+    },
 }
 
 /// What an introspection request lists.
@@ -122,6 +128,55 @@ pub enum IntrospectView {
     ProtectPause,
     /// The writes trapped so far.
     Traps,
+    /// Put a breakpoint on a kernel function (KVM guest debug): every call is recorded with
+    /// the process that made it and, for exec, the file name. Up to [`MAX_BREAKPOINTS`]
+    /// functions at once.
+    Trace,
+    /// Take a breakpoint out (`symbol`), or all of them.
+    Untrace,
+    /// The calls recorded so far.
+    Hits,
+}
+
+/// One breakpoint.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracePoint {
+    pub symbol: String,
+    pub address: u64,
+}
+
+/// The breakpoints' state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TraceInfo {
+    /// The functions stopped at (at most [`MAX_BREAKPOINTS`]).
+    #[serde(default)]
+    pub breakpoints: Vec<TracePoint>,
+    /// Calls recorded since the VM started.
+    pub hits: u64,
+    /// Debug exceptions that were not a breakpoint's, given back to the guest, and the last.
+    #[serde(default)]
+    pub other_exits: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_other: Option<String>,
+}
+
+/// Most breakpoints at once: one per x86 debug address register (DR0-DR3).
+pub const MAX_BREAKPOINTS: usize = 4;
+
+/// One recorded call.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TraceHit {
+    pub vcpu: u32,
+    pub symbol: String,
+    /// The calling process (thread-group id) and its name.
+    pub pid: i32,
+    pub comm: String,
+    /// For exec: the file name; otherwise the first arguments.
+    pub detail: String,
+    pub ago_ms: u64,
 }
 
 /// Write protection's state.
@@ -236,6 +291,12 @@ pub struct Introspection {
     /// For traps: the writes trapped (the last 1024).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub traps: Vec<TrapReport>,
+    /// For trace, untrace and hits: the breakpoints' state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<TraceInfo>,
+    /// For hits: the calls recorded (the last 2048 sent).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hits: Vec<TraceHit>,
     /// Set when the list is incomplete, and why (a broken or looping list in guest memory,
     /// more rows than a reply carries).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -506,6 +567,11 @@ mod tests {
             },
             Request::Introspect {
                 view: IntrospectView::Modules,
+                symbol: None,
+            },
+            Request::Introspect {
+                view: IntrospectView::Trace,
+                symbol: Some("bprm_execve".into()),
             },
         ];
         for r in reqs {

@@ -145,6 +145,7 @@ pub fn rig(args: &RigArgs) -> ExitCode {
             return ExitCode::from(125);
         }
     };
+    old_qemu_note();
     match &args.script {
         Some(path) => match std::fs::read_to_string(path) {
             Ok(script) => {
@@ -160,6 +161,22 @@ pub fn rig(args: &RigArgs) -> ExitCode {
             }
         },
         None => finish(run_command(&spec, &args.command)),
+    }
+}
+
+/// Says so when the rig's QEMU is too old for introspection's breakpoints (everything else
+/// works with it).
+fn old_qemu_note() {
+    use bulwark_testrig::qemu::{GUEST_DEBUG_SINCE, QEMU_BINARY, version};
+    if let Some(v) = version(Path::new(QEMU_BINARY)).filter(|v| *v < GUEST_DEBUG_SINCE) {
+        eprintln!(
+            "bulwark: rig: note: QEMU {}.{} does not pass debug exceptions of L2 to L1's KVM, so              `vmi trace` breakpoints never fire in this rig; QEMU {}.{} or newer does (on              Debian 12: `apt-get install -t bookworm-backports {}`)",
+            v.0,
+            v.1,
+            GUEST_DEBUG_SINCE.0,
+            GUEST_DEBUG_SINCE.1,
+            bulwark_testrig::qemu::QEMU_PACKAGE
+        );
     }
 }
 

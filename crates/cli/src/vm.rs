@@ -109,6 +109,10 @@ enum VmCommand {
         /// it lands (without: it is recorded, then performed).
         #[arg(long)]
         pause: bool,
+        /// With trace: the kernel function to stop at [default: the exec path, bprm_execve];
+        /// with untrace: the one to take out [default: all].
+        #[arg(long)]
+        symbol: Option<String>,
     },
     /// Write an encrypted snapshot of a running VM.
     Snapshot {
@@ -154,6 +158,13 @@ enum VmiView {
     Protect,
     /// The writes protect trapped; exits 1 when there is one.
     Traps,
+    /// Put a breakpoint on a kernel function (KVM guest debug; see --symbol): every call is
+    /// recorded with its process and, for exec, the file name. Up to four at once.
+    Trace,
+    /// Take a breakpoint out (--symbol), or all of them.
+    Untrace,
+    /// The calls the breakpoint recorded.
+    Hits,
 }
 
 /// Text from the guest with its control characters escaped (quotes stay as they are).
@@ -188,6 +199,42 @@ fn task_state(state: u64) -> char {
 fn print_introspection(view: VmiView, v: &Value) {
     match view {
         VmiView::Xview => {}
+        VmiView::Trace | VmiView::Untrace | VmiView::Hits => {
+            let t = &v["tracing"];
+            let points = t["breakpoints"].as_array().cloned().unwrap_or_default();
+            for b in &points {
+                println!(
+                    "breakpoint on {} at {:#x}",
+                    s(&b["symbol"]),
+                    b["address"].as_u64().unwrap_or(0)
+                );
+            }
+            println!(
+                "{}{} calls recorded; {} other debug exits{}",
+                if points.is_empty() {
+                    "no breakpoint; "
+                } else {
+                    ""
+                },
+                s(&t["hits"]),
+                s(&t["other_exits"]),
+                t["last_other"]
+                    .as_str()
+                    .map(|l| format!(" (last: {l})"))
+                    .unwrap_or_default()
+            );
+            for h in v["hits"].as_array().into_iter().flatten() {
+                println!(
+                    "CALL vCPU {} pid {} ({}) {}: {}  {} ms ago",
+                    s(&h["vcpu"]),
+                    s(&h["pid"]),
+                    printable(&s(&h["comm"])),
+                    s(&h["symbol"]),
+                    printable(&s(&h["detail"])),
+                    s(&h["ago_ms"])
+                );
+            }
+        }
         VmiView::Protect | VmiView::Traps => {
             let p = &v["protection"];
             let ranges: Vec<String> = (p["ranges"].as_array().into_iter().flatten())
@@ -552,6 +599,7 @@ async fn run(args: VmArgs) -> Result<ExitCode, VmCliError> {
             name,
             json,
             pause,
+            symbol,
         } => {
             let wire = match view {
                 VmiView::Ps => "processes",
@@ -561,13 +609,16 @@ async fn run(args: VmArgs) -> Result<ExitCode, VmCliError> {
                 VmiView::Protect if *pause => "protect_pause",
                 VmiView::Protect => "protect",
                 VmiView::Traps => "traps",
+                VmiView::Trace => "trace",
+                VmiView::Untrace => "untrace",
+                VmiView::Hits => "hits",
             };
+            let mut body = json!({ "view": wire });
+            if let (VmiView::Trace | VmiView::Untrace, Some(s)) = (view, symbol) {
+                body["symbol"] = json!(s);
+            }
             let v = client
-                .call(
-                    "POST",
-                    &vm(name, "/introspect"),
-                    Some(&json!({ "view": wire })),
-                )
+                .call("POST", &vm(name, "/introspect"), Some(&body))
                 .await?;
             if *json {
                 print_json(&v);

@@ -156,6 +156,21 @@ bulwark vm $OWN vmi ps vm | grep -c 77777; echo vmi-sees=$?
 bulwark vm $OWN vmi xview vm; echo xview=$?
 echo status=0
 
+section trace
+bulwark vmi $OWN trace vm; echo trace=$?
+bulwark vmi $OWN trace vm --symbol __x64_sys_getppid; echo trace2=$?
+for p in /bin/true /bin/ls /bin/uname; do bulwark vm $OWN exec vm -- $p > /dev/null; done; echo execs=$?
+bulwark vm $OWN exec vm -- sh -c 'echo $PPID' > /dev/null
+bulwark vmi $OWN hits vm; echo hits=$?
+bulwark vmi $OWN check vm | grep ALERT
+bulwark vmi $OWN untrace vm --symbol __x64_sys_getppid; echo untrace1=$?
+bulwark vmi $OWN untrace vm --symbol __x64_sys_getppid; echo untrace1-again=$?
+bulwark vmi $OWN untrace vm; echo untrace=$?
+bulwark vm $OWN exec vm -- /bin/true; echo exec-after=$?
+bulwark vmi $OWN hits vm | head -n 1
+bulwark vmi $OWN trace vm --symbol no_such_function; echo trace-bad=$?
+echo status=0
+
 section forbidden
 bulwark vm $OP create plain --config /tmp/plain.toml --owner-token {OWNER} && bulwark vm $OP start plain; echo start=$?
 bulwark vm $OWN vmi ps plain; echo plain-vmi=$?
@@ -462,6 +477,64 @@ fn a_process_unlinked_by_a_kernel_module_is_flagged_by_cross_view() {
         )),
         "{out}"
     );
+}
+
+#[test]
+fn a_breakpoint_on_the_exec_path_records_every_program_started_in_the_guest() {
+    let (out, _) = check("trace");
+    assert_eq!(num(&out, "trace"), 0, "{out}");
+    assert_eq!(num(&out, "trace2"), 0, "{out}");
+    assert!(out.contains("breakpoint on bprm_execve at 0x"), "{out}");
+    assert!(
+        out.contains("breakpoint on __x64_sys_getppid at 0x"),
+        "{out}"
+    );
+    assert_eq!(
+        num(&out, "execs"),
+        0,
+        "the guest runs on under the breakpoint: {out}"
+    );
+    assert_eq!(num(&out, "hits"), 0, "{out}");
+    let calls: Vec<&str> = out.lines().filter(|l| l.starts_with("CALL ")).collect();
+    use bulwark_testrig::qemu::{GUEST_DEBUG_SINCE, QEMU_BINARY, version};
+    let qemu = version(Path::new(QEMU_BINARY));
+    let hint = match qemu {
+        Some(v) if v < GUEST_DEBUG_SINCE => format!(
+            "this rig's QEMU {v:?} does not pass L2 debug exceptions to L1's KVM; \
+             {GUEST_DEBUG_SINCE:?} or newer does (.ci/run installs it from bookworm-backports)"
+        ),
+        _ => format!("QEMU {qemu:?}"),
+    };
+    for prog in ["/bin/true", "/bin/ls", "/bin/uname"] {
+        assert!(
+            calls
+                .iter()
+                .any(|l| l.contains(&format!("bprm_execve: {prog}  "))),
+            "{prog} exec'd ({hint}): {out}"
+        );
+    }
+    // A function without a decoder: the calling process and the first arguments. The shell
+    // asks for its parent when it starts.
+    assert!(
+        calls
+            .iter()
+            .any(|l| l.contains("(sh) __x64_sys_getppid: args 0x")),
+        "{out}"
+    );
+    // Hardware breakpoints leave kernel text as it is.
+    assert!(
+        !out.lines()
+            .any(|l| l.starts_with("ALERT") && l.contains("bprm_execve")),
+        "{out}"
+    );
+    assert_eq!(num(&out, "untrace1"), 0, "{out}");
+    assert_ne!(num(&out, "untrace1-again"), 0, "{out}");
+    assert!(out.contains("no breakpoint on __x64_sys_getppid"), "{out}");
+    assert_eq!(num(&out, "untrace"), 0, "{out}");
+    assert_eq!(num(&out, "exec-after"), 0, "{out}");
+    assert!(out.contains("no breakpoint; "), "{out}");
+    assert_ne!(num(&out, "trace-bad"), 0, "{out}");
+    assert!(out.contains("no_such_function"), "{out}");
 }
 
 #[test]

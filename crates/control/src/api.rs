@@ -277,7 +277,7 @@ async fn dispatch(
         Action::CrossView => ok(d.crossview(name).await?),
         Action::Introspect => {
             let b: IntrospectBody = parse(&read_body(req).await?)?;
-            ok(d.introspect(name, b.view).await?)
+            ok(d.introspect(name, b.view, b.symbol).await?)
         }
         Action::Snapshot => {
             let b: SnapshotBody = parse(&read_body(req).await?)?;

@@ -146,6 +146,9 @@ const CROSSVIEW_ROUNDS: usize = 2;
 #[serde(deny_unknown_fields)]
 pub struct IntrospectBody {
     pub view: bulwark_channel::IntrospectView,
+    /// For `trace`: the kernel function.
+    #[serde(default)]
+    pub symbol: Option<String>,
 }
 
 /// `POST .../exec` body.
@@ -992,10 +995,11 @@ impl Daemon {
         &self,
         name: &str,
         view: bulwark_channel::IntrospectView,
+        symbol: Option<String>,
     ) -> Result<Value, ApiError> {
         let rec = self.get(name)?;
         match self
-            .control(&rec, &Request::Introspect { view }, CALL_TIMEOUT)
+            .control(&rec, &Request::Introspect { view, symbol }, CALL_TIMEOUT)
             .await?
         {
             Response::Introspection(r) => Ok(json!(r)),
@@ -1031,6 +1035,7 @@ impl Daemon {
                     &rec,
                     &Request::Introspect {
                         view: bulwark_channel::IntrospectView::Processes,
+                        symbol: None,
                     },
                     CALL_TIMEOUT,
                 )

@@ -41,6 +41,12 @@ pub enum Exit<'a> {
     },
     /// The signal-kick path: KVM returned to let the monitor look at its flags.
     Interrupted,
+    /// A guest-debug exit (introspection's breakpoints): the exception vector (1 after a
+    /// single step, 3 at a breakpoint) and the guest's linear RIP.
+    Debug {
+        exception: u32,
+        pc: u64,
+    },
     /// Anything else, by name.
     Other(&'static str),
 }
@@ -69,7 +75,10 @@ impl<'a> Exit<'a> {
             VcpuExit::SystemEvent(kind, _) => Exit::SystemEvent { kind },
             VcpuExit::Intr => Exit::Interrupted,
             VcpuExit::Exception => Exit::Other("exception"),
-            VcpuExit::Debug(_) => Exit::Other("debug"),
+            VcpuExit::Debug(d) => Exit::Debug {
+                exception: d.exception,
+                pc: d.pc,
+            },
             VcpuExit::Hypercall(_) => Exit::Other("hypercall"),
             VcpuExit::IrqWindowOpen => Exit::Other("irq window open"),
             VcpuExit::Nmi => Exit::Other("nmi"),
@@ -186,6 +195,8 @@ pub fn dispatch(exit: Exit<'_>, buses: &Buses) -> ExitAction {
         Exit::InternalError => ExitAction::Stop(StopKind::InternalError),
         Exit::FailEntry { reason } => ExitAction::Stop(StopKind::FailEntry(reason)),
         Exit::SystemEvent { kind } => ExitAction::Stop(StopKind::SystemEvent(kind)),
+        // Only introspection enables guest debugging, and the vCPU serves those exits itself.
+        Exit::Debug { .. } => ExitAction::Stop(StopKind::Unexpected("debug")),
         Exit::Other(what) => ExitAction::Stop(StopKind::Unexpected(what)),
     }
 }

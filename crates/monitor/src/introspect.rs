@@ -8,8 +8,8 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
 use bulwark_channel::{
-    GuestModule, GuestProcess, IntegrityFinding, IntrospectView, Introspection,
-    MAX_INTROSPECT_ROWS, Measured, ProtectionInfo, TrapReport,
+    GuestModule, GuestProcess, IntegrityFinding, IntrospectView, Introspection, MAX_BREAKPOINTS,
+    MAX_INTROSPECT_ROWS, Measured, ProtectionInfo, TraceHit, TraceInfo, TracePoint, TrapReport,
 };
 use bulwark_vmi::guest::{CpuView, GuestKernel, Profile, SECURITY_MSRS};
 use bulwark_vmi::integrity::{self, Measurement};
@@ -40,6 +40,8 @@ pub struct Introspector {
     baseline: Mutex<Option<Measurement>>,
     /// Write protection of kernel text and rodata, for VMs whose slots can be edited.
     protection: Option<(SlotEditor, std::sync::Arc<WriteTrap>)>,
+    /// The breakpoint the vCPUs serve.
+    breakpoints: Option<std::sync::Arc<Breakpoints>>,
 }
 
 impl Introspector {
@@ -47,6 +49,7 @@ impl Introspector {
     pub fn new(
         config: IntrospectionConfig,
         protection: Option<(SlotEditor, std::sync::Arc<WriteTrap>)>,
+        breakpoints: Option<std::sync::Arc<Breakpoints>>,
     ) -> Self {
         Self {
             config,
@@ -54,6 +57,37 @@ impl Introspector {
             served: AtomicU64::new(0),
             baseline: Mutex::new(None),
             protection,
+            breakpoints,
+        }
+    }
+
+    /// The guest-debug setting the vCPUs need, for VMs with breakpoints.
+    pub fn debug(&self) -> Option<kvm_bindings::kvm_guest_debug> {
+        self.breakpoints.as_ref().map(|b| b.debug())
+    }
+
+    /// Takes every breakpoint out (the vCPUs take the new setting next).
+    pub fn untrace(&self) {
+        if let Some(b) = &self.breakpoints {
+            b.clear();
+        }
+    }
+
+    fn trace_info(&self) -> TraceInfo {
+        let Some(b) = &self.breakpoints else {
+            return TraceInfo::default();
+        };
+        let (others, (last_vector, last_pc)) = b.others();
+        TraceInfo {
+            breakpoints: (b.armed().iter())
+                .map(|a| TracePoint {
+                    symbol: a.symbol.clone(),
+                    address: a.gva,
+                })
+                .collect(),
+            hits: b.hits().0,
+            other_exits: others,
+            last_other: (others > 0).then(|| format!("vector {last_vector} at {last_pc:#x}")),
         }
     }
 
@@ -77,9 +111,10 @@ impl Introspector {
     pub fn read(
         &self,
         view: IntrospectView,
+        symbol: Option<&str>,
         mem: &GuestMemoryMmap,
         cpus: &[CpuView],
-    ) -> Result<Introspection, String> {
+    ) -> Result<Introspection, ReadError> {
         self.served.fetch_add(1, Ordering::Relaxed);
         let profile = self.profile()?;
         let cpu = cpus.first().ok_or("no vCPU state")?;
@@ -153,6 +188,72 @@ impl Introspector {
                     bytes: e.data.iter().map(|b| format!("{b:02x}")).collect(),
                     landed: e.landed,
                     ago_ms: e.at.elapsed().as_millis() as u64,
+                })
+            }
+            IntrospectView::Trace => {
+                let b = self
+                    .breakpoints
+                    .as_ref()
+                    .ok_or("breakpoints are not available for this VM")?;
+                let symbol = match symbol {
+                    Some(s) => s,
+                    None => bulwark_vmi::trace::default_symbol(&g).ok_or(
+                        "this kernel has neither bprm_execve nor do_execveat_common; name a function with --symbol",
+                    )?,
+                };
+                let gva = g
+                    .kernel
+                    .addr(symbol)
+                    .map_err(|e| ReadError::Invalid(e.to_string()))?;
+                let (text, etext) = (g.kernel.addr("_stext"), g.kernel.addr("_etext"));
+                if !matches!((text, etext), (Ok(s), Ok(e)) if (s..e).contains(&gva)) {
+                    return Err(ReadError::Invalid(format!(
+                        "{symbol} ({gva:#x}) is not in the kernel's text: only kernel functions can be traced"
+                    )));
+                }
+                let decoder =
+                    bulwark_vmi::trace::Decoder::new(&g, symbol).map_err(|e| e.to_string())?;
+                b.arm(ArmedBreakpoint {
+                    symbol: symbol.to_string(),
+                    gva,
+                    decoder,
+                })
+                .map_err(ReadError::Invalid)?;
+                out.tracing = Some(self.trace_info());
+                None
+            }
+            IntrospectView::Untrace => {
+                let b = self
+                    .breakpoints
+                    .as_ref()
+                    .ok_or("breakpoints are not available for this VM")?;
+                match symbol {
+                    Some(s) => b.disarm(s).map_err(ReadError::Invalid)?,
+                    None => b.clear(),
+                }
+                out.tracing = Some(self.trace_info());
+                None
+            }
+            IntrospectView::Hits => {
+                let b = self
+                    .breakpoints
+                    .as_ref()
+                    .ok_or("breakpoints are not available for this VM")?;
+                out.tracing = Some(self.trace_info());
+                let (_, hits) = b.hits();
+                // The newest ones, if there are more than a reply carries.
+                let skip = hits.len().saturating_sub(MAX_INTROSPECT_ROWS);
+                let list = Listing {
+                    items: hits.into_iter().skip(skip).collect(),
+                    broken: None,
+                };
+                capped(list, &mut out.hits, |h| TraceHit {
+                    vcpu: h.vcpu,
+                    symbol: h.symbol,
+                    pid: h.hit.pid,
+                    comm: h.hit.comm,
+                    detail: h.hit.detail,
+                    ago_ms: h.at.elapsed().as_millis() as u64,
                 })
             }
             IntrospectView::Baseline | IntrospectView::Check => {
@@ -511,5 +612,306 @@ impl SlotEditor {
         }
         *done = Some(ranges.to_vec());
         Ok(())
+    }
+}
+
+/// The guest-debug setting for hardware instruction breakpoints at `addrs` (the first four):
+/// DRn holds the address; in DR7, Gn (bit 2n+1) enables it with R/Wn = LENn = 00 (execute),
+/// and bit 10 is always set.
+pub fn debug_setting(addrs: impl Iterator<Item = u64>) -> kvm_bindings::kvm_guest_debug {
+    let mut d = kvm_bindings::kvm_guest_debug::default();
+    let mut dr7 = 0x400;
+    for (n, a) in addrs.take(MAX_BREAKPOINTS).enumerate() {
+        d.arch.debugreg[n] = a;
+        dr7 |= 1 << (2 * n + 1);
+    }
+    if dr7 != 0x400 {
+        d.control = kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_USE_HW_BP;
+        d.arch.debugreg[7] = dr7;
+    }
+    d
+}
+
+/// Why an introspection request was not served: the request itself (a function the kernel does
+/// not have, a fifth breakpoint), or reading the guest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReadError {
+    Invalid(String),
+    Failed(String),
+}
+
+impl ReadError {
+    /// The channel's error code for it.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Invalid(_) => bulwark_channel::error_code::INVALID,
+            Self::Failed(_) => bulwark_channel::error_code::FAILED,
+        }
+    }
+
+    pub fn message(&self) -> &str {
+        match self {
+            Self::Invalid(m) | Self::Failed(m) => m,
+        }
+    }
+}
+
+impl From<String> for ReadError {
+    fn from(m: String) -> Self {
+        Self::Failed(m)
+    }
+}
+
+impl From<&str> for ReadError {
+    fn from(m: &str) -> Self {
+        Self::Failed(m.to_string())
+    }
+}
+
+/// Most breakpoint hits kept (the oldest fall out; the total is still counted).
+const MAX_HITS: usize = 4096;
+
+/// x86 exception vector of a guest-debug exit at a hardware breakpoint.
+pub const DB_VECTOR: u32 = 1;
+/// RFLAGS.RF: the next instruction does not raise its instruction breakpoint again.
+pub const RFLAGS_RF: u64 = 1 << 16;
+
+/// A breakpoint on a kernel function.
+#[derive(Clone, Debug)]
+pub struct ArmedBreakpoint {
+    pub symbol: String,
+    /// Guest-virtual address of its first instruction.
+    pub gva: u64,
+    pub decoder: bulwark_vmi::trace::Decoder,
+}
+
+/// One breakpoint hit.
+#[derive(Clone, Debug)]
+pub struct HitEvent {
+    pub vcpu: u32,
+    pub symbol: String,
+    pub hit: bulwark_vmi::trace::Hit,
+    pub at: Instant,
+}
+
+/// Introspection's breakpoints (up to four kernel functions, one per debug address register),
+/// through KVM guest debug with hardware instruction breakpoints on every vCPU: guest memory
+/// is not touched, so integrity checks, snapshots and the other vCPUs see the guest's own
+/// bytes, and the guest cannot find them by reading its text. The vCPU that reaches a function
+/// exits to its thread, which decodes the hit and resumes with RFLAGS.RF set so the
+/// instruction runs once.
+#[derive(Debug, Default)]
+pub struct Breakpoints {
+    armed: std::sync::RwLock<Vec<ArmedBreakpoint>>,
+    hits: Mutex<std::collections::VecDeque<HitEvent>>,
+    total: AtomicU64,
+    /// Debug exits that were not a breakpoint's (given back to the guest), and the last one's
+    /// vector and address.
+    others: AtomicU64,
+    last_other: Mutex<(u32, u64)>,
+}
+
+/// What a vCPU does after a guest-debug exit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DebugStep {
+    /// Ours, recorded: run the instruction (RF set).
+    Resume,
+    /// Not ours (the guest single-stepping itself, say): give the exception to the guest.
+    Reinject,
+}
+
+impl Breakpoints {
+    /// The breakpoints placed, in debug-register order.
+    pub fn armed(&self) -> Vec<ArmedBreakpoint> {
+        self.armed.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The `KVM_SET_GUEST_DEBUG` setting every vCPU should have now.
+    pub fn debug(&self) -> kvm_bindings::kvm_guest_debug {
+        debug_setting(self.armed().iter().map(|b| b.gva))
+    }
+
+    /// Places `bp` (the VM paused; the vCPUs take [`Breakpoints::debug`] next); a function
+    /// already traced stays as it is.
+    pub fn arm(&self, bp: ArmedBreakpoint) -> Result<(), String> {
+        let mut armed = self.armed.write().unwrap_or_else(|e| e.into_inner());
+        if armed.iter().any(|b| b.gva == bp.gva) {
+            return Ok(());
+        }
+        if armed.len() == MAX_BREAKPOINTS {
+            let names: Vec<&str> = armed.iter().map(|b| b.symbol.as_str()).collect();
+            return Err(format!(
+                "{MAX_BREAKPOINTS} breakpoints are set ({}), one per debug address register: untrace one first",
+                names.join(", ")
+            ));
+        }
+        armed.push(bp);
+        Ok(())
+    }
+
+    /// Takes every breakpoint out.
+    pub fn clear(&self) {
+        self.armed
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    /// Takes the breakpoint on `symbol` out.
+    pub fn disarm(&self, symbol: &str) -> Result<(), String> {
+        let mut armed = self.armed.write().unwrap_or_else(|e| e.into_inner());
+        let before = armed.len();
+        armed.retain(|b| b.symbol != symbol);
+        if armed.len() == before {
+            return Err(format!("no breakpoint on {symbol}"));
+        }
+        Ok(())
+    }
+
+    /// Debug exits that were not the breakpoint's, and the last one (vector, address).
+    pub fn others(&self) -> (u64, (u32, u64)) {
+        (
+            self.others.load(Ordering::Relaxed),
+            *self.last_other.lock().unwrap_or_else(|e| e.into_inner()),
+        )
+    }
+
+    /// Hits so far, and those kept.
+    pub fn hits(&self) -> (u64, Vec<HitEvent>) {
+        let h = self.hits.lock().unwrap_or_else(|e| e.into_inner());
+        (
+            self.total.load(Ordering::Relaxed),
+            h.iter().cloned().collect(),
+        )
+    }
+
+    /// A guest-debug exit on vCPU `vcpu` at `pc`; `read` gives the argument registers and the
+    /// kernel's per-CPU base, read only for a hit.
+    pub fn on_debug(
+        &self,
+        vcpu: u32,
+        exception: u32,
+        pc: u64,
+        mem: &GuestMemoryMmap,
+        read: impl FnOnce() -> Option<([u64; 6], u64)>,
+    ) -> DebugStep {
+        let found = (exception == DB_VECTOR)
+            .then(|| {
+                let armed = self.armed.read().unwrap_or_else(|e| e.into_inner());
+                armed.iter().find(|b| b.gva == pc).cloned()
+            })
+            .flatten();
+        let Some(bp) = found else {
+            self.others.fetch_add(1, Ordering::Relaxed);
+            *self.last_other.lock().unwrap_or_else(|e| e.into_inner()) = (exception, pc);
+            return DebugStep::Reinject;
+        };
+        let hit = match read() {
+            Some((args, gs_base)) => bp.decoder.decode(mem, gs_base, args),
+            None => bulwark_vmi::trace::Hit {
+                pid: 0,
+                comm: String::new(),
+                detail: "<registers unreadable>".into(),
+            },
+        };
+        self.total.fetch_add(1, Ordering::Relaxed);
+        let mut h = self.hits.lock().unwrap_or_else(|e| e.into_inner());
+        if h.len() == MAX_HITS {
+            h.pop_front();
+        }
+        h.push_back(HitEvent {
+            vcpu,
+            symbol: bp.symbol,
+            hit,
+            at: Instant::now(),
+        });
+        DebugStep::Resume
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestAddress;
+
+    fn bp(symbol: &str, gva: u64) -> ArmedBreakpoint {
+        ArmedBreakpoint {
+            symbol: symbol.into(),
+            gva,
+            decoder: bulwark_vmi::trace::Decoder {
+                paging: Default::default(),
+                layout: Default::default(),
+                current_task: 0,
+                filename_arg: None,
+            },
+        }
+    }
+
+    #[test]
+    fn each_breakpoint_takes_a_debug_register_and_its_enable_bit() {
+        let none = debug_setting(std::iter::empty());
+        assert_eq!(none.control, 0, "no breakpoint: guest debugging off");
+        let d = debug_setting([0x10, 0x20, 0x30, 0x40, 0x50].into_iter());
+        assert_eq!(
+            d.control,
+            kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_USE_HW_BP
+        );
+        assert_eq!(&d.arch.debugreg[..4], &[0x10, 0x20, 0x30, 0x40]);
+        // G0..G3 (bits 1, 3, 5, 7), execute breakpoints of length 0, and the fixed bit 10.
+        assert_eq!(d.arch.debugreg[7], 0x400 | 0b1010_1010);
+        let one = debug_setting([0x10].into_iter());
+        assert_eq!(one.arch.debugreg[7], 0x402);
+    }
+
+    #[test]
+    fn four_breakpoints_at_most_and_untrace_names_what_is_not_set() {
+        let b = Breakpoints::default();
+        for (i, s) in ["a", "b", "c", "d"].iter().enumerate() {
+            b.arm(bp(s, 0x1000 * (i as u64 + 1))).unwrap();
+        }
+        // The same function again changes nothing.
+        b.arm(bp("a", 0x1000)).unwrap();
+        let e = b.arm(bp("e", 0x5000)).unwrap_err();
+        assert!(
+            e.contains("a, b, c, d") && e.contains("untrace one first"),
+            "{e}"
+        );
+        let e = b.disarm("zzz").unwrap_err();
+        assert_eq!(e, "no breakpoint on zzz");
+        b.disarm("b").unwrap();
+        let names: Vec<String> = b.armed().into_iter().map(|a| a.symbol).collect();
+        assert_eq!(names, ["a", "c", "d"]);
+        assert_eq!(b.debug().arch.debugreg[1], 0x3000);
+        b.clear();
+        assert!(b.armed().is_empty());
+        assert_eq!(b.debug().control, 0);
+    }
+
+    #[test]
+    fn a_hit_is_recorded_and_any_other_debug_exit_goes_back_to_the_guest() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        let b = Breakpoints::default();
+        b.arm(bp("f", 0xffff_ffff_8100_0000)).unwrap();
+        let step = b.on_debug(1, DB_VECTOR, 0xffff_ffff_8100_0000, &mem, || {
+            Some(([1, 2, 3, 4, 5, 6], 0))
+        });
+        assert_eq!(step, DebugStep::Resume);
+        // The guest's own single step, a breakpoint vector, an address nobody traced.
+        for (vector, pc) in [(1, 0xffff_ffff_8100_0001), (3, 0xffff_ffff_8100_0000)] {
+            assert_eq!(
+                b.on_debug(0, vector, pc, &mem, || unreachable!("not read")),
+                DebugStep::Reinject
+            );
+        }
+        let (total, hits) = b.hits();
+        assert_eq!(total, 1);
+        assert_eq!((hits[0].vcpu, hits[0].symbol.as_str()), (1, "f"));
+        // The per-CPU base 0 is unreadable here: still a hit, with what could be read.
+        assert_eq!(hits[0].hit.pid, 0);
+        assert!(hits[0].hit.detail.starts_with("args 0x1 0x2 0x3"));
+        assert_eq!(b.others(), (2, (3, 0xffff_ffff_8100_0000)));
+        // Unreadable registers: still recorded.
+        b.on_debug(0, DB_VECTOR, 0xffff_ffff_8100_0000, &mem, || None);
+        assert_eq!(b.hits().1[1].hit.detail, "<registers unreadable>");
     }
 }

@@ -26,7 +26,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::control::VmControl;
-use crate::introspect::{Introspector, cpu_view};
+use crate::introspect::{Introspector, ReadError, cpu_view};
 use crate::outcome::StopReason;
 use crate::snapshot::cpu::VcpuState;
 use crate::snapshot::{Header, RecordWriter, SNAPSHOT_FORMAT, SnapshotError, SnapshotSource};
@@ -520,13 +520,18 @@ impl ManagedServer {
                 key,
                 leave_paused,
             } => self.snapshot(Path::new(&path), &key, leave_paused, ctx),
-            Request::Introspect { view } => self.introspect(view, ctx),
+            Request::Introspect { view, symbol } => self.introspect(view, symbol, ctx),
         }
     }
 
     /// Holds the vCPUs, takes every vCPU's registers, reads the guest kernel through vCPU 0's
     /// view of it, lets them run on.
-    fn introspect(&self, view: IntrospectView, ctx: &LoopCtx<'_>) -> Response {
+    fn introspect(
+        &self,
+        view: IntrospectView,
+        symbol: Option<String>,
+        ctx: &LoopCtx<'_>,
+    ) -> Response {
         let Some(vmi) = &self.view.introspection else {
             return Response::error(
                 error_code::FORBIDDEN,
@@ -569,10 +574,26 @@ impl ManagedServer {
             run_on();
         }
         let result = match failed {
-            Some(e) => Err(e),
+            Some(e) => Err(ReadError::Failed(e)),
             None => {
                 let cpus: Vec<_> = cpus.into_iter().flatten().flatten().collect();
-                vmi.read(view, &ctx.vcpu.mem, &cpus)
+                let r = vmi.read(view, symbol.as_deref(), &ctx.vcpu.mem, &cpus);
+                match (&r, vmi.debug()) {
+                    // Every vCPU takes the new guest-debug setting before the guest runs on.
+                    (Ok(_), Some(debug))
+                        if matches!(view, IntrospectView::Trace | IntrospectView::Untrace) =>
+                    {
+                        match self.set_guest_debug(debug, ctx) {
+                            Ok(()) => r,
+                            Err(e) => {
+                                vmi.untrace();
+                                let _ = self.set_guest_debug(Default::default(), ctx);
+                                Err(ReadError::Failed(e))
+                            }
+                        }
+                    }
+                    _ => r,
+                }
             }
         };
         if !matches!(view, IntrospectView::Baseline | IntrospectView::Check) {
@@ -589,7 +610,7 @@ impl ManagedServer {
                 r.paused_us = paused_us;
                 Response::Introspection(r)
             }
-            Err(e) => Response::error(error_code::FAILED, e),
+            Err(e) => Response::error(e.code(), e.message()),
         }
     }
 
@@ -633,6 +654,21 @@ impl ManagedServer {
         out.into_iter().collect()
     }
 
+    /// Sets guest debugging on every (parked) vCPU.
+    fn set_guest_debug(
+        &self,
+        debug: kvm_bindings::kvm_guest_debug,
+        ctx: &LoopCtx<'_>,
+    ) -> Result<(), String> {
+        let results = self
+            .on_every_vcpu(ctx, move |fd, _, _| fd.set_guest_debug(&debug))
+            .ok_or("a vCPU did not take the guest-debug setting in time")?;
+        for (i, r) in results.into_iter().enumerate() {
+            r.map_err(|e| format!("KVM_SET_GUEST_DEBUG on vCPU {i}: {e}"))?;
+        }
+        Ok(())
+    }
+
     /// Pauses the VM if it runs; false if the vCPUs did not park.
     fn pause(&self, ctx: &LoopCtx<'_>) -> bool {
         ctx.control.request_pause();
@@ -663,6 +699,7 @@ impl ManagedServer {
         if let Some(why) = src.refuse() {
             return Response::error(error_code::UNSUPPORTED, why);
         }
+
         let key = match bulwark_seal::OwnerKey::from_hex(key) {
             Ok(k) => k,
             Err(e) => return Response::error(error_code::INVALID, e.to_string()),

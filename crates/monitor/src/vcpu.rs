@@ -33,6 +33,8 @@ pub struct VcpuContext {
     pub restored_hostcalls: Vec<Option<u32>>,
     /// Introspection's write protection, for VMs that allow introspection.
     pub write_trap: Option<Arc<crate::introspect::WriteTrap>>,
+    /// Introspection's breakpoints, for VMs that allow introspection.
+    pub breakpoints: Option<Arc<crate::introspect::Breakpoints>>,
 }
 
 /// Work a parked vCPU thread does with its own fd: the fd, the general registers as the
@@ -210,6 +212,11 @@ impl Vcpu {
                         Exit::MmioRead { .. } | Exit::MmioWrite { .. } => bump(&live.mmio),
                         _ => 0,
                     };
+                    if let (Exit::Debug { exception, pc }, Some(bp)) = (&exit, &ctx.breakpoints) {
+                        let (exception, pc, bp) = (*exception, *pc, bp.clone());
+                        self.debug_exit(&bp, exception, pc);
+                        continue;
+                    }
                     let trapped = match (&exit, &ctx.write_trap) {
                         (Exit::MmioWrite { addr, data }, Some(t)) if t.covers(*addr) => {
                             Some((t.clone(), *addr, data.to_vec()))
@@ -268,6 +275,43 @@ impl Vcpu {
             }
         }
         live.counters()
+    }
+
+    /// Serves a guest-debug exit: introspection's breakpoint (recorded, then the instruction
+    /// runs with RFLAGS.RF set), or a debug exception of the guest's own, which goes back to
+    /// the guest.
+    fn debug_exit(&mut self, bp: &crate::introspect::Breakpoints, exception: u32, pc: u64) {
+        use crate::introspect::{DebugStep, RFLAGS_RF};
+        let read = || {
+            let r = self.regs().ok()?;
+            let s = self.fd.get_sregs().ok()?;
+            Some(([r.rdi, r.rsi, r.rdx, r.rcx, r.r8, r.r9], s.gs.base))
+        };
+        match bp.on_debug(self.index, exception, pc, &self.ctx.mem, read) {
+            DebugStep::Resume => {
+                let set = self.regs().and_then(|mut r| {
+                    r.rflags |= RFLAGS_RF;
+                    self.set_regs(&r)
+                });
+                if let Err(e) = set {
+                    self.stop(StopReason::Monitor(format!(
+                        "cannot resume vCPU {} past a breakpoint: {e}",
+                        self.index
+                    )));
+                }
+            }
+            DebugStep::Reinject => match self.fd.get_vcpu_events() {
+                Ok(mut ev) => {
+                    ev.exception.injected = 1;
+                    ev.exception.nr = exception as u8;
+                    ev.exception.has_error_code = 0;
+                    if let Err(e) = self.fd.set_vcpu_events(&ev) {
+                        tracing::warn!(vcpu = self.index, %e, "cannot give the guest its debug exception");
+                    }
+                }
+                Err(e) => tracing::warn!(vcpu = self.index, %e, "cannot read the vCPU's events"),
+            },
+        }
     }
 
     fn stop(&self, reason: StopReason) {

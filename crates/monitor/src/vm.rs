@@ -477,6 +477,7 @@ fn run_function_from(
     let buses = Arc::new(devices.buses);
     let ctx = Arc::new(VcpuContext {
         write_trap: None,
+        breakpoints: None,
         buses: buses.clone(),
         hostcalls: Some(Arc::new(HostCalls {
             layout,

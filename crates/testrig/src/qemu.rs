@@ -60,6 +60,25 @@ pub struct QemuConfig {
     pub freeze_after: Duration,
 }
 
+/// The oldest QEMU seen to deliver L2 debug exceptions to L1's KVM (so that KVM guest debug,
+/// introspection's breakpoints, works in the rig): 10.0 (Debian 12's bookworm-backports). 7.2
+/// (Debian 12 itself) does not: a hardware breakpoint never fires, and an int3 goes straight
+/// to L2.
+pub const GUEST_DEBUG_SINCE: (u32, u32) = (10, 0);
+
+/// The version `qemu --version` prints, as (major, minor); None when it cannot be run or read.
+pub fn version(qemu: &std::path::Path) -> Option<(u32, u32)> {
+    let out = Command::new(qemu).arg("--version").output().ok()?;
+    parse_version(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// (major, minor) from `QEMU emulator version 10.0.2 (Debian ...)`.
+fn parse_version(text: &str) -> Option<(u32, u32)> {
+    let v = text.split("version ").nth(1)?.split_whitespace().next()?;
+    let mut parts = v.split('.').map(|p| p.parse::<u32>().ok());
+    Some((parts.next()??, parts.next()??))
+}
+
 /// The default [`QemuConfig::freeze_after`]: far longer than any idle wait in a rig script.
 pub const FREEZE_AFTER: Duration = Duration::from_secs(90);
 
@@ -465,6 +484,22 @@ mod tests {
             cpu_ticks(me).unwrap() > a,
             "200 ms of spinning shows in utime"
         );
+    }
+
+    #[test]
+    fn qemu_version_is_read_from_its_banner() {
+        let v = |t| parse_version(t);
+        assert_eq!(
+            v("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)\nCopyright"),
+            Some((10, 0))
+        );
+        assert_eq!(
+            v("QEMU emulator version 7.2.15 (Debian 1:7.2+dfsg-7+deb12u18)"),
+            Some((7, 2))
+        );
+        assert_eq!(v("qemu: unknown option"), None);
+        assert_eq!(v("QEMU emulator version x.y"), None);
+        assert!((7, 2) < GUEST_DEBUG_SINCE && (10, 0) >= GUEST_DEBUG_SINCE);
     }
 
     #[test]

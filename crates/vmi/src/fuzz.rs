@@ -2,7 +2,7 @@
 //! CR3, 1 byte paging mode, 8 bytes virtual address, 8 bytes `init_task` address, then the
 //! first bytes of a 1 MiB guest RAM (the rest zero). The page-table walk, a virtual read, the
 //! process- and module-list walks, an integrity measurement (IDT and GDT where the guest says)
-//! and the `/sys/module` walk must end (bounded) and never panic; a measurement compared with
+//! the `/sys/module` walk and a breakpoint hit's decoding must end (bounded) and never panic; a measurement compared with
 //! itself finds nothing. `fuzz/fuzz_targets/vmi_walk.rs` runs it; `tests/fuzz_corpus.rs` replays the
 //! corpus.
 
@@ -15,6 +15,7 @@ use crate::modules::{MAX_MODULES, modules};
 use crate::pagetable::{Paging, read_virt, translate};
 use crate::symbols::{Kernel, SymbolMap};
 use crate::tasks::{MAX_TASKS, Reader, processes};
+use crate::trace::Decoder;
 
 const RAM: usize = 1 << 20;
 const HEAD: usize = 25;
@@ -45,6 +46,7 @@ pub(crate) fn layout() -> KernelLayout {
         kobject_entry: 8,
         kobject_name: 0,
         module_kobject_mod: 0x40,
+        filename_name: 0,
     }
 }
 
@@ -100,6 +102,18 @@ pub fn fuzz_walk(data: &[u8]) {
         assert!(integrity::compare(&g, &mods.items, &m, &m).is_empty());
     }
     let _ = integrity::hidden_modules(&g, &mods.items);
+    // A breakpoint hit whose per-CPU base and argument registers the guest chose: the
+    // decoder reads what they point at and always gives a hit.
+    for filename_arg in [Some(2), None] {
+        let d = Decoder {
+            paging,
+            layout: l,
+            current_task: init_task & 0xfff,
+            filename_arg,
+        };
+        let hit = d.decode(&mem, va, [init_task, va, va, init_task, 0, 0]);
+        assert!(hit.comm.len() <= 16 * 3 && hit.detail.len() <= 1024);
+    }
 }
 
 /// A small kernel for the integrity measurement: 8 KiB of text and 4 KiB of rodata at

@@ -224,6 +224,8 @@ ffffffff81200000 D init_top_pgt
 ffffffff81210000 D init_task
 ffffffff81220000 D modules
 ffffffff81230000 D module_kset
+ffffffff81240000 T bprm_execve
+0000000000000100 D current_task
 ffffffff81300000 B _end
 ";
     pub(crate) const SLIDE: u64 = 0x0400_0000;

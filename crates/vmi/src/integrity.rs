@@ -97,8 +97,7 @@ pub enum MeasureError {
 fn pages(
     g: &GuestKernel<'_>,
     name: &'static str,
-    from: &str,
-    to: &str,
+    (from, to): (&str, &str),
     keep: bool,
 ) -> Result<Pages, MeasureError> {
     let (start, end) = (g.kernel.addr(from)?, g.kernel.addr(to)?);
@@ -165,8 +164,13 @@ pub fn measure(g: &GuestKernel<'_>, cpus: &[CpuView]) -> Result<Measurement, Mea
         .map_while(|i| g.reader.u64(table + i * 8).ok())
         .collect();
     Ok(Measurement {
-        text: pages(g, "kernel text", "_stext", "_etext", true)?,
-        rodata: pages(g, "kernel rodata", "__start_rodata", "__end_rodata", false)?,
+        text: pages(g, "kernel text", ("_stext", "_etext"), true)?,
+        rodata: pages(
+            g,
+            "kernel rodata",
+            ("__start_rodata", "__end_rodata"),
+            false,
+        )?,
         syscalls,
         cpus: cpus.iter().map(|c| cpu(g, c)).collect(),
     })

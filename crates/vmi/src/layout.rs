@@ -140,7 +140,7 @@ impl Btf {
 }
 
 /// Where the members introspection reads sit in a kernel's structures (byte offsets).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelLayout {
     /// `task_struct.tasks` (the `list_head` linking every process).
     pub task_tasks: u64,
@@ -178,6 +178,8 @@ pub struct KernelLayout {
     pub kobject_entry: u64,
     pub kobject_name: u64,
     pub module_kobject_mod: u64,
+    /// `filename.name` (the path a `struct filename` carries, for exec tracing).
+    pub filename_name: u64,
 }
 
 impl KernelLayout {
@@ -221,6 +223,7 @@ impl KernelLayout {
             kobject_entry: btf.offset("kobject", "entry")?,
             kobject_name: btf.offset("kobject", "name")?,
             module_kobject_mod: btf.offset("module_kobject", "mod")?,
+            filename_name: btf.offset("filename", "name")?,
         })
     }
 }

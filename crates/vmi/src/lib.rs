@@ -11,8 +11,7 @@
 //! table, IDT, GDT, MSRs, CR0/CR4 protections) against a baseline and finds modules hidden from
 //! the module list. The monitor serves that to the VM's owner over its control channel.
 //!
-//! Breakpoints (tracing kernel functions) are on the branch `wip/breakpoints`: the nested rig
-//! cannot deliver guest-debug exits, so they are not verified.
+//! `trace` decodes what a breakpoint on a kernel function shows (the process, the exec'd file).
 
 pub mod fuzz;
 pub mod guest;
@@ -22,3 +21,4 @@ pub mod modules;
 pub mod pagetable;
 pub mod symbols;
 pub mod tasks;
+pub mod trace;

@@ -33,7 +33,7 @@ impl PhysMem for GuestMemoryMmap {
 }
 
 /// What the walk needs of a vCPU's control registers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Paging {
     /// CR3: the top-level table (bits 12..51; PCID and flag bits are ignored).
     pub cr3: u64,

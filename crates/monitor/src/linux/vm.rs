@@ -34,7 +34,7 @@ use super::layout::*;
 use crate::control::VmControl;
 use crate::exit::Buses;
 use crate::input::ConsoleInput;
-use crate::introspect::{IntrospectionConfig, Introspector, SlotEditor, WriteTrap};
+use crate::introspect::{Breakpoints, IntrospectionConfig, Introspector, SlotEditor, WriteTrap};
 use crate::kvm::{self, KvmError};
 use crate::managed::{ManagedServer, VmView};
 use crate::memory::GuestRam;
@@ -656,17 +656,27 @@ fn run_platform(parts: RunParts<'_>) -> Result<RunReport, VmError> {
         console
     };
     let buses = Arc::new(platform.buses);
-    // Introspection's write protection: the vCPUs report writes to guarded memory here.
+    // Introspection's write protection and breakpoints: the vCPUs report writes to guarded
+    // memory and breakpoint hits here.
     let write_trap = cfg
         .introspection
         .as_ref()
         .map(|_| Arc::new(WriteTrap::default()));
+    let breakpoints = cfg
+        .introspection
+        .as_ref()
+        .map(|_| Arc::new(Breakpoints::default()));
     let introspector = cfg.introspection.clone().map(|c| {
         let slots = SlotEditor::new(vm.clone(), &snapshot_source.base.regions, mem);
-        Arc::new(Introspector::new(c, write_trap.clone().map(|t| (slots, t))))
+        Arc::new(Introspector::new(
+            c,
+            write_trap.clone().map(|t| (slots, t)),
+            breakpoints.clone(),
+        ))
     });
     let ctx = Arc::new(VcpuContext {
         write_trap,
+        breakpoints,
         buses: buses.clone(),
         hostcalls: None,
         mem: mem.clone(),
