@@ -4,18 +4,36 @@
 
 mod common;
 
-use bulwark_vmi::layout::{Btf, KernelLayout, LayoutError};
+use bulwark_vmi::layout::{Btf, ExecArg, KernelLayout, LayoutError};
 use bulwark_vmi::symbols::{KASLR_ALIGN, SYSCALL_ENTRY, SymbolError, SymbolMap};
-use common::image_dir;
+use common::{image_dir, other_kernel_image};
+use std::path::Path;
+
+fn read_from(dir: &Path, name: &str) -> Vec<u8> {
+    let p = dir.join(name);
+    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
 
 fn read(name: &str) -> Vec<u8> {
-    let p = image_dir().join(name);
-    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    read_from(&image_dir(), name)
+}
+
+/// The default image's 6.1 kernel and a 6.12 one: the layout and the map come from each
+/// kernel's own files, whatever changed between them (`struct module`'s memory layout,
+/// `current_task` in `pcpu_hot`, the order of the kallsyms tables).
+fn kernels() -> [std::path::PathBuf; 2] {
+    [image_dir(), other_kernel_image()]
 }
 
 #[test]
 fn the_image_kernel_s_btf_gives_the_layouts_introspection_reads() {
-    let btf = Btf::from_vmlinux(&read("vmlinux")).expect("Debian's vmlinux carries .BTF");
+    for dir in kernels() {
+        btf_layout_of(&dir);
+    }
+}
+
+fn btf_layout_of(dir: &Path) {
+    let btf = Btf::from_vmlinux(&read_from(dir, "vmlinux")).expect("Debian's vmlinux carries .BTF");
     let l = KernelLayout::from_btf(&btf).unwrap();
     // Facts of every x86-64 Linux: list_head is {next, prev}; TASK_COMM_LEN is 16;
     // MODULE_NAME_LEN is 64 - sizeof(unsigned long).
@@ -50,6 +68,22 @@ fn the_image_kernel_s_btf_gives_the_layouts_introspection_reads() {
     );
     // tgid follows pid (both pid_t) in every kernel since 2.6.
     assert_eq!(l.task_tgid, l.task_pid + 4);
+    // The exec path's file name, from the functions' own prototypes: `bprm_execve` took the
+    // `struct filename *` third up to 6.5, and only the `struct linux_binprm *` since.
+    let release = String::from_utf8(read_from(dir, "manifest.json")).unwrap();
+    let expect = if release.contains("\"6.1.0-") {
+        ExecArg::Filename(2)
+    } else {
+        ExecArg::Bprm(0)
+    };
+    assert_eq!(l.exec_args[0], Some(expect), "{}", dir.display());
+    let params = btf.params("bprm_execve").unwrap();
+    assert_eq!(params[0].name, "bprm");
+    assert_eq!(params[0].pointee.as_deref(), Some("linux_binprm"));
+    assert!(matches!(
+        btf.params("no_such_function"),
+        Err(LayoutError::NoType(_))
+    ));
     // A nested path resolves through the members on the way.
     assert_eq!(
         btf.offset("task_struct", "tasks.next").unwrap(),
@@ -59,7 +93,13 @@ fn the_image_kernel_s_btf_gives_the_layouts_introspection_reads() {
 
 #[test]
 fn the_image_kernel_s_system_map_finds_the_symbols_and_the_slide() {
-    let text = String::from_utf8(read("System.map")).unwrap();
+    for dir in kernels() {
+        system_map_of(&dir);
+    }
+}
+
+fn system_map_of(dir: &Path) {
+    let text = String::from_utf8(read_from(dir, "System.map")).unwrap();
     let map = SymbolMap::parse(&text).unwrap();
     assert!(
         map.len() > 50_000,
@@ -72,11 +112,24 @@ fn the_image_kernel_s_system_map_finds_the_symbols_and_the_slide() {
         "_text",
         "_etext",
         "modules",
+        "module_kset",
+        "bprm_execve",
         SYSCALL_ENTRY,
     ] {
         let a = map.addr(s).unwrap();
-        assert!(a >= 0xffff_ffff_8000_0000, "{s} at {a:#x}");
+        assert!(
+            a >= 0xffff_ffff_8000_0000,
+            "{s} at {a:#x}: {}",
+            dir.display()
+        );
     }
+    // The breakpoint decoder finds the running task through one or the other per-CPU symbol
+    // (`pcpu_hot` from Linux 6.2).
+    assert!(
+        map.addr("current_task").is_ok() || map.addr("pcpu_hot").is_ok(),
+        "{}",
+        dir.display()
+    );
     let entry = map.addr(SYSCALL_ENTRY).unwrap();
     assert_eq!(map.resolve(entry + 3).unwrap().0, SYSCALL_ENTRY);
     let slide = 0x1c * KASLR_ALIGN;

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::OnceLock;
 
-use bulwark_testrig::RigRun;
+use bulwark_testrig::{GuestImage, RigRun};
 use common::*;
 
 const OWNER: &str = "owner-token-of-the-vmi-test-vm";
@@ -178,6 +178,25 @@ bulwark vm $OP kill plain
 bulwark vm $OP describe vm --json | tr -d ' \n'; echo
 echo status=0
 
+section other_kernel
+bulwark vm $OP kill vm > /dev/null
+sed -e 's|/images/vmi|/images/k612|' -e 's|/tmp/vm.vsock|/tmp/k612.vsock|' /tmp/vm.toml > /tmp/k612.toml
+bulwark vm $OP create k612 --config /tmp/k612.toml --owner-token {OWNER} && bulwark vm $OP start k612; echo start=$?
+i=0; while ! bulwark vm $OWN exec k612 -- true 2>/dev/null && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done
+echo guest-release: $(bulwark vm $OWN exec k612 -- uname -r)
+bulwark vm $OWN vmi ps k612; echo vmi-ps=$?
+echo agent-modules: $(bulwark vm $OWN exec k612 -- cut -d' ' -f1 /proc/modules | sort | tr '\n' ' ')
+echo vmi-modules: $(bulwark vm $OWN vmi modules k612 --json | grep '"name"' | cut -d'"' -f4 | sort | tr '\n' ' ')
+bulwark vm $OWN vmi xview k612; echo xview=$?
+bulwark vm $OWN vmi baseline k612; echo baseline=$?
+bulwark vm $OWN exec k612 -- sh -c 'ls -R /sys > /dev/null; cat /proc/*/stat > /dev/null'
+bulwark vm $OWN vmi check k612; echo check=$?
+bulwark vmi $OWN trace k612; echo trace=$?
+bulwark vm $OWN exec k612 -- /bin/uname > /dev/null
+bulwark vmi $OWN hits k612; echo hits=$?
+bulwark vm $OP kill k612 > /dev/null
+echo status=0
+
 section daemon_log
 cat /tmp/bulwarkd.log
 echo status=0
@@ -201,7 +220,9 @@ fn rig_run() -> &'static RigRun {
         let adds: Vec<&str> = adds.iter().map(String::as_str).collect();
         let image = build_image("test-image-vmi", &adds);
         assert_eq!(kernel_release(&image), kver);
-        let spec = daemon_rig("vmi", image);
+        let mut spec = daemon_rig("vmi", image);
+        spec.images
+            .push(GuestImage::new("k612", other_kernel_image()));
         (spec, script())
     })
 }
@@ -535,6 +556,41 @@ fn a_breakpoint_on_the_exec_path_records_every_program_started_in_the_guest() {
     assert!(out.contains("no breakpoint; "), "{out}");
     assert_ne!(num(&out, "trace-bad"), 0, "{out}");
     assert!(out.contains("no_such_function"), "{out}");
+}
+
+#[test]
+fn another_debian_kernel_series_is_introspected_from_its_own_files() {
+    let (out, status) = check("other_kernel");
+    assert_eq!(status, 0, "{out}");
+    assert_eq!(num(&out, "start"), 0, "{out}");
+    let release = words(&out, "guest-release");
+    assert!(
+        release
+            .first()
+            .is_some_and(|r| r.starts_with(OTHER_KERNEL_SERIES)),
+        "the second guest runs a {OTHER_KERNEL_SERIES} kernel: {out}"
+    );
+    assert_eq!(num(&out, "vmi-ps"), 0, "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.contains("bulwark-agent") && !l.starts_with("CALL")),
+        "the agent in the 6.12 guest's task list: {out}"
+    );
+    let agent = words(&out, "agent-modules");
+    assert!(!agent.is_empty(), "{out}");
+    assert_eq!(agent, words(&out, "vmi-modules"), "{out}");
+    assert_eq!(num(&out, "xview"), 0, "{out}");
+    assert_eq!(num(&out, "baseline"), 0, "{out}");
+    assert_eq!(
+        num(&out, "check"),
+        0,
+        "a clean 6.12 guest gives no alert: {out}"
+    );
+    assert_eq!(num(&out, "trace"), 0, "{out}");
+    assert!(
+        out.contains("bprm_execve: /bin/uname  "),
+        "the exec decoded on 6.12 (current_task in pcpu_hot): {out}"
+    );
 }
 
 #[test]

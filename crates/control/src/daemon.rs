@@ -31,6 +31,10 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const RESTORE_READY_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long one ordinary control request may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an introspection request may take: the first one parses the kernel profile
+/// (System.map and BTF, several seconds for a 6.12 kernel under emulation) and a check hashes
+/// tens of MiB of kernel text.
+const INTROSPECT_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a snapshot may take to write.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a Kill may take to end the monitor process.
@@ -999,7 +1003,11 @@ impl Daemon {
     ) -> Result<Value, ApiError> {
         let rec = self.get(name)?;
         match self
-            .control(&rec, &Request::Introspect { view, symbol }, CALL_TIMEOUT)
+            .control(
+                &rec,
+                &Request::Introspect { view, symbol },
+                INTROSPECT_TIMEOUT,
+            )
             .await?
         {
             Response::Introspection(r) => Ok(json!(r)),
@@ -1037,7 +1045,7 @@ impl Daemon {
                         view: bulwark_channel::IntrospectView::Processes,
                         symbol: None,
                     },
-                    CALL_TIMEOUT,
+                    INTROSPECT_TIMEOUT,
                 )
                 .await?
             {

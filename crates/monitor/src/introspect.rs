@@ -842,7 +842,7 @@ mod tests {
                 paging: Default::default(),
                 layout: Default::default(),
                 current_task: 0,
-                filename_arg: None,
+                exec_arg: None,
             },
         }
     }

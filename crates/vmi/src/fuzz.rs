@@ -10,7 +10,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::guest::{CpuView, GuestKernel};
 use crate::integrity;
-use crate::layout::KernelLayout;
+use crate::layout::{ExecArg, KernelLayout};
 use crate::modules::{MAX_MODULES, modules};
 use crate::pagetable::{Paging, read_virt, translate};
 use crate::symbols::{Kernel, SymbolMap};
@@ -47,6 +47,8 @@ pub(crate) fn layout() -> KernelLayout {
         kobject_name: 0,
         module_kobject_mod: 0x40,
         filename_name: 0,
+        bprm_filename: 0x40,
+        exec_args: [Some(ExecArg::Filename(2)), Some(ExecArg::Bprm(0))],
     }
 }
 
@@ -104,12 +106,12 @@ pub fn fuzz_walk(data: &[u8]) {
     let _ = integrity::hidden_modules(&g, &mods.items);
     // A breakpoint hit whose per-CPU base and argument registers the guest chose: the
     // decoder reads what they point at and always gives a hit.
-    for filename_arg in [Some(2), None] {
+    for exec_arg in [Some(ExecArg::Filename(2)), Some(ExecArg::Bprm(0)), None] {
         let d = Decoder {
             paging,
             layout: l,
             current_task: init_task & 0xfff,
-            filename_arg,
+            exec_arg,
         };
         let hit = d.decode(&mem, va, [init_task, va, va, init_task, 0, 0]);
         assert!(hit.comm.len() <= 16 * 3 && hit.detail.len() <= 1024);

@@ -3,7 +3,7 @@
 //! profile has to be made by hand for a kernel: the offsets introspection needs are looked up
 //! by name in the kernel they describe.
 
-use btfparse::{Offset, Readable, TypeInformation};
+use btfparse::{Offset, Readable, TypeInformation, TypeVariant};
 use thiserror::Error;
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -126,6 +126,40 @@ impl Btf {
             .map_err(|e| LayoutError::BadBtf(format!("size of {ty}: {e:?}")))
     }
 
+    /// The parameters of kernel function `func` from its BTF prototype, in order: each one's
+    /// name and, for a pointer to a structure, that structure's name.
+    pub fn params(&self, func: &str) -> Result<Vec<Param>, LayoutError> {
+        let proto = match self.info.from_id(self.id(func)?) {
+            Some(TypeVariant::Func(f)) => *f.prototype_tid(),
+            _ => return Err(LayoutError::NoType(format!("function {func}"))),
+        };
+        let Some(TypeVariant::FuncProto(p)) = self.info.from_id(proto) else {
+            return Err(LayoutError::BadBtf(format!("{func} has no prototype")));
+        };
+        Ok(p.parameter_list()
+            .iter()
+            .map(|a| Param {
+                name: a.name().unwrap_or_default(),
+                pointee: self
+                    .info
+                    .pointee_tid(a.tid())
+                    .ok()
+                    .and_then(|t| self.struct_name(t)),
+            })
+            .collect())
+    }
+
+    /// The name of structure `tid`, through typedefs and qualifiers.
+    fn struct_name(&self, tid: u32) -> Option<String> {
+        match self.info.from_id(tid)? {
+            TypeVariant::Struct(_) => self.info.name_of(tid),
+            TypeVariant::Typedef(t) => self.struct_name(*t.tid()),
+            TypeVariant::Const(t) => self.struct_name(*t.tid()),
+            TypeVariant::Volatile(t) => self.struct_name(*t.tid()),
+            _ => None,
+        }
+    }
+
     /// The first of `paths` that `ty` has (members renamed between kernel versions).
     fn offset_any(&self, ty: &str, paths: &[&str]) -> Result<u64, LayoutError> {
         let mut last = None;
@@ -136,6 +170,44 @@ impl Btf {
             }
         }
         Err(last.unwrap_or_else(|| LayoutError::NoType(ty.to_owned())))
+    }
+}
+
+/// One parameter of a kernel function.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Param {
+    pub name: String,
+    /// The structure it points to, for a pointer to a structure.
+    pub pointee: Option<String>,
+}
+
+/// The kernel functions on the exec path a breakpoint decodes (the file name of every exec).
+pub const EXEC_FUNCTIONS: [&str; 2] = ["bprm_execve", "do_execveat_common"];
+
+/// Where an exec function's argument registers hold the file name, per its BTF prototype
+/// (which changed: `bprm_execve` took a `struct filename *` up to Linux 6.5 and only the
+/// `struct linux_binprm *` since).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExecArg {
+    /// Argument N is a `struct filename *` (its `name`).
+    Filename(usize),
+    /// Argument N is a `struct linux_binprm *` (its `filename`).
+    Bprm(usize),
+}
+
+impl ExecArg {
+    /// From a prototype: the first `struct filename *` argument, else the first
+    /// `struct linux_binprm *`, within the six argument registers.
+    pub fn find(params: &[Param]) -> Option<Self> {
+        let at = |ty: &str| {
+            params
+                .iter()
+                .take(6)
+                .position(|p| p.pointee.as_deref() == Some(ty))
+        };
+        at("filename")
+            .map(Self::Filename)
+            .or_else(|| at("linux_binprm").map(Self::Bprm))
     }
 }
 
@@ -180,6 +252,11 @@ pub struct KernelLayout {
     pub module_kobject_mod: u64,
     /// `filename.name` (the path a `struct filename` carries, for exec tracing).
     pub filename_name: u64,
+    /// `linux_binprm.filename` (the path being exec'd).
+    pub bprm_filename: u64,
+    /// For each of [`EXEC_FUNCTIONS`]: where its file name is, when the kernel's BTF has its
+    /// prototype.
+    pub exec_args: [Option<ExecArg>; 2],
 }
 
 impl KernelLayout {
@@ -224,6 +301,8 @@ impl KernelLayout {
             kobject_name: btf.offset("kobject", "name")?,
             module_kobject_mod: btf.offset("module_kobject", "mod")?,
             filename_name: btf.offset("filename", "name")?,
+            bprm_filename: btf.offset("linux_binprm", "filename")?,
+            exec_args: EXEC_FUNCTIONS.map(|f| btf.params(f).ok().and_then(|p| ExecArg::find(&p))),
         })
     }
 }

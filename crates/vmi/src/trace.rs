@@ -3,19 +3,14 @@
 //! functions it knows, what the call is about — for exec, the file name.
 
 use crate::guest::GuestKernel;
-use crate::layout::KernelLayout;
+use crate::layout::{EXEC_FUNCTIONS, ExecArg, KernelLayout};
 use crate::pagetable::{Paging, PhysMem};
 use crate::tasks::Reader;
 
-/// Functions whose arguments the tracer decodes: (symbol, index of the `struct filename *`
-/// argument in the System V order rdi, rsi, rdx, rcx, r8, r9).
-pub const FILENAME_ARGS: &[(&str, usize)] = &[("bprm_execve", 2), ("do_execveat_common", 1)];
-
 /// The symbol `vmi trace` stops at when none is given: every exec of a program.
 pub fn default_symbol(g: &GuestKernel<'_>) -> Option<&'static str> {
-    FILENAME_ARGS
-        .iter()
-        .map(|&(s, _)| s)
+    EXEC_FUNCTIONS
+        .into_iter()
         .find(|s| g.kernel.addr(s).is_ok())
 }
 
@@ -27,8 +22,9 @@ pub struct Decoder {
     pub layout: KernelLayout,
     /// Offset of `current_task` in the per-CPU area (`pcpu_hot.current_task` from Linux 6.2).
     pub current_task: u64,
-    /// Which argument register holds a `struct filename *`, for the functions that take one.
-    pub filename_arg: Option<usize>,
+    /// Where the file name is, for the exec functions (argument registers in the System V
+    /// order rdi, rsi, rdx, rcx, r8, r9).
+    pub exec_arg: Option<ExecArg>,
 }
 
 /// One hit, decoded.
@@ -53,10 +49,10 @@ impl Decoder {
             paging: g.reader.paging,
             layout: *g.layout,
             current_task,
-            filename_arg: FILENAME_ARGS
+            exec_arg: EXEC_FUNCTIONS
                 .iter()
-                .find(|(s, _)| *s == symbol)
-                .map(|&(_, i)| i),
+                .position(|s| *s == symbol)
+                .and_then(|i| g.layout.exec_args[i]),
         })
     }
 
@@ -76,11 +72,14 @@ impl Decoder {
         let comm = task
             .and_then(|t| r.string(t.wrapping_add(l.task_comm), l.task_comm_len).ok())
             .unwrap_or_default();
-        let detail = match self.filename_arg {
-            Some(i) => {
-                let name = r
-                    .u64(args[i].wrapping_add(l.filename_name))
-                    .and_then(|p| r.string(p, 256));
+        let name_at = match self.exec_arg {
+            Some(ExecArg::Filename(i)) => Some(args[i % 6].wrapping_add(l.filename_name)),
+            Some(ExecArg::Bprm(i)) => Some(args[i % 6].wrapping_add(l.bprm_filename)),
+            None => None,
+        };
+        let detail = match name_at {
+            Some(at) => {
+                let name = r.u64(at).and_then(|p| r.string(p, 256));
                 match name {
                     Ok(n) => n,
                     Err(e) => format!("<file name unreadable: {e}>"),
@@ -104,7 +103,7 @@ mod tests {
         let p = profile();
         let g = GuestKernel::attach(&p, &mem, &cpu).unwrap();
         let mut d = Decoder::new(&g, "bprm_execve").unwrap();
-        assert_eq!(d.filename_arg, Some(2));
+        assert_eq!(d.exec_arg, Some(ExecArg::Filename(2)));
         // A per-CPU area at (run-time) 0xffffffff85260000 whose current_task is init_task,
         // and a struct filename naming /bin/ls.
         d.current_task = 0x100;
@@ -133,8 +132,25 @@ mod tests {
         // A hostile pointer: the hit is still recorded, its file name marked unreadable.
         let bad = d.decode(&mem, va(percpu), [0, 0, 0xdead_0000, 0, 0, 0]);
         assert!(bad.detail.starts_with("<file name unreadable"), "{bad:?}");
+        // The 6.6+ prototype: the name through the `struct linux_binprm *` (first argument).
+        let bprm = 0xffff_ffff_8127_1000u64;
+        mem.write_obj(
+            va(filename + 0x40),
+            GuestAddress(pa(bprm + l.bprm_filename)),
+        )
+        .unwrap();
+        let newer = Decoder {
+            exec_arg: Some(ExecArg::Bprm(0)),
+            ..d
+        };
+        assert_eq!(
+            newer
+                .decode(&mem, va(percpu), [va(bprm), 0, 0, 0, 0, 0])
+                .detail,
+            "/bin/ls"
+        );
         let generic = Decoder {
-            filename_arg: None,
+            exec_arg: None,
             ..d
         };
         assert!(

@@ -136,6 +136,46 @@ pub fn image_dir() -> PathBuf {
     DIR.get_or_init(|| build_image("test-image", &[])).clone()
 }
 
+/// The newest Debian 12 cloud kernel of another series than the default image's 6.1 (6.12,
+/// from bookworm's security and point-release updates), for the checks that introspection
+/// works with more than one kernel.
+#[allow(dead_code)]
+pub const OTHER_KERNEL_SERIES: &str = "6.12.";
+
+/// An image of the newest `linux-image-6.12.*-cloud-amd64-unsigned` apt knows.
+#[allow(dead_code)]
+pub fn other_kernel_image() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let prefix = format!("linux-image-{OTHER_KERNEL_SERIES}");
+        let o = std::process::Command::new("apt-cache")
+            .args(["pkgnames", &prefix])
+            .output()
+            .expect("apt-cache (Debian's apt) lists the kernel packages");
+        let mut pkgs: Vec<String> = String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|p| p.ends_with("-cloud-amd64-unsigned"))
+            .map(str::to_string)
+            .collect();
+        // Version order: 6.12.9 before 6.12.117.
+        pkgs.sort_by_key(|p| {
+            p[prefix.len()..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .and_then(|n| n.parse::<u32>().ok())
+                .unwrap_or(0)
+        });
+        let pkg = pkgs.pop().unwrap_or_else(|| {
+            panic!(
+                "apt knows no {prefix}*-cloud-amd64-unsigned: run `apt-get update` on Debian 12 \
+                 (the package is in bookworm-security and bookworm-updates)"
+            )
+        });
+        build_image("test-image-6.12", &["--kernel-package", &pkg])
+    })
+    .clone()
+}
+
 /// Builds a guest image into `target/<name>` with extra `bulwark image build` arguments.
 #[allow(dead_code)]
 pub fn build_image(name: &str, extra: &[&str]) -> PathBuf {
