@@ -73,6 +73,12 @@ impl Introspector {
         }
     }
 
+    fn breakpoints(&self) -> Result<&Breakpoints, ReadError> {
+        self.breakpoints
+            .as_deref()
+            .ok_or_else(|| "breakpoints are not available for this VM".into())
+    }
+
     fn trace_info(&self) -> TraceInfo {
         let Some(b) = &self.breakpoints else {
             return TraceInfo::default();
@@ -191,10 +197,7 @@ impl Introspector {
                 })
             }
             IntrospectView::Trace => {
-                let b = self
-                    .breakpoints
-                    .as_ref()
-                    .ok_or("breakpoints are not available for this VM")?;
+                let b = self.breakpoints()?;
                 let symbol = match symbol {
                     Some(s) => s,
                     None => bulwark_vmi::trace::default_symbol(&g).ok_or(
@@ -223,10 +226,7 @@ impl Introspector {
                 None
             }
             IntrospectView::Untrace => {
-                let b = self
-                    .breakpoints
-                    .as_ref()
-                    .ok_or("breakpoints are not available for this VM")?;
+                let b = self.breakpoints()?;
                 match symbol {
                     Some(s) => b.disarm(s).map_err(ReadError::Invalid)?,
                     None => b.clear(),
@@ -235,10 +235,7 @@ impl Introspector {
                 None
             }
             IntrospectView::Hits => {
-                let b = self
-                    .breakpoints
-                    .as_ref()
-                    .ok_or("breakpoints are not available for this VM")?;
+                let b = self.breakpoints()?;
                 out.tracing = Some(self.trace_info());
                 let (_, hits) = b.hits();
                 // The newest ones, if there are more than a reply carries.
