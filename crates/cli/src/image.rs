@@ -145,7 +145,7 @@ pub fn rig(args: &RigArgs) -> ExitCode {
             return ExitCode::from(125);
         }
     };
-    old_qemu_note();
+    old_qemu_note(&spec.qemu);
     match &args.script {
         Some(path) => match std::fs::read_to_string(path) {
             Ok(script) => {
@@ -166,16 +166,15 @@ pub fn rig(args: &RigArgs) -> ExitCode {
 
 /// Says so when the rig's QEMU is too old for introspection's breakpoints (everything else
 /// works with it).
-fn old_qemu_note() {
-    use bulwark_testrig::qemu::{GUEST_DEBUG_SINCE, QEMU_BINARY, version};
-    if let Some(v) = version(Path::new(QEMU_BINARY)).filter(|v| *v < GUEST_DEBUG_SINCE) {
+fn old_qemu_note(qemu: &Path) {
+    use bulwark_testrig::qemu::{GUEST_DEBUG_SINCE, QEMU_PACKAGE, version};
+    if let Some(v) = version(qemu).filter(|v| *v < GUEST_DEBUG_SINCE) {
         eprintln!(
-            "bulwark: rig: note: QEMU {}.{} does not pass debug exceptions of L2 to L1's KVM, so              `vmi trace` breakpoints never fire in this rig; QEMU {}.{} or newer does (on              Debian 12: `apt-get install -t bookworm-backports {}`)",
-            v.0,
-            v.1,
-            GUEST_DEBUG_SINCE.0,
-            GUEST_DEBUG_SINCE.1,
-            bulwark_testrig::qemu::QEMU_PACKAGE
+            "bulwark: rig: note: QEMU {}.{} does not pass debug exceptions of L2 to L1's KVM, so \
+             `vmi trace` breakpoints never fire in this rig; QEMU {}.{} or newer does (on \
+             Debian 12: `apt-get install -t bookworm-backports {QEMU_PACKAGE}`, or point \
+             BULWARK_RIG_QEMU at one)",
+            v.0, v.1, GUEST_DEBUG_SINCE.0, GUEST_DEBUG_SINCE.1
         );
     }
 }

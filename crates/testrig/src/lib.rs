@@ -105,7 +105,7 @@ pub struct RigSpec {
     pub echo: bool,
     /// Extra words for L1's kernel command line.
     pub cmdline_extra: String,
-    /// The QEMU binary.
+    /// The QEMU binary: `BULWARK_RIG_QEMU` when set, else `qemu-system-x86_64` on `PATH`.
     pub qemu: PathBuf,
     /// Package cache; the default user cache when `None`.
     pub cache_dir: Option<PathBuf>,
@@ -126,7 +126,9 @@ impl RigSpec {
             timeout: DEFAULT_TIMEOUT,
             echo: std::env::var_os("BULWARK_RIG_ECHO").is_some_and(|v| v == "1"),
             cmdline_extra: String::new(),
-            qemu: qemu::QEMU_BINARY.into(),
+            qemu: std::env::var_os("BULWARK_RIG_QEMU")
+                .filter(|v| !v.is_empty())
+                .map_or_else(|| qemu::QEMU_BINARY.into(), PathBuf::from),
             cache_dir: None,
             keep_work_dir: false,
         }

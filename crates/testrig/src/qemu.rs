@@ -66,6 +66,19 @@ pub struct QemuConfig {
 /// to L2.
 pub const GUEST_DEBUG_SINCE: (u32, u32) = (10, 0);
 
+/// Where `.ci/run` unpacks a QEMU from bookworm-backports beside the distribution's, for the
+/// tests that need guest debug (the other rig tests keep Debian 12's QEMU 7.2, on which they
+/// have run longest): a wrapper script that passes the unpacked firmware directories.
+pub const GUEST_DEBUG_QEMU: &str = "/opt/bulwark/qemu-backports/bin/qemu-system-x86_64";
+
+/// A QEMU that passes L2 debug exceptions to L1: the default one when it is new enough, else
+/// the one `.ci/run` unpacks at [`GUEST_DEBUG_QEMU`]; None when neither is there.
+pub fn guest_debug_qemu() -> Option<PathBuf> {
+    [PathBuf::from(QEMU_BINARY), PathBuf::from(GUEST_DEBUG_QEMU)]
+        .into_iter()
+        .find(|q| version(q).is_some_and(|v| v >= GUEST_DEBUG_SINCE))
+}
+
 /// The version `qemu --version` prints, as (major, minor); None when it cannot be run or read.
 pub fn version(qemu: &std::path::Path) -> Option<(u32, u32)> {
     let out = Command::new(qemu).arg("--version").output().ok()?;
