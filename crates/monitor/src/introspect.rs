@@ -91,7 +91,7 @@ impl Introspector {
                     address: a.gva,
                 })
                 .collect(),
-            hits: b.hits().0,
+            hits: b.hit_count(),
             other_exits: others,
             last_other: (others > 0).then(|| format!("vector {last_vector} at {last_pc:#x}")),
         }
@@ -371,6 +371,46 @@ pub fn cpu_view(fd: &VcpuFd) -> Result<CpuView, kvm_ioctls::Error> {
 /// Most write-trap events kept (the oldest fall out; the total is still counted).
 const MAX_TRAP_EVENTS: usize = 1024;
 
+/// The last `CAP` events a vCPU reported, and how many there were in all: the log behind
+/// write traps and breakpoint hits.
+#[derive(Debug)]
+pub struct EventLog<T, const CAP: usize> {
+    kept: Mutex<std::collections::VecDeque<T>>,
+    total: AtomicU64,
+}
+
+impl<T, const CAP: usize> Default for EventLog<T, CAP> {
+    fn default() -> Self {
+        Self {
+            kept: Mutex::new(std::collections::VecDeque::new()),
+            total: AtomicU64::new(0),
+        }
+    }
+}
+
+impl<T: Clone, const CAP: usize> EventLog<T, CAP> {
+    /// Counts `event` and keeps it, dropping the oldest beyond `CAP`.
+    pub fn record(&self, event: T) {
+        self.total.fetch_add(1, Ordering::Relaxed);
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.len() == CAP {
+            kept.pop_front();
+        }
+        kept.push_back(event);
+    }
+
+    /// Events recorded since the start (also those no longer kept).
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    /// The events still kept, oldest first.
+    pub fn kept(&self) -> Vec<T> {
+        let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        kept.iter().cloned().collect()
+    }
+}
+
 /// Guarded ranges: guest writes to them exit to the monitor instead of landing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Armed {
@@ -429,8 +469,7 @@ pub struct WriteTrap {
     /// then it answers without taking the lock.
     is_armed: std::sync::atomic::AtomicBool,
     armed: std::sync::RwLock<Option<Armed>>,
-    events: Mutex<std::collections::VecDeque<TrapEvent>>,
-    total: AtomicU64,
+    events: EventLog<TrapEvent, MAX_TRAP_EVENTS>,
 }
 
 impl WriteTrap {
@@ -467,12 +506,7 @@ impl WriteTrap {
         let pause = armed.is_some_and(|a| a.pause);
         let module = armed.and_then(|a| a.writers.module_of(mem, rip));
         let landed = !pause && mem.write_slice(data, GuestAddress(gpa)).is_ok();
-        self.total.fetch_add(1, Ordering::Relaxed);
-        let mut ev = self.events.lock().unwrap_or_else(|e| e.into_inner());
-        if ev.len() == MAX_TRAP_EVENTS {
-            ev.pop_front();
-        }
-        ev.push_back(TrapEvent {
+        self.events.record(TrapEvent {
             vcpu,
             gpa,
             rip,
@@ -494,13 +528,12 @@ impl WriteTrap {
 
     /// The writes still kept (the last [`MAX_TRAP_EVENTS`]).
     pub fn events(&self) -> Vec<TrapEvent> {
-        let ev = self.events.lock().unwrap_or_else(|e| e.into_inner());
-        ev.iter().cloned().collect()
+        self.events.kept()
     }
 
     /// Writes trapped since arming (also those no longer kept).
     pub fn total(&self) -> u64 {
-        self.total.load(Ordering::Relaxed)
+        self.events.total()
     }
 }
 
@@ -700,8 +733,7 @@ pub struct HitEvent {
 #[derive(Debug, Default)]
 pub struct Breakpoints {
     armed: std::sync::RwLock<Vec<ArmedBreakpoint>>,
-    hits: Mutex<std::collections::VecDeque<HitEvent>>,
-    total: AtomicU64,
+    hits: EventLog<HitEvent, MAX_HITS>,
     /// Debug exits that were not a breakpoint's (given back to the guest), and the last one's
     /// vector and address.
     others: AtomicU64,
@@ -773,13 +805,14 @@ impl Breakpoints {
         )
     }
 
+    /// Hits so far (also those no longer kept).
+    pub fn hit_count(&self) -> u64 {
+        self.hits.total()
+    }
+
     /// Hits so far, and those kept.
     pub fn hits(&self) -> (u64, Vec<HitEvent>) {
-        let h = self.hits.lock().unwrap_or_else(|e| e.into_inner());
-        (
-            self.total.load(Ordering::Relaxed),
-            h.iter().cloned().collect(),
-        )
+        (self.hits.total(), self.hits.kept())
     }
 
     /// A guest-debug exit on vCPU `vcpu` at `pc`; `read` gives the argument registers and the
@@ -811,12 +844,7 @@ impl Breakpoints {
                 detail: "<registers unreadable>".into(),
             },
         };
-        self.total.fetch_add(1, Ordering::Relaxed);
-        let mut h = self.hits.lock().unwrap_or_else(|e| e.into_inner());
-        if h.len() == MAX_HITS {
-            h.pop_front();
-        }
-        h.push_back(HitEvent {
+        self.hits.record(HitEvent {
             vcpu,
             symbol: bp.symbol,
             hit,
