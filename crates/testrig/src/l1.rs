@@ -30,6 +30,10 @@ pub const SCRIPT_PATH: &str = "/rig/script.sh";
 /// Prepended to every script: a `section` helper for [`crate::Sections`].
 pub const SCRIPT_PRELUDE: &str = "# bulwark rig prelude\nsection() { echo \"=== $*\"; }\ncd /\n";
 
+/// Where L1's `/init` keeps the process id of its heartbeat loop (which writes L1's uptime to
+/// `/dev/ttyS1` every 2 s, for the host's wedge watch).
+pub const HEARTBEAT_PID: &str = "/run/bulwark-rig-heartbeat.pid";
+
 /// Marker lines printed by L1's `/init` (all start with this).
 pub const MARK: &str = "bulwark-rig: ";
 
@@ -165,6 +169,9 @@ pub fn check_images(images: &[GuestImage]) -> Result<(), L1Error> {
 /// - `bulwark-rig: begin <nonce>` just before the script,
 /// - `bulwark-rig: end <nonce> status=<N>` with the script's exit status; then L1 powers off.
 ///
+/// Before the script it starts a heartbeat on the second serial port (pid in
+/// [`HEARTBEAT_PID`]).
+///
 /// The script runs as `setsid cttyhack sh /rig/script.sh`: its own session with the console as
 /// controlling terminal, so that programs that put the terminal in raw mode (bulwark's console)
 /// and Ctrl-C work.
@@ -193,6 +200,9 @@ if [ -c /dev/kvm ]; then
 else
     echo "{MARK}no kvm uptime=$uptime"
 fi
+# A heartbeat on the second serial port: the host takes L1 for wedged when it stops.
+(while :; do read -r up _ </proc/uptime; echo "$up"; sleep 2; done) >/dev/ttyS1 2>/dev/null &
+echo $! >{HEARTBEAT_PID}
 echo "{MARK}begin {nonce}"
 setsid cttyhack sh {SCRIPT_PATH}
 status=$?

@@ -111,6 +111,11 @@ pub struct RigSpec {
     pub cache_dir: Option<PathBuf>,
     /// Keep the work directory (L1 archive) after the run, for debugging.
     pub keep_work_dir: bool,
+    /// L1 is taken for wedged when its heartbeat stops for this long ([`run_script`] only).
+    pub wedged_after: Duration,
+    /// Boot L1 again this many times when it froze or wedged (a fault of QEMU's emulated SVM,
+    /// not of the script). Default 1.
+    pub hang_retries: u32,
 }
 
 impl RigSpec {
@@ -131,6 +136,8 @@ impl RigSpec {
                 .map_or_else(|| qemu::QEMU_BINARY.into(), PathBuf::from),
             cache_dir: None,
             keep_work_dir: false,
+            wedged_after: qemu::WEDGED_AFTER,
+            hang_retries: 1,
         }
     }
 }
@@ -223,9 +230,12 @@ fn run(spec: &RigSpec, script: &str, mode: ConsoleMode) -> Result<RigRun, RigErr
             qemu: spec.qemu.clone(),
             kernel: kernel.bzimage.clone(),
             initrd,
-            append: format!("console=ttyS0 quiet panic=-1 {}", spec.cmdline_extra)
-                .trim_end()
-                .to_owned(),
+            append: format!(
+                "console=ttyS0 quiet panic=-1 unknown_nmi_panic {}",
+                spec.cmdline_extra
+            )
+            .trim_end()
+            .to_owned(),
             memory_mib: spec.memory_mib,
             cpus: spec.cpus,
             extra_args: Vec::new(),
@@ -234,16 +244,25 @@ fn run(spec: &RigSpec, script: &str, mode: ConsoleMode) -> Result<RigRun, RigErr
                 ConsoleMode::Attached => Duration::MAX,
                 ConsoleMode::Capture { .. } => qemu::FREEZE_AFTER,
             },
+            heartbeat: Some(work.join("heartbeat")),
+            wedged_after: match mode {
+                ConsoleMode::Attached => Duration::MAX,
+                ConsoleMode::Capture { .. } => spec.wedged_after,
+            },
+            qmp: Some(work.join("qmp.sock")),
         };
         let remaining = spec.timeout.saturating_sub(started.elapsed());
         let mut q = qemu::run(&cfg, mode, remaining);
-        // QEMU's emulated SVM now and then leaves L1 frozen for good (its CPU time stops;
-        // nothing in L1 runs again). The script starts from nothing in a new L1, so it is
-        // booted again, once, and said loudly.
-        if let Err(qemu::QemuError::Frozen { idle, tail }) = &q {
-            eprintln!(
-                "bulwark: rig: L1 froze (QEMU used no CPU for {idle:?}); booting it again, once. Its last console lines:\n{tail}"
-            );
+        // QEMU's emulated SVM now and then leaves L1 frozen for good (its CPU time stops) or
+        // wedged (busy, but its processes never run again). The script starts from nothing in
+        // a new L1, so it is booted again (once by default), and said loudly.
+        let mut retries = spec.hang_retries;
+        while let Err(e @ (qemu::QemuError::Frozen { .. } | qemu::QemuError::Wedged { .. })) = &q
+            && retries > 0
+        {
+            retries -= 1;
+            eprintln!("bulwark: rig: {e}\nbulwark: rig: booting L1 again");
+            let _ = std::fs::remove_file(work.join("heartbeat"));
             let remaining = spec.timeout.saturating_sub(started.elapsed());
             q = qemu::run(&cfg, mode, remaining);
         }

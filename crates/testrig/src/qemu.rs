@@ -38,6 +38,10 @@ pub enum QemuError {
         "the rig's L1 froze: QEMU used no CPU time for {idle:?} (a hang of QEMU's emulated SVM seen now and then; nothing in L1 can end it), so it was killed; last console lines:\n{tail}"
     )]
     Frozen { idle: Duration, tail: String },
+    #[error(
+        "the rig's L1 stopped running its own processes: no heartbeat on its second serial port for {quiet:?} while QEMU kept using CPU (a livelock of L1 under QEMU's emulated SVM; nothing in L1 can end it), so it was sent an NMI for a backtrace and killed; last console lines:\n{tail}"
+    )]
+    Wedged { quiet: Duration, tail: String },
     #[error("QEMU failed ({status}):\n{stderr}")]
     Failed { status: ExitStatus, stderr: String },
     #[error("cannot wait for QEMU")]
@@ -58,6 +62,15 @@ pub struct QemuConfig {
     /// QEMU is taken for frozen once its CPU time has not moved for this long (an L1 that
     /// waits for a timer still uses some; a frozen one uses none).
     pub freeze_after: Duration,
+    /// L1's second serial port (`/dev/ttyS1`, where its `/init` writes a heartbeat) goes to
+    /// this file; none when `None`.
+    pub heartbeat: Option<PathBuf>,
+    /// L1 is taken for wedged once the heartbeat file has not grown for this long (after it
+    /// first has).
+    pub wedged_after: Duration,
+    /// A QMP socket, through which a wedged L1 is sent an NMI (L1 runs with
+    /// `unknown_nmi_panic`, so it prints a backtrace of where it is stuck).
+    pub qmp: Option<PathBuf>,
 }
 
 /// The oldest QEMU seen to deliver L2 debug exceptions to L1's KVM (so that KVM guest debug,
@@ -95,7 +108,12 @@ fn parse_version(text: &str) -> Option<(u32, u32)> {
 /// The default [`QemuConfig::freeze_after`]: far longer than any idle wait in a rig script.
 pub const FREEZE_AFTER: Duration = Duration::from_secs(90);
 
-/// Watches a process's CPU time for a stretch in which it does not move.
+/// The default [`QemuConfig::wedged_after`]: L1's heartbeat comes every 2 s of its time; 60 s
+/// without one is far beyond any scheduling delay of a loaded host.
+pub const WEDGED_AFTER: Duration = Duration::from_secs(60);
+
+/// Watches a counter (a process's CPU time, a heartbeat file's length) for a stretch in which
+/// it does not move.
 #[derive(Debug)]
 struct FreezeWatch {
     last: Option<u64>,
@@ -110,8 +128,8 @@ impl FreezeWatch {
         }
     }
 
-    /// Takes a sample of CPU time (`None`: unreadable, which resets the watch) and returns how
-    /// long it has been flat.
+    /// Takes a sample of a counter that should keep moving (CPU time, heartbeat bytes; `None`:
+    /// unreadable, which resets the watch) and returns how long it has been flat.
     fn sample(&mut self, cpu: Option<u64>, now: Instant) -> Duration {
         if cpu.is_none() || cpu != self.last {
             self.last = cpu;
@@ -166,6 +184,15 @@ impl QemuConfig {
             "-append".into(),
             self.append.clone(),
         ]);
+        if let Some(hb) = &self.heartbeat {
+            a.extend(["-serial".into(), format!("file:{}", hb.display())]);
+        }
+        if let Some(qmp) = &self.qmp {
+            a.extend([
+                "-qmp".into(),
+                format!("unix:{},server=on,wait=off", qmp.display()),
+            ]);
+        }
         a.extend(self.extra_args.iter().cloned());
         a
     }
@@ -263,18 +290,31 @@ pub fn run(cfg: &QemuConfig, mode: ConsoleMode, timeout: Duration) -> Result<Qem
 
     let deadline = start + timeout;
     let mut watch = FreezeWatch::new(start);
+    let mut heart = FreezeWatch::new(start);
     let mut next_sample = start;
     let status = loop {
         if let Some(status) = child.try_wait().map_err(QemuError::Wait)? {
             break status;
         }
         let now = Instant::now();
-        let mut idle = Duration::ZERO;
+        let (mut idle, mut quiet) = (Duration::ZERO, Duration::ZERO);
         if now >= next_sample {
             idle = watch.sample(cpu_ticks(child.id()), now);
+            // Not watched until the first beat: L1 boots first.
+            let beats = cfg
+                .heartbeat
+                .as_ref()
+                .and_then(|hb| std::fs::metadata(hb).ok())
+                .map(|m| m.len())
+                .filter(|&n| n > 0);
+            quiet = heart.sample(beats, now);
             next_sample = now + Duration::from_secs(1);
         }
-        if now >= deadline || idle >= cfg.freeze_after {
+        if now >= deadline || idle >= cfg.freeze_after || quiet >= cfg.wedged_after {
+            let wedged = now < deadline && idle < cfg.freeze_after;
+            if wedged {
+                nmi_for_backtrace(cfg, &mut child);
+            }
             // Our own child, by its handle.
             let _ = child.kill();
             let _ = child.wait();
@@ -288,6 +328,8 @@ pub fn run(cfg: &QemuConfig, mode: ConsoleMode, timeout: Duration) -> Result<Qem
                     after: timeout,
                     tail,
                 }
+            } else if wedged {
+                QemuError::Wedged { quiet, tail }
             } else {
                 QemuError::Frozen { idle, tail }
             });
@@ -312,6 +354,41 @@ pub fn run(cfg: &QemuConfig, mode: ConsoleMode, timeout: Duration) -> Result<Qem
         kvm_ready_wall: console.kvm_ready,
     })
 }
+
+/// Sends a wedged L1 an NMI through QMP and gives it a few seconds to print the backtrace of
+/// its `unknown_nmi_panic` (it then powers off, ending QEMU). Best effort: the caller kills
+/// QEMU afterwards in any case.
+fn nmi_for_backtrace(cfg: &QemuConfig, child: &mut std::process::Child) {
+    let Some(path) = &cfg.qmp else { return };
+    let sent = (|| -> std::io::Result<()> {
+        let mut s = std::os::unix::net::UnixStream::connect(path)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut reply = std::io::BufReader::new(s.try_clone()?);
+        let mut line = String::new();
+        // The greeting, then one reply per command.
+        std::io::BufRead::read_line(&mut reply, &mut line)?;
+        for cmd in ["qmp_capabilities", "inject-nmi"] {
+            writeln!(s, "{{\"execute\":\"{cmd}\"}}")?;
+            line.clear();
+            std::io::BufRead::read_line(&mut reply, &mut line)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "cannot send the wedged L1 an NMI");
+        return;
+    }
+    let until = Instant::now() + NMI_GRACE;
+    while Instant::now() < until {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// How long a wedged L1 gets to print its NMI backtrace.
+const NMI_GRACE: Duration = Duration::from_secs(10);
 
 /// Console lines a timeout error quotes.
 const TIMEOUT_TAIL_LINES: usize = 60;
@@ -450,6 +527,9 @@ mod tests {
             cpus: 1,
             extra_args: vec!["-s".into()],
             freeze_after: FREEZE_AFTER,
+            heartbeat: None,
+            wedged_after: WEDGED_AFTER,
+            qmp: None,
         };
         let a = cfg.args().join(" ");
         for want in [
@@ -526,6 +606,9 @@ mod tests {
             cpus: 1,
             extra_args: vec![],
             freeze_after: FREEZE_AFTER,
+            heartbeat: None,
+            wedged_after: WEDGED_AFTER,
+            qmp: None,
         };
         let e = run(
             &cfg,

@@ -153,3 +153,25 @@ fn rig_timeout_kills_qemu_and_says_so() {
     let msg = e.to_string();
     assert!(msg.contains("killed") && msg.contains("sleeping"), "{msg}");
 }
+
+#[test]
+fn rig_wedged_l1_is_caught_by_its_heartbeat_and_sent_an_nmi() {
+    let bulwark = workspace_bulwark().expect("bulwark binary");
+    let mut spec = spec(bulwark);
+    // A real wedge (L1 busy but never running its processes again) cannot be made on purpose;
+    // stopping the heartbeat loop looks the same from the host.
+    spec.wedged_after = Duration::from_secs(8);
+    spec.hang_retries = 0;
+    let _lock = RIG.lock().unwrap_or_else(|e| e.into_inner());
+    let script = format!(
+        "sleep 3; echo stopping the heartbeat; kill -STOP $(cat {}); sleep 600",
+        bulwark_testrig::l1::HEARTBEAT_PID
+    );
+    let e = run_script(&spec, &script).unwrap_err();
+    assert!(matches!(e, RigError::Qemu(QemuError::Wedged { .. })), "{e}");
+    let msg = e.to_string();
+    eprintln!("{msg}");
+    assert!(msg.contains("stopping the heartbeat"), "{msg}");
+    // L1's unknown_nmi_panic printed where it was.
+    assert!(msg.contains("NMI received for unknown reason"), "{msg}");
+}
