@@ -3,9 +3,10 @@
 //!
 //! Cache layout (under [`cache_dir`], `$XDG_CACHE_HOME/bulwark/debs` or `~/.cache/bulwark/debs`):
 //! `<name>_<version>_<arch>.deb` as apt names it, and next to it `<name>_<version>.d/`, the
-//! unpacked tree. Both are created under a temporary name and renamed into place, so concurrent
-//! builds and interrupted ones never see half a package. A warm build only asks `apt-cache`
-//! for the candidate version (local, no network) and finds both in the cache.
+//! unpacked tree. Both are created under a temporary name (unique per process and thread) and
+//! renamed into place, so concurrent builds and interrupted ones never see half a package. A
+//! warm build only asks `apt-cache` for the candidate version (local, no network) and finds
+//! both in the cache.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -242,7 +243,7 @@ fn find_deb(cache: &Path, stem: &str) -> std::io::Result<Option<PathBuf>> {
 }
 
 fn download(name: &str, version: &str, cache: &Path, stem: &str) -> Result<PathBuf, PackageError> {
-    let tmp = cache.join(format!(".download-{}-{stem}", std::process::id()));
+    let tmp = cache.join(format!(".download-{}-{stem}", unique_tag()));
     let cache_err = |source| PackageError::Cache {
         path: tmp.clone(),
         source,
@@ -281,11 +282,19 @@ fn download(name: &str, version: &str, cache: &Path, stem: &str) -> Result<PathB
     Ok(dest)
 }
 
+/// Process id and a per-process sequence number: temporary names that neither another
+/// process nor another thread of this one uses at the same time.
+fn unique_tag() -> String {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}-{n}", std::process::id())
+}
+
 fn unpack(deb: &Path, root: &Path) -> Result<(), PackageError> {
     let parent = root.parent().unwrap_or(Path::new("."));
     let tmp = parent.join(format!(
         ".unpack-{}-{}",
-        std::process::id(),
+        unique_tag(),
         root.file_name().unwrap_or_default().to_string_lossy()
     ));
     let cache_err = |path: &Path| {
@@ -311,6 +320,12 @@ fn unpack(deb: &Path, root: &Path) -> Result<(), PackageError> {
         });
     }
     std::fs::write(tmp.join(".complete"), b"").map_err(cache_err(&tmp))?;
+    if root.join(".complete").exists() {
+        // Another build finished the same unpack meanwhile, and may be reading it.
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Ok(());
+    }
+    // A half-written tree of an interrupted build (no `.complete`).
     let _ = std::fs::remove_dir_all(root);
     if let Err(e) = std::fs::rename(&tmp, root) {
         let _ = std::fs::remove_dir_all(&tmp);

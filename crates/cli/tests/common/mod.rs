@@ -209,43 +209,6 @@ pub fn build_static_c(dir: &TestDir, src: &str) -> PathBuf {
     out
 }
 
-/// Output of rig script section `name` and the `status=N` it ended with.
-#[allow(dead_code)]
-pub fn section_status(run: &bulwark_testrig::RigRun, name: &str) -> (String, i32) {
-    let sections = run.sections();
-    let out = sections
-        .get(name)
-        .unwrap_or_else(|e| panic!("{e}\n{}", run.output))
-        .to_string();
-    let status = out
-        .lines()
-        .rev()
-        .find_map(|l| l.strip_prefix("status="))
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no status in section {name}:\n{out}"));
-    (out, status)
-}
-
-/// One rig boot per test file, kept in `cell`: `make` gives the rig and the script, and the
-/// result — a failure too, so every test reports it instead of booting the rig again — is
-/// shared by all the file's tests.
-#[allow(dead_code)]
-pub fn rig_once(
-    cell: &'static std::sync::OnceLock<Result<bulwark_testrig::RigRun, String>>,
-    make: impl FnOnce() -> (bulwark_testrig::RigSpec, String),
-) -> &'static bulwark_testrig::RigRun {
-    let run = cell.get_or_init(|| {
-        require_kvm();
-        let (spec, script) = make();
-        match bulwark_testrig::run_script(&spec, &script) {
-            Ok(run) if run.status == 0 => Ok(run),
-            Ok(run) => Err(format!("rig script failed:\n{}", run.output)),
-            Err(e) => Err(format!("rig: {e}")),
-        }
-    });
-    run.as_ref().unwrap_or_else(|e| panic!("{e}"))
-}
-
 /// bulwarkd comes from another package: build it (cargo builds only this package's binaries
 /// for its tests).
 #[allow(dead_code)]

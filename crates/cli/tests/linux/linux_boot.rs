@@ -2,13 +2,10 @@
 //! nested rig (real kvm_amd on QEMU's emulated SVM). One rig boot runs every check; each
 //! check is a section of the script, asserted separately.
 
-mod common;
-
-use std::sync::OnceLock;
-
+use crate::common::*;
+use crate::section_status;
 use bulwark_image::{ExtraFile, FileSource};
 use bulwark_testrig::{GuestImage, RigRun, RigSpec};
-use common::*;
 
 const B: &str = "bulwark run --image /images/default --no-rig --timeout 120s";
 
@@ -81,25 +78,25 @@ fn script() -> String {
     s
 }
 
-/// The one rig boot of this file; a failure is kept too, so every test reports it instead of
-/// booting the rig again.
+/// This file's rig boot: the rig and its script, for [`crate::rig_run`].
+pub(crate) fn rig_spec() -> (RigSpec, String) {
+    let mut spec = RigSpec::new(bulwark());
+    spec.images = vec![GuestImage::new("default", image_dir())];
+    // An ELF that is not a kernel: a function micro-VM payload (no PVH note).
+    let payloads = TestDir::new("linux-boot-payloads");
+    let hello = build_payload(&payloads, "examples/payloads/hello.c");
+    spec.files = vec![ExtraFile {
+        path: "/payloads/hello.elf".into(),
+        // Read now: the temporary directory is gone when the rig boots.
+        source: FileSource::Bytes(std::fs::read(&hello).expect("built payload")),
+        mode: 0o644,
+    }];
+    spec.cmdline_extra = "loglevel=1".into();
+    (spec, script())
+}
+
 fn rig_run() -> &'static RigRun {
-    static RUN: OnceLock<Result<RigRun, String>> = OnceLock::new();
-    rig_once(&RUN, || {
-        let mut spec = RigSpec::new(bulwark());
-        spec.images = vec![GuestImage::new("default", image_dir())];
-        // An ELF that is not a kernel: a function micro-VM payload (no PVH note).
-        let payloads = TestDir::new("linux-boot-payloads");
-        let hello = build_payload(&payloads, "examples/payloads/hello.c");
-        spec.files = vec![ExtraFile {
-            path: "/payloads/hello.elf".into(),
-            // Read now: the temporary directory is gone when the rig boots.
-            source: FileSource::Bytes(std::fs::read(&hello).expect("built payload")),
-            mode: 0o644,
-        }];
-        spec.cmdline_extra = "loglevel=1".into();
-        (spec, script())
-    })
+    crate::rig_run("linux_boot")
 }
 
 /// Output and exit status of one check.

@@ -6,12 +6,9 @@
 //! and vsock I/O run, no back-end's address space holds a secret the guest keeps in its memory,
 //! while the monitor's does.
 
-mod common;
-
-use std::sync::OnceLock;
-
+use crate::common::*;
+use crate::section_status;
 use bulwark_testrig::{GuestImage, RigRun, RigSpec};
-use common::*;
 
 const B: &str = "bulwark run --image /images/virtio --no-rig --timeout 300s --memory 512M";
 /// 1 MiB blocks the block check writes, each with an fsync.
@@ -128,23 +125,25 @@ fn script() -> String {
     s
 }
 
+/// This file's rig boot: the rig and its script, for [`crate::rig_run`].
+pub(crate) fn rig_spec() -> (RigSpec, String) {
+    let tools = TestDir::new("backends-tools");
+    let memscan = build_static_c(&tools, "tests/guest/memscan.c");
+    let echo = build_static_c(&tools, "tests/guest/vsock_echo.c");
+    let add = format!("{}:/usr/bin/vsock_echo", echo.display());
+    let image = build_image("test-image-virtio-backends", &["--add", &add]);
+    std::fs::copy(&memscan, image.join("memscan")).unwrap();
+    std::fs::copy(&echo, image.join("vsock_echo")).unwrap();
+    let mut spec = RigSpec::new(bulwark());
+    spec.images = vec![GuestImage::new("virtio", image)];
+    spec.cmdline_extra = "loglevel=1".into();
+    spec.memory_mib = 2048;
+    spec.timeout = std::time::Duration::from_secs(1500);
+    (spec, script())
+}
+
 fn rig_run() -> &'static RigRun {
-    static RUN: OnceLock<Result<RigRun, String>> = OnceLock::new();
-    rig_once(&RUN, || {
-        let tools = TestDir::new("backends-tools");
-        let memscan = build_static_c(&tools, "tests/guest/memscan.c");
-        let echo = build_static_c(&tools, "tests/guest/vsock_echo.c");
-        let add = format!("{}:/usr/bin/vsock_echo", echo.display());
-        let image = build_image("test-image-virtio-backends", &["--add", &add]);
-        std::fs::copy(&memscan, image.join("memscan")).unwrap();
-        std::fs::copy(&echo, image.join("vsock_echo")).unwrap();
-        let mut spec = RigSpec::new(bulwark());
-        spec.images = vec![GuestImage::new("virtio", image)];
-        spec.cmdline_extra = "loglevel=1".into();
-        spec.memory_mib = 2048;
-        spec.timeout = std::time::Duration::from_secs(1500);
-        (spec, script())
-    })
+    crate::rig_run("backends_linux")
 }
 
 fn value<'a>(out: &'a str, key: &str) -> &'a str {

@@ -2,12 +2,9 @@
 //! nested-rig boot (real kvm_amd on QEMU's emulated SVM) runs every check as a script section;
 //! "host" below is the rig's L1, where bulwark and the backing files live.
 
-mod common;
-
-use std::sync::OnceLock;
-
+use crate::common::*;
+use crate::section_status;
 use bulwark_testrig::{GuestImage, RigRun, RigSpec};
-use common::*;
 
 const B: &str = "bulwark run --image /images/virtio --no-rig --timeout 300s --memory 512M";
 const MIB64: u64 = 64 << 20;
@@ -183,25 +180,27 @@ fn script() -> String {
 
 /// The one rig boot of this file; a failure is kept too, so every test reports it instead of
 /// booting the rig again.
+/// This file's rig boot: the rig and its script, for [`crate::rig_run`].
+pub(crate) fn rig_spec() -> (RigSpec, String) {
+    // The default image plus the vsock test tool, which the rig's L1 gets too (in the image
+    // directory) for the host side.
+    let tools = TestDir::new("virtio-tools");
+    let echo = build_static_c(&tools, "tests/guest/vsock_echo.c");
+    let add = format!("{}:/usr/bin/vsock_echo", echo.display());
+    let image = build_image("test-image-virtio", &["--rootfs", "--add", &add]);
+    std::fs::copy(&echo, image.join("vsock_echo")).unwrap();
+    let mut spec = RigSpec::new(bulwark());
+    spec.images = vec![GuestImage::new("virtio", image)];
+    spec.cmdline_extra = "loglevel=1".into();
+    spec.memory_mib = 2048;
+    // Generous: the checks move ~500 MiB through emulated hardware, and the machine may
+    // be busy.
+    spec.timeout = std::time::Duration::from_secs(1800);
+    (spec, script())
+}
+
 fn rig_run() -> &'static RigRun {
-    static RUN: OnceLock<Result<RigRun, String>> = OnceLock::new();
-    rig_once(&RUN, || {
-        // The default image plus the vsock test tool, which the rig's L1 gets too (in the image
-        // directory) for the host side.
-        let tools = TestDir::new("virtio-tools");
-        let echo = build_static_c(&tools, "tests/guest/vsock_echo.c");
-        let add = format!("{}:/usr/bin/vsock_echo", echo.display());
-        let image = build_image("test-image-virtio", &["--rootfs", "--add", &add]);
-        std::fs::copy(&echo, image.join("vsock_echo")).unwrap();
-        let mut spec = RigSpec::new(bulwark());
-        spec.images = vec![GuestImage::new("virtio", image)];
-        spec.cmdline_extra = "loglevel=1".into();
-        spec.memory_mib = 2048;
-        // Generous: the checks move ~500 MiB through emulated hardware, and the machine may
-        // be busy.
-        spec.timeout = std::time::Duration::from_secs(1800);
-        (spec, script())
-    })
+    crate::rig_run("virtio_devices")
 }
 
 fn check(name: &str) -> (String, i32) {

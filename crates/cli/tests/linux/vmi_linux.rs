@@ -8,14 +8,12 @@
 //! The attack modules are built here for the image's kernel release, which needs that
 //! release's `linux-headers-*` package (`.ci/run` installs it).
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
-use std::sync::OnceLock;
 
-use bulwark_testrig::{GuestImage, RigRun};
-use common::*;
+use crate::common::*;
+use crate::section_status;
+use bulwark_testrig::{GuestImage, RigRun, RigSpec};
 
 const OWNER: &str = "owner-token-of-the-vmi-test-vm";
 /// Where the image puts the attack modules in the guest.
@@ -204,32 +202,34 @@ echo status=0
     )
 }
 
+/// This file's rig boot: the rig and its script, for [`crate::rig_run`].
+pub(crate) fn rig_spec() -> (RigSpec, String) {
+    let plain = build_image("test-image", &[]);
+    let kver = kernel_release(&plain);
+    let tmp = TestDir::new("vmi-attack-modules");
+    let mods = tmp.path("ko");
+    build_modules(&kver, &mods);
+    let adds: Vec<String> = MODULES
+        .iter()
+        .map(|m| format!("{}/{m}.ko:{MODDIR}/{m}.ko", mods.display()))
+        .flat_map(|a| ["--add".to_string(), a])
+        .collect();
+    let adds: Vec<&str> = adds.iter().map(String::as_str).collect();
+    let image = build_image("test-image-vmi", &adds);
+    assert_eq!(kernel_release(&image), kver);
+    let mut spec = daemon_rig("vmi", image);
+    // Breakpoints need a QEMU whose emulated SVM passes L2 debug exceptions to L1; without
+    // one the rig still runs and only the breakpoint test fails, saying why.
+    if let Some(q) = bulwark_testrig::qemu::guest_debug_qemu() {
+        spec.qemu = q;
+    }
+    spec.images
+        .push(GuestImage::new("k612", other_kernel_image()));
+    (spec, script())
+}
+
 fn rig_run() -> &'static RigRun {
-    static RUN: OnceLock<Result<RigRun, String>> = OnceLock::new();
-    rig_once(&RUN, || {
-        let plain = build_image("test-image", &[]);
-        let kver = kernel_release(&plain);
-        let tmp = TestDir::new("vmi-attack-modules");
-        let mods = tmp.path("ko");
-        build_modules(&kver, &mods);
-        let adds: Vec<String> = MODULES
-            .iter()
-            .map(|m| format!("{}/{m}.ko:{MODDIR}/{m}.ko", mods.display()))
-            .flat_map(|a| ["--add".to_string(), a])
-            .collect();
-        let adds: Vec<&str> = adds.iter().map(String::as_str).collect();
-        let image = build_image("test-image-vmi", &adds);
-        assert_eq!(kernel_release(&image), kver);
-        let mut spec = daemon_rig("vmi", image);
-        // Breakpoints need a QEMU whose emulated SVM passes L2 debug exceptions to L1; without
-        // one the rig still runs and only the breakpoint test fails, saying why.
-        if let Some(q) = bulwark_testrig::qemu::guest_debug_qemu() {
-            spec.qemu = q;
-        }
-        spec.images
-            .push(GuestImage::new("k612", other_kernel_image()));
-        (spec, script())
-    })
+    crate::rig_run("vmi_linux")
 }
 
 fn check(name: &str) -> (String, i32) {

@@ -5,12 +5,9 @@
 //! KVM). Also exec/ps through the guest agent, a tampered snapshot refused,
 //! and a graceful stop through the ACPI power button. "host" below is the rig's L1.
 
-mod common;
-
-use std::sync::OnceLock;
-
-use bulwark_testrig::RigRun;
-use common::*;
+use crate::common::*;
+use crate::section_status;
+use bulwark_testrig::{RigRun, RigSpec};
 
 const OWNER: &str = "owner-token-of-the-snapshot-test-vm";
 
@@ -128,16 +125,18 @@ echo status=0
     )
 }
 
+/// This file's rig boot: the rig and its script, for [`crate::rig_run`].
+pub(crate) fn rig_spec() -> (RigSpec, String) {
+    let tools = TestDir::new("cp-linux-tools");
+    let mktap = build_static_c(&tools, "tests/guest/mktap.c");
+    let image = build_image("test-image-snap", &[]);
+    std::fs::copy(&mktap, image.join("mktap")).unwrap();
+    let spec = daemon_rig("snap", image);
+    (spec, script())
+}
+
 fn rig_run() -> &'static RigRun {
-    static RUN: OnceLock<Result<RigRun, String>> = OnceLock::new();
-    rig_once(&RUN, || {
-        let tools = TestDir::new("cp-linux-tools");
-        let mktap = build_static_c(&tools, "tests/guest/mktap.c");
-        let image = build_image("test-image-snap", &[]);
-        std::fs::copy(&mktap, image.join("mktap")).unwrap();
-        let spec = daemon_rig("snap", image);
-        (spec, script())
-    })
+    crate::rig_run("control_plane_linux")
 }
 
 fn check(name: &str) -> (String, i32) {
