@@ -201,6 +201,8 @@ else
     echo "{MARK}no kvm uptime=$uptime"
 fi
 # A heartbeat on the second serial port: the host takes L1 for wedged when it stops.
+# Raw and without echo: the host's nudges (a byte now and then) are not sent back.
+stty -F /dev/ttyS1 raw -echo 2>/dev/null
 (while :; do read -r up _ </proc/uptime; echo "$up"; sleep 2; done) >/dev/ttyS1 2>/dev/null &
 echo $! >{HEARTBEAT_PID}
 echo "{MARK}begin {nonce}"

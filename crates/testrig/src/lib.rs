@@ -159,6 +159,8 @@ pub struct RigRun {
     pub qemu_wall: Duration,
     /// The whole run including building the L1 archive, host time.
     pub wall: Duration,
+    /// Times L1 stopped its heartbeat and a nudge woke it (QEMU had lost its interrupts).
+    pub l1_woken: u32,
     /// Size of the L1 archive.
     pub initramfs_bytes: u64,
 }
@@ -244,7 +246,7 @@ fn run(spec: &RigSpec, script: &str, mode: ConsoleMode) -> Result<RigRun, RigErr
                 ConsoleMode::Attached => Duration::MAX,
                 ConsoleMode::Capture { .. } => qemu::FREEZE_AFTER,
             },
-            heartbeat: Some(work.join("heartbeat")),
+            heartbeat: Some(work.join("heartbeat.sock")),
             wedged_after: match mode {
                 ConsoleMode::Attached => Duration::MAX,
                 ConsoleMode::Capture { .. } => spec.wedged_after,
@@ -262,7 +264,7 @@ fn run(spec: &RigSpec, script: &str, mode: ConsoleMode) -> Result<RigRun, RigErr
         {
             retries -= 1;
             eprintln!("bulwark: rig: {e}\nbulwark: rig: booting L1 again");
-            let _ = std::fs::remove_file(work.join("heartbeat"));
+            let _ = std::fs::remove_file(work.join("heartbeat.sock"));
             let remaining = spec.timeout.saturating_sub(started.elapsed());
             q = qemu::run(&cfg, mode, remaining);
         }
@@ -278,6 +280,7 @@ fn run(spec: &RigSpec, script: &str, mode: ConsoleMode) -> Result<RigRun, RigErr
             console: q.console,
             kvm_ready_wall: q.kvm_ready_wall,
             qemu_wall: q.wall,
+            l1_woken: q.woken,
             wall: started.elapsed(),
             initramfs_bytes,
         })

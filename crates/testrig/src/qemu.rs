@@ -39,9 +39,13 @@ pub enum QemuError {
     )]
     Frozen { idle: Duration, tail: String },
     #[error(
-        "the rig's L1 stopped running its own processes: no heartbeat on its second serial port for {quiet:?} while QEMU kept using CPU (a livelock of L1 under QEMU's emulated SVM; nothing in L1 can end it), so it was sent an NMI for a backtrace and killed; last console lines:\n{tail}"
+        "the rig's L1 stopped running its own processes: no heartbeat on its second serial port for {quiet:?} ({nudges} nudges on that port did not wake it; QEMU's emulated SVM now and then loses L1's interrupts), so it was sent an NMI for a backtrace and killed; last console lines:\n{tail}"
     )]
-    Wedged { quiet: Duration, tail: String },
+    Wedged {
+        quiet: Duration,
+        nudges: u32,
+        tail: String,
+    },
     #[error("QEMU failed ({status}):\n{stderr}")]
     Failed { status: ExitStatus, stderr: String },
     #[error("cannot wait for QEMU")]
@@ -62,11 +66,12 @@ pub struct QemuConfig {
     /// QEMU is taken for frozen once its CPU time has not moved for this long (an L1 that
     /// waits for a timer still uses some; a frozen one uses none).
     pub freeze_after: Duration,
-    /// L1's second serial port (`/dev/ttyS1`, where its `/init` writes a heartbeat) goes to
-    /// this file; none when `None`.
+    /// L1's second serial port (`/dev/ttyS1`, where its `/init` writes a heartbeat) as a unix
+    /// socket QEMU listens on at this path; none when `None`.
     pub heartbeat: Option<PathBuf>,
-    /// L1 is taken for wedged once the heartbeat file has not grown for this long (after it
-    /// first has).
+    /// L1 is taken for wedged once no heartbeat has come for this long (after the first one).
+    /// Before that, at a third and at two thirds of it, a byte is sent to the port: its
+    /// interrupt wakes an L1 whose timer interrupt QEMU lost.
     pub wedged_after: Duration,
     /// A QMP socket, through which a wedged L1 is sent an NMI (L1 runs with
     /// `unknown_nmi_panic`, so it prints a backtrace of where it is stuck).
@@ -185,7 +190,15 @@ impl QemuConfig {
             self.append.clone(),
         ]);
         if let Some(hb) = &self.heartbeat {
-            a.extend(["-serial".into(), format!("file:{}", hb.display())]);
+            a.extend([
+                "-chardev".into(),
+                format!(
+                    "socket,id=heartbeat,path={},server=on,wait=off",
+                    hb.display()
+                ),
+                "-serial".into(),
+                "chardev:heartbeat".into(),
+            ]);
         }
         if let Some(qmp) = &self.qmp {
             a.extend([
@@ -218,6 +231,8 @@ pub struct QemuRun {
     pub wall: Duration,
     /// From spawning QEMU to the `kvm ready` marker.
     pub kvm_ready_wall: Option<Duration>,
+    /// Times L1 went quiet and a nudge on its heartbeat port woke it.
+    pub woken: u32,
 }
 
 /// Runs QEMU until it exits or `timeout` passes (then it is killed).
@@ -291,6 +306,8 @@ pub fn run(cfg: &QemuConfig, mode: ConsoleMode, timeout: Duration) -> Result<Qem
     let deadline = start + timeout;
     let mut watch = FreezeWatch::new(start);
     let mut heart = FreezeWatch::new(start);
+    let pulse = cfg.heartbeat.clone().map(Pulse::start);
+    let mut nudges = 0u32;
     let mut next_sample = start;
     let status = loop {
         if let Some(status) = child.try_wait().map_err(QemuError::Wait)? {
@@ -301,13 +318,18 @@ pub fn run(cfg: &QemuConfig, mode: ConsoleMode, timeout: Duration) -> Result<Qem
         if now >= next_sample {
             idle = watch.sample(cpu_ticks(child.id()), now);
             // Not watched until the first beat: L1 boots first.
-            let beats = cfg
-                .heartbeat
-                .as_ref()
-                .and_then(|hb| std::fs::metadata(hb).ok())
-                .map(|m| m.len())
-                .filter(|&n| n > 0);
+            let beats = pulse.as_ref().map(Pulse::beats).filter(|&n| n > 0);
             quiet = heart.sample(beats, now);
+            if quiet.is_zero() {
+                nudges = 0;
+            } else if let Some(p) = &pulse
+                && quiet >= cfg.wedged_after / 3 * (nudges + 1)
+                && nudges < 2
+            {
+                nudges += 1;
+                tracing::warn!(?quiet, "no heartbeat from L1: nudging it");
+                p.nudge();
+            }
             next_sample = now + Duration::from_secs(1);
         }
         if now >= deadline || idle >= cfg.freeze_after || quiet >= cfg.wedged_after {
@@ -329,7 +351,11 @@ pub fn run(cfg: &QemuConfig, mode: ConsoleMode, timeout: Duration) -> Result<Qem
                     tail,
                 }
             } else if wedged {
-                QemuError::Wedged { quiet, tail }
+                QemuError::Wedged {
+                    quiet,
+                    nudges,
+                    tail,
+                }
             } else {
                 QemuError::Frozen { idle, tail }
             });
@@ -337,6 +363,7 @@ pub fn run(cfg: &QemuConfig, mode: ConsoleMode, timeout: Duration) -> Result<Qem
         std::thread::sleep(Duration::from_millis(10));
     };
     let wall = start.elapsed();
+    let woken = pulse.map_or(0, |p| p.woken());
     let _ = reader.join();
     let stderr = err_reader.join().unwrap_or_default();
     let console = std::mem::take(
@@ -352,7 +379,84 @@ pub fn run(cfg: &QemuConfig, mode: ConsoleMode, timeout: Duration) -> Result<Qem
         status,
         wall,
         kvm_ready_wall: console.kvm_ready,
+        woken,
     })
+}
+
+/// The host's end of L1's heartbeat port: counts beats (lines holding L1's uptime), and
+/// sends a byte when asked, whose receive interrupt wakes an L1 that lost its timer interrupt.
+struct Pulse {
+    beats: Arc<std::sync::atomic::AtomicU64>,
+    /// Nudges after which a beat came again.
+    woken: Arc<std::sync::atomic::AtomicU32>,
+    nudged: Arc<std::sync::atomic::AtomicBool>,
+    port: Arc<Mutex<Option<std::os::unix::net::UnixStream>>>,
+}
+
+impl Pulse {
+    /// Connects to QEMU's socket (retrying while QEMU starts) and reads beats on a thread,
+    /// which ends when QEMU closes the socket.
+    fn start(path: PathBuf) -> Self {
+        use std::sync::atomic::Ordering::Relaxed;
+        let p = Self {
+            beats: Arc::default(),
+            woken: Arc::default(),
+            nudged: Arc::default(),
+            port: Arc::default(),
+        };
+        let (beats, woken, nudged, port) = (
+            p.beats.clone(),
+            p.woken.clone(),
+            p.nudged.clone(),
+            p.port.clone(),
+        );
+        std::thread::spawn(move || {
+            let give_up = Instant::now() + Duration::from_secs(30);
+            let stream = loop {
+                match std::os::unix::net::UnixStream::connect(&path) {
+                    Ok(s) => break s,
+                    Err(_) if Instant::now() < give_up => {
+                        std::thread::sleep(Duration::from_millis(20))
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot connect to L1's heartbeat port");
+                        return;
+                    }
+                }
+            };
+            if let Ok(mut port) = port.lock() {
+                *port = stream.try_clone().ok();
+            }
+            for line in std::io::BufRead::lines(std::io::BufReader::new(stream)) {
+                let Ok(line) = line else { break };
+                if line.trim().parse::<f64>().is_ok() {
+                    beats.fetch_add(1, Relaxed);
+                    if nudged.swap(false, Relaxed) {
+                        woken.fetch_add(1, Relaxed);
+                    }
+                }
+            }
+        });
+        p
+    }
+
+    fn beats(&self) -> u64 {
+        self.beats.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn woken(&self) -> u32 {
+        self.woken.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn nudge(&self) {
+        self.nudged
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut port) = self.port.lock()
+            && let Some(s) = port.as_mut()
+        {
+            let _ = s.write_all(b"\n");
+        }
+    }
 }
 
 /// Sends a wedged L1 an NMI through QMP and gives it a few seconds to print the backtrace of

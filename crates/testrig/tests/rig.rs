@@ -172,6 +172,8 @@ fn rig_wedged_l1_is_caught_by_its_heartbeat_and_sent_an_nmi() {
     let msg = e.to_string();
     eprintln!("{msg}");
     assert!(msg.contains("stopping the heartbeat"), "{msg}");
+    // Nudged twice on the way (at a third and two thirds of the wait), in vain here.
+    assert!(msg.contains("2 nudges"), "{msg}");
     // L1's unknown_nmi_panic printed where it was.
     assert!(msg.contains("NMI received for unknown reason"), "{msg}");
 }

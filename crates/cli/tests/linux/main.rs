@@ -172,9 +172,18 @@ fn boot(i: usize) -> Result<RigRun, String> {
     });
     // Straight to stderr: `eprintln!` here would go to the captured output of whichever test
     // started the lanes.
+    let woken = match &r {
+        Ok(run) if run.l1_woken > 0 => {
+            format!(
+                " (L1 lost its interrupts and a nudge woke it {} times)",
+                run.l1_woken
+            )
+        }
+        _ => String::new(),
+    };
     let _ = writeln!(
         std::io::stderr(),
-        "rig boot {}: {} after {:.0?}",
+        "rig boot {}: {} after {:.0?}{woken}",
         b.name,
         if r.is_ok() { "done" } else { "FAILED" },
         t.elapsed()
