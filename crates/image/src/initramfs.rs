@@ -10,13 +10,14 @@
 //! directly; and the size cost is small (a guest image's archive is a few MiB and stays in the
 //! host's page cache).
 
+use std::collections::{HashMap, HashSet};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::cpio::{CpioError, CpioWriter};
 use crate::elf::Elf;
-use crate::modules::ModuleSet;
+use crate::modules::{Module, ModuleSet};
 
 /// Directories every archive has.
 const SKELETON: &[(&str, u32)] = &[
@@ -285,18 +286,94 @@ pub const READY_PREFIX: &str = "bulwark-guest: ready uptime=";
 /// Prefix of the line giving the job's exit status: `bulwark-guest: exit status <N>`.
 pub const EXIT_PREFIX: &str = "bulwark-guest: exit status ";
 
+/// Virtio device drivers that `/init` loads only when the VM has such a device: the module and
+/// the virtio device ID it drives (as `/sys/bus/virtio/devices/*/device` shows it, `0x%04x`).
+/// A VM without a network device loads no network stack modules, one without vsock no vsock.
+pub const ON_DEMAND_DRIVERS: &[(&str, u16)] = &[
+    ("virtio_net", 1),
+    ("virtio_blk", 2),
+    ("virtio_console", 3),
+    ("virtio_rng", 4),
+    ("virtio_balloon", 5),
+    ("vmw_vsock_virtio_transport", 19),
+];
+
+/// How `/init` loads `set`: the modules to load at once (in set order), and for each on-demand
+/// driver the device ID and what it brings (its dependencies that are not loaded at once, then
+/// itself, in set order). A driver that another module needs is loaded at once.
+fn load_plan(set: &ModuleSet) -> (Vec<&Module>, Vec<(u16, Vec<&Module>)>) {
+    let by_name: HashMap<&str, &Module> =
+        set.modules.iter().map(|m| (m.name.as_str(), m)).collect();
+    let needed: HashSet<&str> = set
+        .modules
+        .iter()
+        .flat_map(|m| m.depends.iter().map(String::as_str))
+        .collect();
+    fn closure<'a>(by_name: &HashMap<&'a str, &'a Module>, root: &'a str) -> HashSet<&'a str> {
+        let mut seen = HashSet::new();
+        let mut todo = vec![root];
+        while let Some(n) = todo.pop() {
+            if seen.insert(n)
+                && let Some(m) = by_name.get(n)
+            {
+                todo.extend(m.depends.iter().map(String::as_str));
+            }
+        }
+        seen
+    }
+    let device_of = |name: &str| {
+        ON_DEMAND_DRIVERS
+            .iter()
+            .find(|(d, _)| *d == name)
+            .map(|(_, id)| *id)
+    };
+    let roots = set
+        .modules
+        .iter()
+        .filter(|m| !needed.contains(m.name.as_str()));
+    let mut at_once = HashSet::new();
+    for m in roots.clone().filter(|m| device_of(&m.name).is_none()) {
+        at_once.extend(closure(&by_name, &m.name));
+    }
+    let in_order = |pick: &dyn Fn(&str) -> bool| -> Vec<&Module> {
+        set.modules.iter().filter(|m| pick(&m.name)).collect()
+    };
+    let first = in_order(&|n| at_once.contains(n));
+    let drivers = roots
+        .filter_map(|m| Some((device_of(&m.name)?, closure(&by_name, &m.name))))
+        .map(|(id, brings)| {
+            (
+                id,
+                in_order(&|n| brings.contains(n) && !at_once.contains(n)),
+            )
+        })
+        .collect();
+    (first, drivers)
+}
+
 /// The guest's `/init`: a busybox shell script that mounts proc, sys and devtmpfs, loads
-/// `set`'s modules in order (a module whose device is absent loads fine; one that does not match
-/// the running kernel is reported, not fatal), prints the ready line, then runs its arguments
-/// (everything after `--` on the kernel command line) as the job, prints the job's status and
-/// powers off; without arguments it runs a shell on the console and powers off when it exits.
+/// `set`'s modules in order — the virtio device drivers of [`ON_DEMAND_DRIVERS`] only for the
+/// devices the VM has (one that does not match the running kernel is reported, not fatal) —
+/// prints the ready line, then runs its arguments (everything after `--` on the kernel command
+/// line) as the job, prints the job's status and powers off; without arguments it runs a shell
+/// on the console and powers off when it exits.
 pub fn guest_init_script(set: &ModuleSet) -> String {
+    let line = |m: &Module| format!("load {} /lib/modules/{}/{}", m.name, set.release, m.path);
+    let (first, drivers) = load_plan(set);
     let mut loads = String::new();
-    for m in &set.modules {
-        loads.push_str(&format!(
-            "    load {} /lib/modules/{}/{}\n",
-            m.name, set.release, m.path
-        ));
+    for m in first {
+        loads.push_str(&format!("    {}\n", line(m)));
+    }
+    if !drivers.is_empty() {
+        // virtio_mmio has found every device by now (its probe runs as it loads).
+        loads.push_str(
+            "    for dev in /sys/bus/virtio/devices/*; do\n        [ -r \"$dev/device\" ] || continue\n        read -r id <\"$dev/device\"\n        case \"$id\" in\n",
+        );
+        for (id, brings) in drivers {
+            let cmds: Vec<String> = brings.into_iter().map(line).collect();
+            loads.push_str(&format!("        0x{id:04x}) {} ;;\n", cmds.join("; ")));
+        }
+        loads.push_str("        esac\n    done\n");
     }
     if loads.is_empty() {
         loads.push_str("    :\n");
@@ -318,6 +395,7 @@ ln -sf /proc/self/fd /dev/fd 2>/dev/null
 
 release={release}
 load() {{
+    [ -d "/sys/module/$1" ] && return 0
     err=$(insmod "$2" 2>&1) && return 0
     case "$err" in
     *"File exists"*) return 0 ;;
@@ -451,6 +529,89 @@ mod tests {
         assert!(script.contains("release=6.1.0-99-cloud-amd64\n"));
         assert_eq!(script.matches(READY_PREFIX).count(), 1);
         assert!(script.contains("poweroff -f"));
+    }
+
+    #[test]
+    fn initramfs_virtio_drivers_load_only_for_devices_present() {
+        let m = |name: &str, deps: &[&str]| Module {
+            name: name.into(),
+            path: format!("kernel/{name}.ko"),
+            data: vec![],
+            depends: deps.iter().map(|d| (*d).to_owned()).collect(),
+        };
+        let set = ModuleSet {
+            release: "6.1.0-99-cloud-amd64".into(),
+            modules: vec![
+                m("pvpanic", &[]),
+                m("pvpanic_mmio", &["pvpanic"]),
+                m("virtio", &[]),
+                m("virtio_ring", &[]),
+                m("virtio_mmio", &["virtio", "virtio_ring"]),
+                m("virtio_blk", &["virtio", "virtio_ring"]),
+                m("failover", &[]),
+                m("net_failover", &["failover"]),
+                m("virtio_net", &["net_failover", "virtio", "virtio_ring"]),
+                m("vsock", &[]),
+                m("vmw_vsock_virtio_transport_common", &["vsock"]),
+                m(
+                    "vmw_vsock_virtio_transport",
+                    &["vmw_vsock_virtio_transport_common", "vsock", "virtio"],
+                ),
+                m("button", &[]),
+            ],
+            builtin: vec![],
+        };
+        let (first, drivers) = load_plan(&set);
+        let names = |ms: &[&Module]| ms.iter().map(|m| m.name.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            names(&first),
+            [
+                "pvpanic",
+                "pvpanic_mmio",
+                "virtio",
+                "virtio_ring",
+                "virtio_mmio",
+                "button"
+            ]
+        );
+        let drivers: Vec<(u16, Vec<String>)> =
+            drivers.iter().map(|(id, ms)| (*id, names(ms))).collect();
+        assert_eq!(
+            drivers,
+            [
+                (2, vec!["virtio_blk".to_owned()]),
+                (
+                    1,
+                    vec![
+                        "failover".to_owned(),
+                        "net_failover".to_owned(),
+                        "virtio_net".to_owned()
+                    ]
+                ),
+                (
+                    19,
+                    vec![
+                        "vsock".to_owned(),
+                        "vmw_vsock_virtio_transport_common".to_owned(),
+                        "vmw_vsock_virtio_transport".to_owned()
+                    ]
+                ),
+            ]
+        );
+        let script = guest_init_script(&set);
+        let mmio = script.find("load virtio_mmio /lib").unwrap();
+        let scan = script.find("for dev in /sys/bus/virtio/devices/*").unwrap();
+        let blk = script.find("0x0002) load virtio_blk /lib").unwrap();
+        assert!(mmio < scan && scan < blk, "{script}");
+        assert!(
+            script
+                .contains("0x0013) load vsock /lib/modules/6.1.0-99-cloud-amd64/kernel/vsock.ko;")
+        );
+        // A driver another module needs is not left to a device.
+        let mut needy = set.clone();
+        needy.modules.push(m("uses_blk", &["virtio_blk"]));
+        let (first, _) = load_plan(&needy);
+        assert!(names(&first).contains(&"virtio_blk".to_owned()));
     }
 
     #[test]

@@ -28,7 +28,7 @@
 //! | `manifest.json` | [`ImageManifest`]: kernel release and version, packages, initramfs contents, size and SHA-256 of every file; written last |
 //!
 //! The guest's `/init` ([`initramfs::guest_init_script`]) mounts proc, sys and devtmpfs, loads
-//! the modules, prints `bulwark-guest: ready uptime=<s>`, then runs the arguments the kernel
+//! the modules (virtio device drivers only for the devices the VM has), prints `bulwark-guest: ready uptime=<s>`, then runs the arguments the kernel
 //! passes it (everything after `--` on the command line), prints `bulwark-guest: exit status
 //! <N>` and powers off; with no arguments it runs a shell on the console.
 //!
