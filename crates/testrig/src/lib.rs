@@ -264,7 +264,9 @@ fn run(spec: &RigSpec, script: &str, mode: ConsoleMode) -> Result<RigRun, RigErr
         {
             retries -= 1;
             eprintln!("bulwark: rig: {e}\nbulwark: rig: booting L1 again");
-            let _ = std::fs::remove_file(work.join("heartbeat.sock"));
+            if let Some(hb) = &cfg.heartbeat {
+                let _ = std::fs::remove_file(hb);
+            }
             let remaining = spec.timeout.saturating_sub(started.elapsed());
             q = qemu::run(&cfg, mode, remaining);
         }

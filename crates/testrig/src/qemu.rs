@@ -4,6 +4,8 @@
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -385,31 +387,24 @@ pub fn run(cfg: &QemuConfig, mode: ConsoleMode, timeout: Duration) -> Result<Qem
 
 /// The host's end of L1's heartbeat port: counts beats (lines holding L1's uptime), and
 /// sends a byte when asked, whose receive interrupt wakes an L1 that lost its timer interrupt.
-struct Pulse {
-    beats: Arc<std::sync::atomic::AtomicU64>,
+#[derive(Clone, Default)]
+struct Pulse(Arc<PulseState>);
+
+#[derive(Default)]
+struct PulseState {
+    beats: AtomicU64,
     /// Nudges after which a beat came again.
-    woken: Arc<std::sync::atomic::AtomicU32>,
-    nudged: Arc<std::sync::atomic::AtomicBool>,
-    port: Arc<Mutex<Option<std::os::unix::net::UnixStream>>>,
+    woken: AtomicU32,
+    nudged: AtomicBool,
+    port: Mutex<Option<std::os::unix::net::UnixStream>>,
 }
 
 impl Pulse {
     /// Connects to QEMU's socket (retrying while QEMU starts) and reads beats on a thread,
     /// which ends when QEMU closes the socket.
     fn start(path: PathBuf) -> Self {
-        use std::sync::atomic::Ordering::Relaxed;
-        let p = Self {
-            beats: Arc::default(),
-            woken: Arc::default(),
-            nudged: Arc::default(),
-            port: Arc::default(),
-        };
-        let (beats, woken, nudged, port) = (
-            p.beats.clone(),
-            p.woken.clone(),
-            p.nudged.clone(),
-            p.port.clone(),
-        );
+        let pulse = Self::default();
+        let st = pulse.0.clone();
         std::thread::spawn(move || {
             let give_up = Instant::now() + Duration::from_secs(30);
             let stream = loop {
@@ -424,34 +419,33 @@ impl Pulse {
                     }
                 }
             };
-            if let Ok(mut port) = port.lock() {
+            if let Ok(mut port) = st.port.lock() {
                 *port = stream.try_clone().ok();
             }
             for line in std::io::BufRead::lines(std::io::BufReader::new(stream)) {
                 let Ok(line) = line else { break };
                 if line.trim().parse::<f64>().is_ok() {
-                    beats.fetch_add(1, Relaxed);
-                    if nudged.swap(false, Relaxed) {
-                        woken.fetch_add(1, Relaxed);
+                    st.beats.fetch_add(1, Relaxed);
+                    if st.nudged.swap(false, Relaxed) {
+                        st.woken.fetch_add(1, Relaxed);
                     }
                 }
             }
         });
-        p
+        pulse
     }
 
     fn beats(&self) -> u64 {
-        self.beats.load(std::sync::atomic::Ordering::Relaxed)
+        self.0.beats.load(Relaxed)
     }
 
     fn woken(&self) -> u32 {
-        self.woken.load(std::sync::atomic::Ordering::Relaxed)
+        self.0.woken.load(Relaxed)
     }
 
     fn nudge(&self) {
-        self.nudged
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Ok(mut port) = self.port.lock()
+        self.0.nudged.store(true, Relaxed);
+        if let Ok(mut port) = self.0.port.lock()
             && let Some(s) = port.as_mut()
         {
             let _ = s.write_all(b"\n");

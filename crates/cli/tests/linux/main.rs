@@ -78,7 +78,7 @@ static CHANGED: Condvar = Condvar::new();
 static PREPARE: Mutex<()> = Mutex::new(());
 static LANES: Once = Once::new();
 
-fn board() -> MutexGuard<'static, Option<Board>> {
+fn board() -> BoardGuard {
     BOARD.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -97,11 +97,7 @@ pub fn rig_run(name: &str) -> &'static RigRun {
             Slot::Running => {}
             Slot::Queued if b.lanes => {}
             Slot::Queued => {
-                b.slots[i] = Slot::Running;
-                drop(guard);
-                let r = boot(i);
-                guard = board();
-                finish(&mut guard, i, r);
+                guard = take_and_boot(guard, i);
                 continue;
             }
         }
@@ -109,11 +105,21 @@ pub fn rig_run(name: &str) -> &'static RigRun {
     }
 }
 
-fn finish(guard: &mut MutexGuard<'static, Option<Board>>, i: usize, r: Result<RigRun, String>) {
+type BoardGuard = MutexGuard<'static, Option<Board>>;
+
+/// Marks boot `i` running, runs it without holding the board, and records its result.
+fn take_and_boot(mut guard: BoardGuard, i: usize) -> BoardGuard {
+    if let Some(b) = guard.as_mut() {
+        b.slots[i] = Slot::Running;
+    }
+    drop(guard);
+    let r = boot(i);
+    let mut guard = board();
     if let Some(b) = guard.as_mut() {
         b.slots[i] = Slot::Done(Box::leak(Box::new(r)));
     }
     CHANGED.notify_all();
+    guard
 }
 
 /// Sets up the board, and starts the lanes when the binary runs unfiltered.
@@ -134,15 +140,12 @@ fn start_lanes() {
 /// Takes queued boots, in order, until none is left.
 fn lane() {
     loop {
-        let mut guard = board();
-        let Some(b) = guard.as_mut() else { return };
+        let guard = board();
+        let Some(b) = guard.as_ref() else { return };
         let Some(i) = b.slots.iter().position(|s| matches!(s, Slot::Queued)) else {
             return;
         };
-        b.slots[i] = Slot::Running;
-        drop(guard);
-        let r = boot(i);
-        finish(&mut board(), i, r);
+        drop(take_and_boot(guard, i));
     }
 }
 
