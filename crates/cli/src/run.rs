@@ -23,7 +23,7 @@ const EXIT_QUIT: u8 = 130;
 const EXIT_CRASH: u8 = 123;
 
 use bulwark_image::{
-    BZIMAGE_FILE as IMAGE_BZIMAGE, INITRAMFS_FILE as IMAGE_INITRAMFS, SYSTEM_MAP_FILE,
+    BZIMAGE_FILE as IMAGE_BZIMAGE, INITRAMFS_FILE as IMAGE_INITRAMFS, JOB_MARKER, SYSTEM_MAP_FILE,
     VMLINUX_FILE as IMAGE_VMLINUX,
 };
 
@@ -98,10 +98,14 @@ pub fn job_cmdline(command: &[String]) -> Result<String, ConfigError> {
     Ok(out.join(" "))
 }
 
+/// The kernel command line. `image`: the guest's init is an image's `/init`, whose job follows
+/// [`JOB_MARKER`] (always present, so that a word of `extra` the kernel does not know and hands
+/// to init is never taken for the job); a user's own init gets the job alone after `--`.
 fn linux_cmdline(
     extra: Option<&str>,
     command: &[String],
     quiet: bool,
+    image: bool,
 ) -> Result<String, ConfigError> {
     let mut c = BASE_CMDLINE.to_string();
     if quiet {
@@ -111,9 +115,12 @@ fn linux_cmdline(
         c.push(' ');
         c.push_str(e.trim());
     }
-    if !command.is_empty() {
-        c.push_str(" -- ");
-        c.push_str(&job_cmdline(command)?);
+    let job = job_cmdline(command)?;
+    match (image, job.is_empty()) {
+        (true, true) => c.push_str(&format!(" -- {JOB_MARKER}")),
+        (true, false) => c.push_str(&format!(" -- {JOB_MARKER} {job}")),
+        (false, true) => {}
+        (false, false) => c.push_str(&format!(" -- {job}")),
     }
     Ok(c)
 }
@@ -176,6 +183,7 @@ pub(crate) fn vm_spec_from(
                 ),
                 _ => None,
             };
+            let from_image = image.is_some();
             let (kernel, initrd): (PathBuf, Option<PathBuf>) = match (image, kernel) {
                 (Some(dir), _) => {
                     let k = dir.join(if pvh { IMAGE_VMLINUX } else { IMAGE_BZIMAGE });
@@ -215,6 +223,7 @@ pub(crate) fn vm_spec_from(
                         &args.command
                     },
                     !verbose,
+                    from_image,
                 )?,
                 memory: size(args.memory, &file.memory, DEFAULT_LINUX_MEMORY)?,
                 vcpus,
@@ -410,8 +419,20 @@ mod tests {
     #[test]
     fn linux_cmdline_puts_job_after_double_dash() {
         let cmd = vec!["true".to_string()];
-        let l = linux_cmdline(Some("loglevel=4"), &cmd, true).unwrap();
+        let l = linux_cmdline(Some("loglevel=4"), &cmd, true, false).unwrap();
         assert_eq!(l, format!("{BASE_CMDLINE} quiet loglevel=4 -- true"));
-        assert_eq!(linux_cmdline(None, &[], false).unwrap(), BASE_CMDLINE);
+        assert_eq!(
+            linux_cmdline(None, &[], false, false).unwrap(),
+            BASE_CMDLINE
+        );
+    }
+
+    #[test]
+    fn image_guests_get_their_job_after_the_marker_even_without_one() {
+        let cmd = vec!["true".to_string()];
+        let l = linux_cmdline(Some("nokaslr"), &cmd, false, true).unwrap();
+        assert_eq!(l, format!("{BASE_CMDLINE} nokaslr -- {JOB_MARKER} true"));
+        let l = linux_cmdline(Some("nokaslr"), &[], false, true).unwrap();
+        assert_eq!(l, format!("{BASE_CMDLINE} nokaslr -- {JOB_MARKER}"));
     }
 }

@@ -285,6 +285,10 @@ fn applet_paths(list: &str) -> Vec<String> {
 pub const READY_PREFIX: &str = "bulwark-guest: ready uptime=";
 /// Prefix of the line giving the job's exit status: `bulwark-guest: exit status <N>`.
 pub const EXIT_PREFIX: &str = "bulwark-guest: exit status ";
+/// The first word after `--` on the kernel command line of a guest booted from an image: the
+/// job is what follows it. The kernel also hands init every word of its command line it does
+/// not know (`nokaslr`, `1`, `single`), ahead of the words after `--`; `/init` drops them.
+pub const JOB_MARKER: &str = "bulwark.job";
 
 /// Virtio device drivers that `/init` loads only when the VM has such a device: the module and
 /// the virtio device ID it drives (as `/sys/bus/virtio/devices/*/device` shows it, `0x%04x`).
@@ -432,6 +436,15 @@ for ev in /sys/class/input/event*; do
     (dd if="/dev/input/${{ev##*/}}" of=/dev/null bs=24 count=1 2>/dev/null && sync && poweroff -f) &
 done
 
+# Words before {job} are kernel arguments the kernel did not know, not the job.
+for a in "$@"; do
+    if [ "$a" = {job} ]; then
+        while [ "$1" != {job} ]; do shift; done
+        shift
+        break
+    fi
+done
+
 read -r uptime _ </proc/uptime
 echo "{ready}$uptime"
 if [ "$#" -gt 0 ]; then
@@ -449,6 +462,7 @@ poweroff -f
         release = set.release,
         ready = READY_PREFIX,
         exit = EXIT_PREFIX,
+        job = JOB_MARKER,
     )
 }
 

@@ -54,7 +54,7 @@ pub use guest::{
     BZIMAGE_FILE, CONFIG_FILE, GUEST_MODULES, INITRAMFS_FILE, ImageError, ImageSpec,
     SYSTEM_MAP_FILE, VMLINUX_FILE, build_image,
 };
-pub use initramfs::{ExtraFile, FileSource};
+pub use initramfs::{ExtraFile, FileSource, JOB_MARKER};
 pub use kernel::{BusyboxSource, KernelFiles, KernelSource};
 pub use manifest::ImageManifest;
 pub use rootfs::ROOTFS_FILE;

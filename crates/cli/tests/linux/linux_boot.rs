@@ -33,6 +33,11 @@ fn script() -> String {
                  head -c 4096 /dev/hwrng | od -An -tx1 | tail -1; head -c 4096 /dev/hwrng | wc -c'"
             ),
         ),
+        // Words the kernel does not know go to init ahead of the job; they must not become it.
+        (
+            "unknown_kernel_words",
+            &format!("{B} --cmdline 'nokaslr single' -- echo job-alone"),
+        ),
         ("poweroff", &format!("{B} -- poweroff -f")),
         ("reboot", &format!("{B} -- reboot -f")),
         (
@@ -162,6 +167,14 @@ fn virtio_rng_feeds_dev_hwrng() {
         "virtio-rng is the current hwrng: {out}"
     );
     assert!(out.lines().any(|l| l.trim() == "4096"), "4 KiB read: {out}");
+}
+
+#[test]
+fn kernel_words_init_is_handed_are_not_taken_for_the_job() {
+    let (out, status) = check("unknown_kernel_words");
+    assert_eq!(status, 0, "{out}");
+    assert!(out.lines().any(|l| l.trim() == "job-alone"), "{out}");
+    assert!(!out.contains("not found"), "{out}");
 }
 
 #[test]
