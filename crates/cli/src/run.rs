@@ -400,6 +400,14 @@ pub fn run(args: &RunArgs, verbose: bool) -> ExitCode {
             eprintln!("bulwark: device {name}: {c}");
         }
     }
+    // A VM that ran out of time may be a guest waiting on a device: show where each queue
+    // stood (a guest that offered nothing, a device that left work untaken, an interrupt
+    // raised and never acknowledged).
+    if args.stats || matches!(report.reason, bulwark_monitor::StopReason::Timeout(_)) {
+        for (name, r) in &report.rings {
+            eprintln!("bulwark: rings {name}: {r}");
+        }
+    }
     exit_code(&report)
 }
 

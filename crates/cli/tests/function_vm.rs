@@ -327,6 +327,61 @@ fn read_blocked_on_open_input_ends_at_timeout() {
     assert!(stderr(&o).contains("timed out after 0.3"), "{}", stderr(&o));
 }
 
+/// A VM that times out shows where each virtio queue stood: here a driver (blk_io.c) that
+/// finished its requests and waits for input, so everything it offered was returned.
+#[test]
+fn timed_out_vm_shows_its_virtio_rings() {
+    require_kvm();
+    use std::io::Write;
+    let dir = TestDir::new("timeout-rings");
+    let p = build_payload(&dir, "tests/payloads/blk_io.c");
+    let img = dir.path("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let mut child = std::process::Command::new(bulwark())
+        .args(["run", "--payload", p.to_str().unwrap(), "--timeout", "3s"])
+        .args(["--drive", img.to_str().unwrap()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The secret, one round of four blocks; then input stays open and silent.
+    let mut input = vec![7u8; 32];
+    input.extend_from_slice(&1u32.to_le_bytes());
+    input.extend_from_slice(&4u32.to_le_bytes());
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(&input).unwrap();
+    let o = child.wait_with_output().unwrap();
+    drop(stdin);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(124), "{}\n{err}", stdout(&o));
+    assert!(stdout(&o).contains("blk_io: waiting"), "{}", stdout(&o));
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("bulwark: rings blk0: "))
+        .unwrap_or_else(|| panic!("no rings line: {err}"));
+    assert!(line.contains("status=0xf "), "{line}");
+    assert!(
+        line.contains("queue 0: avail=") && line.contains("(in device 0)"),
+        "{line}"
+    );
+    // A run that ends by itself (the byte it waits for given) prints them only with --stats.
+    input.push(0);
+    let args = ["run", "--payload", p.to_str().unwrap(), "--drive"];
+    let o = run(&[&args[..], &[img.to_str().unwrap()]].concat(), &input);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("bulwark: rings"), "{}", stderr(&o));
+    let o = run_payload(&p, &["--drive", img.to_str().unwrap()], &input);
+    assert!(
+        stderr(&o).contains("bulwark: rings blk0: "),
+        "{}",
+        stderr(&o)
+    );
+}
+
 /// Runs `sh -c script` as root in a private mount namespace (so /dev can be replaced).
 fn in_mount_namespace(script: &str) -> std::process::Output {
     let o = std::process::Command::new("unshare")

@@ -226,6 +226,8 @@ pub struct RunReport {
     pub stats: VmStats,
     /// Each virtio device's counters, by name (`blk0`, `rng`, ...).
     pub devices: Vec<(String, bulwark_devices::virtio::DeviceCounters)>,
+    /// Each virtio device's rings and interrupt status at the end, by name.
+    pub rings: Vec<(String, bulwark_devices::virtio::mmio::RingsView)>,
     pub elapsed: Duration,
 }
 

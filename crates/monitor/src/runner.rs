@@ -437,6 +437,19 @@ pub fn report(
         console_marker: src.stdout.marker(),
         stats,
         devices: Vec::new(),
+        rings: Vec::new(),
         elapsed: started.elapsed(),
+    }
+}
+
+/// Puts the virtio devices' final counters and rings into `report` (after their threads
+/// stopped, so both are final).
+pub fn add_device_reports(
+    report: &mut RunReport,
+    virtio: &[(String, Arc<bulwark_devices::virtio::mmio::MmioTransport>)],
+) {
+    for (name, t) in virtio {
+        report.devices.push((name.clone(), t.stats().snapshot()));
+        report.rings.push((name.clone(), t.rings()));
     }
 }

@@ -516,11 +516,7 @@ fn run_function_from(
         },
         started,
     );
-    report.devices = devices
-        .virtio
-        .iter()
-        .map(|(name, t)| (name.clone(), t.stats().snapshot()))
-        .collect();
+    crate::runner::add_device_reports(&mut report, &devices.virtio);
     Ok(report)
 }
 

@@ -230,6 +230,42 @@ impl MmioTransport {
         }
     }
 
+    /// Where the driver and the device stand on each queue, read from the rings in guest
+    /// memory, and the interrupt status: what `bulwark run` prints when a VM times out, to
+    /// tell a guest that stopped offering work from a device that stopped serving it or an
+    /// interrupt that was raised and never taken.
+    pub fn rings(&self) -> RingsView {
+        let s = self.lock();
+        let queues = s
+            .queues
+            .iter()
+            .enumerate()
+            .filter(|(_, q)| q.ready())
+            .map(|(index, q)| {
+                use vm_memory::Bytes;
+                let size = u64::from(q.size());
+                // The ring addresses are the driver's: anything, so the sums are checked.
+                let at = |base: u64, off: u64| -> Option<u16> {
+                    let addr = base.checked_add(off)?;
+                    self.mem.read_obj(vm_memory::GuestAddress(addr)).ok()
+                };
+                QueueView {
+                    index,
+                    size: q.size(),
+                    avail_idx: at(q.avail_ring(), 2),
+                    used_idx: at(q.used_ring(), 2),
+                    used_event: at(q.avail_ring(), 4 + 2 * size),
+                    avail_event: at(q.used_ring(), 4 + 8 * size),
+                }
+            })
+            .collect();
+        RingsView {
+            status: self.status_reg(&s),
+            interrupt_status: self.interrupt.status(),
+            queues,
+        }
+    }
+
     /// The device's counters.
     pub fn stats(&self) -> std::sync::Arc<super::DeviceStats> {
         self.lock().device.stats()
@@ -485,6 +521,63 @@ impl crate::BusDevice for MmioTransport {
     }
 }
 
+/// A transport's queues as the rings in guest memory show them ([`MmioTransport::rings`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RingsView {
+    /// The device status register.
+    pub status: u32,
+    /// The interrupt status register: bits raised and not yet acknowledged by the driver.
+    pub interrupt_status: u32,
+    /// The queues the driver set up.
+    pub queues: Vec<QueueView>,
+}
+
+/// One queue's ring indices (`None`: not readable in guest memory).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct QueueView {
+    pub index: usize,
+    pub size: u16,
+    /// Buffers the driver made available (free-running).
+    pub avail_idx: Option<u16>,
+    /// Buffers the device returned (free-running).
+    pub used_idx: Option<u16>,
+    /// EVENT_IDX: the driver wants an interrupt when `used_idx` passes this.
+    pub used_event: Option<u16>,
+    /// EVENT_IDX: the device wants a notification when `avail_idx` passes this.
+    pub avail_event: Option<u16>,
+}
+
+impl std::fmt::Display for RingsView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "status={:#x} interrupt_status={:#x}",
+            self.status, self.interrupt_status
+        )?;
+        let show = |v: Option<u16>| v.map_or("?".to_string(), |v| v.to_string());
+        for q in &self.queues {
+            write!(
+                f,
+                "; queue {}: avail={} used={}",
+                q.index,
+                show(q.avail_idx),
+                show(q.used_idx)
+            )?;
+            if let (Some(a), Some(u)) = (q.avail_idx, q.used_idx) {
+                write!(f, " (in device {})", a.wrapping_sub(u))?;
+            }
+            write!(
+                f,
+                " used_event={} avail_event={} size={}",
+                show(q.used_event),
+                show(q.avail_event),
+                q.size
+            )?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -658,6 +751,61 @@ mod tests {
                 "device asks to be notified at avail index {n}"
             );
         }
+    }
+
+    #[test]
+    fn rings_show_what_the_driver_offered_and_the_device_returned() {
+        let (t, mem, _) = rig();
+        negotiate(&t, 1, 1 << 29);
+        start_with_queue(&t, 0x1000);
+        // Two buffers offered, the device notified of one: it serves both (it drains the ring).
+        for desc in 0u16..2 {
+            let d = 0x1000 + u64::from(desc) * 16;
+            mem.write_obj(0x8000u64 + u64::from(desc) * 0x100, GuestAddress(d))
+                .unwrap();
+            mem.write_obj(32u32, GuestAddress(d + 8)).unwrap();
+            mem.write_obj(2u16, GuestAddress(d + 12)).unwrap();
+            mem.write_obj(desc, GuestAddress(0x2004 + 2 * u64::from(desc)))
+                .unwrap();
+        }
+        mem.write_obj(1u16, GuestAddress(0x2004 + 2 * 16)).unwrap(); // used_event: interrupt
+        mem.write_obj(2u16, GuestAddress(0x2002)).unwrap();
+        w(&t, 0x050, 0);
+        // A third offered without a notification: the device has not seen it.
+        mem.write_obj(3u16, GuestAddress(0x2002)).unwrap();
+        let v = t.rings();
+        assert_eq!(v.queues.len(), 1);
+        let q = &v.queues[0];
+        assert_eq!(
+            (q.avail_idx, q.used_idx, q.used_event, q.avail_event),
+            (Some(3), Some(2), Some(1), Some(2))
+        );
+        assert_eq!(
+            v.interrupt_status & INT_VRING,
+            INT_VRING,
+            "raised, not acked"
+        );
+        let shown = v.to_string();
+        assert!(
+            shown.contains("queue 0: avail=3 used=2 (in device 1) used_event=1 avail_event=2"),
+            "{shown}"
+        );
+        // Ring addresses at the top of the address space: unreadable, not an overflow.
+        let (t, _, _) = rig();
+        negotiate(&t, 1, 0);
+        w(&t, 0x030, 0);
+        w(&t, 0x038, 16);
+        for reg in [0x080, 0x084, 0x090, 0x094, 0x0a0, 0x0a4] {
+            w(&t, reg, u32::MAX);
+        }
+        w(&t, 0x044, 1);
+        let v = t.rings();
+        assert!(
+            v.queues
+                .iter()
+                .all(|q| q.avail_idx.is_none() && q.avail_event.is_none())
+        );
+        assert!(v.to_string().contains("avail=? used=?"), "{v}");
     }
 
     /// Found by fuzzing: an avail index far ahead of anything the queue can hold made the

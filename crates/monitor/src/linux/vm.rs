@@ -731,10 +731,6 @@ fn run_platform(parts: RunParts<'_>) -> Result<RunReport, VmError> {
     // Stop the device threads before reading their final counters; the VM goes after them.
     drop(platform.workers);
     drop(vm);
-    report.devices = platform
-        .virtio
-        .iter()
-        .map(|(name, t)| (name.clone(), t.stats().snapshot()))
-        .collect();
+    crate::runner::add_device_reports(&mut report, &platform.virtio);
     Ok(report)
 }
