@@ -145,10 +145,12 @@ pub fn rig(args: &RigArgs) -> ExitCode {
             return ExitCode::from(125);
         }
     };
-    old_qemu_note(&spec.qemu);
     match &args.script {
         Some(path) => match std::fs::read_to_string(path) {
             Ok(script) => {
+                if may_trace(&script) {
+                    old_qemu_note(&spec.qemu);
+                }
                 let run = bulwark_testrig::run_script(&spec, &script);
                 if let Ok(r) = &run {
                     print!("{}", r.output);
@@ -160,8 +162,19 @@ pub fn rig(args: &RigArgs) -> ExitCode {
                 ExitCode::from(125)
             }
         },
-        None => finish(run_command(&spec, &args.command)),
+        None => {
+            if may_trace(&args.command.join(" ")) {
+                old_qemu_note(&spec.qemu);
+            }
+            finish(run_command(&spec, &args.command))
+        }
     }
+}
+
+/// Whether what the rig runs may set introspection breakpoints (`bulwark vm ... vmi trace`),
+/// the one thing an old QEMU keeps from working: only then is the note worth printing.
+fn may_trace(what: &str) -> bool {
+    what.contains("vmi") && what.contains("trace")
 }
 
 /// Says so when the rig's QEMU is too old for introspection's breakpoints (everything else
