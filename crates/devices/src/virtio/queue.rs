@@ -47,6 +47,11 @@ where
     F: FnMut(Vec<DescriptorChain<&GuestMemoryMmap>>) -> Vec<(u16, u32)>,
 {
     let mut served = 0u64;
+    // Whether this pass began because the last one saw more available: then it must find
+    // something. A pass that began on a notification may find nothing (with EVENT_IDX the
+    // driver notifies while the device is already draining, so the next pass is often empty),
+    // and the driver may publish right after that empty look: look again, not give up.
+    let mut more_was_seen = false;
     let result = loop {
         if q.disable_notification(mem).is_err() {
             break Err(QueueBroken);
@@ -76,10 +81,13 @@ where
             break Err(QueueBroken);
         }
         match q.enable_notification(mem) {
-            // More is pending. If this pass could not take any of it, the avail ring holds an
-            // index no chain can be read for: stop rather than spin.
-            Ok(true) if popped == 0 => break Err(QueueBroken),
-            Ok(true) => continue,
+            // More is pending. If this pass was looking for it and could not take any, the
+            // avail ring holds an index no chain can be read for: stop rather than spin.
+            Ok(true) if popped == 0 && more_was_seen => break Err(QueueBroken),
+            Ok(true) => {
+                more_was_seen = true;
+                continue;
+            }
             Ok(false) => break Ok(served),
             Err(_) => break Err(QueueBroken),
         }
@@ -135,4 +143,90 @@ where
     DeviceStats::add(&stats.broken_queues, 1);
     irq.device_failed();
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use vm_memory::{Bytes, GuestAddress};
+
+    struct NoLine;
+    impl super::super::InterruptLine for NoLine {
+        fn trigger(&self) {}
+    }
+
+    const DESC: u64 = 0x1000;
+    const AVAIL: u64 = 0x2000;
+    const USED: u64 = 0x3000;
+    const SIZE: u16 = 16;
+
+    /// Found in the rig (a guest's transmit queue reported broken mid-stream): with EVENT_IDX
+    /// the driver notifies while the device drains, so the pass that notification starts often
+    /// finds nothing, and when the driver published between that empty look and the re-check
+    /// the loop took the queue for broken. A driver publishing as fast as it can against a
+    /// device called again and again (as its notifications would) must never break the queue.
+    #[test]
+    fn a_driver_publishing_during_an_empty_pass_does_not_break_the_queue() {
+        const CHAINS: u16 = 60_000;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        for i in 0..u64::from(SIZE) {
+            let d = DESC + 16 * i;
+            mem.write_obj(0x8000u64 + 0x100 * i, GuestAddress(d))
+                .unwrap();
+            mem.write_obj(64u32, GuestAddress(d + 8)).unwrap();
+            mem.write_obj(2u16, GuestAddress(d + 12)).unwrap(); // device-writable
+        }
+        let mut q = Queue::new(SIZE).unwrap();
+        q.set_size(SIZE);
+        q.set_desc_table_address(Some(DESC as u32), Some(0));
+        q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
+        q.set_used_ring_address(Some(USED as u32), Some(0));
+        q.set_event_idx(true);
+        q.set_ready(true);
+        let done = Arc::new(AtomicBool::new(false));
+        let driver = {
+            let (mem, done) = (mem.clone(), done.clone());
+            std::thread::spawn(move || {
+                let used_idx = || mem.load::<u16>(GuestAddress(USED + 2), Ordering::Acquire);
+                for n in 0..CHAINS {
+                    while n.wrapping_sub(used_idx().unwrap()) >= SIZE {
+                        if done.load(Ordering::Relaxed) {
+                            return n;
+                        }
+                        std::hint::spin_loop();
+                    }
+                    let slot = u64::from(n % SIZE);
+                    mem.write_obj(n % SIZE, GuestAddress(AVAIL + 4 + 2 * slot))
+                        .unwrap();
+                    mem.store(
+                        n.wrapping_add(1),
+                        GuestAddress(AVAIL + 2),
+                        Ordering::Release,
+                    )
+                    .unwrap();
+                }
+                CHAINS
+            })
+        };
+        let irq = Interrupt::new(Arc::new(NoLine));
+        let mut served = 0u64;
+        let mut passes = 0u64;
+        while served < u64::from(CHAINS) {
+            match serve_queue(&mut q, &mem, &irq, |_| 64) {
+                Ok(n) => served += n,
+                Err(QueueBroken) => {
+                    done.store(true, Ordering::Relaxed);
+                    let published = driver.join().unwrap();
+                    panic!(
+                        "queue broken after {served} chains, {passes} passes ({published} published)"
+                    );
+                }
+            }
+            passes += 1;
+        }
+        assert_eq!(driver.join().unwrap(), CHAINS);
+        assert_eq!(served, u64::from(CHAINS));
+    }
 }
