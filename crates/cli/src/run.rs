@@ -213,7 +213,10 @@ pub(crate) fn vm_spec_from(
                 extra = Some(format!("{} {ROOT_ARG}", extra.unwrap_or_default()));
             }
             Ok(VmSpec::Linux(LinuxVmConfig {
-                kernel: read(&kernel, "kernel")?,
+                kernel: std::sync::Arc::new(
+                    std::fs::File::open(&kernel)
+                        .with_context(|| format!("cannot read kernel {}", kernel.display()))?,
+                ),
                 initrd: initrd.map(|p| read(&p, "initrd")).transpose()?,
                 cmdline: linux_cmdline(
                     extra.as_deref(),

@@ -1,7 +1,7 @@
 //! Loading a Linux kernel: bzImage through the 64-bit boot protocol, or an ELF vmlinux through
 //! PVH; the initrd, the command line, and the zero page or PVH start info that describe them.
 
-use std::io::Cursor;
+use std::io::{Read, Seek, SeekFrom};
 
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
@@ -11,7 +11,7 @@ use linux_loader::loader::elf::start_info::{
 };
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{KernelLoader, KernelLoaderResult};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, ReadVolatile};
 
 use super::layout::*;
 
@@ -27,6 +27,8 @@ const STARTUP_64_OFFSET: u64 = 0x200;
 pub enum BootError {
     #[error("kernel file is empty")]
     EmptyKernel,
+    #[error("cannot read the kernel file")]
+    Read(#[source] std::io::Error),
     #[error(
         "kernel file is neither a bzImage (no \"HdrS\" at 0x202) nor an ELF vmlinux; pass /boot/vmlinuz-* or the vmlinux that `bulwark image build` extracts"
     )]
@@ -96,24 +98,33 @@ pub struct LoadedKernel {
     pub result: KernelLoaderResult,
 }
 
-/// Loads `kernel` into `mem`.
-pub fn load_kernel(mem: &GuestMemoryMmap, kernel: &[u8]) -> Result<LoadedKernel, BootError> {
-    if kernel.is_empty() {
+/// Loads the kernel that `kernel` reads (a file, read straight into guest memory: one copy
+/// of a 50 MB vmlinux instead of two) into `mem`.
+pub fn load_kernel<F>(mem: &GuestMemoryMmap, kernel: &mut F) -> Result<LoadedKernel, BootError>
+where
+    F: Read + ReadVolatile + Seek,
+{
+    // The header decides the format: "HdrS" at 0x202 (bzImage) or the ELF magic.
+    let mut head = Vec::with_capacity(0x1000);
+    kernel
+        .seek(SeekFrom::Start(0))
+        .and_then(|_| kernel.by_ref().take(0x1000).read_to_end(&mut head))
+        .and_then(|_| kernel.seek(SeekFrom::Start(0)))
+        .map_err(BootError::Read)?;
+    if head.is_empty() {
         return Err(BootError::EmptyKernel);
     }
     let himem = Some(GuestAddress(HIMEM_START));
-    if is_bzimage(kernel) {
-        let result = BzImage::load(mem, None, &mut Cursor::new(kernel), himem)
-            .map_err(BootError::BzImage)?;
+    if is_bzimage(&head) {
+        let result = BzImage::load(mem, None, kernel, himem).map_err(BootError::BzImage)?;
         let entry = result.kernel_load.0 + STARTUP_64_OFFSET;
         return Ok(LoadedKernel {
             protocol: BootProtocol::Linux64 { entry },
             result,
         });
     }
-    if kernel.starts_with(b"\x7fELF") {
-        let result =
-            Elf::load(mem, None, &mut Cursor::new(kernel), himem).map_err(BootError::Elf)?;
+    if head.starts_with(b"\x7fELF") {
+        let result = Elf::load(mem, None, kernel, himem).map_err(BootError::Elf)?;
         let PvhBootCapability::PvhEntryPresent(entry) = result.pvh_boot_cap else {
             return Err(BootError::NoPvhNote);
         };
@@ -362,14 +373,17 @@ mod tests {
     #[test]
     fn boot_rejects_non_kernels() {
         let m = mem();
-        assert!(matches!(load_kernel(&m, &[]), Err(BootError::EmptyKernel)));
+        let load = |k: &[u8]| load_kernel(&m, &mut std::io::Cursor::new(k));
+        assert!(matches!(load(&[]), Err(BootError::EmptyKernel)));
         assert!(matches!(
-            load_kernel(&m, &[0u8; 4096]),
+            load(&[0u8; 4096]),
             Err(BootError::UnknownKernelFormat)
         ));
         let mut fake = vec![0u8; 0x1000];
         fake[0x202..0x206].copy_from_slice(b"HdrS");
-        assert!(matches!(load_kernel(&m, &fake), Err(BootError::BzImage(_))));
+        assert!(matches!(load(&fake), Err(BootError::BzImage(_))));
+        // An ELF whose headers are cut short.
+        assert!(matches!(load(b"\x7fELF\x02\x01"), Err(BootError::Elf(_))));
     }
 
     #[test]

@@ -99,8 +99,9 @@ pub enum LinuxError {
 /// Everything needed to boot a Linux VM.
 #[derive(Clone, Debug)]
 pub struct LinuxVmConfig {
-    /// bzImage or ELF vmlinux (with a PVH note).
-    pub kernel: Vec<u8>,
+    /// bzImage or ELF vmlinux (with a PVH note), opened before the jail and read straight
+    /// into guest memory.
+    pub kernel: Arc<std::fs::File>,
     pub initrd: Option<Vec<u8>>,
     pub cmdline: String,
     pub memory: u64,
@@ -545,7 +546,11 @@ fn boot_fresh(
     supported: &kvm_bindings::CpuId,
     sync_regs: bool,
 ) -> Result<Vec<kvm_ioctls::VcpuFd>, VmError> {
-    let loaded = boot::load_kernel(mem, &cfg.kernel).map_err(LinuxError::from)?;
+    let mut kernel = cfg
+        .kernel
+        .try_clone()
+        .map_err(|e| LinuxError::from(boot::BootError::Read(e)))?;
+    let loaded = boot::load_kernel(mem, &mut kernel).map_err(LinuxError::from)?;
     let initrd = match &cfg.initrd {
         Some(rd) => {
             let max = loaded
