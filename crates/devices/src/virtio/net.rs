@@ -575,22 +575,7 @@ mod tests {
     use super::*;
     use vm_memory::GuestAddress;
 
-    const DESC: u64 = 0x1000;
-    const AVAIL: u64 = 0x2000;
-    const USED: u64 = 0x3000;
-    const SIZE: u16 = 16;
-
-    fn ring() -> (GuestMemoryMmap, Queue) {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
-        let mut q = Queue::new(256).unwrap();
-        q.set_size(SIZE);
-        q.set_desc_table_address(Some(DESC as u32), Some(0));
-        q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
-        q.set_used_ring_address(Some(USED as u32), Some(0));
-        q.set_event_idx(true);
-        q.set_ready(true);
-        (mem, q)
-    }
+    use crate::virtio::queue::testing::{AVAIL, SIZE, USED, ring};
 
     fn offer(mem: &GuestMemoryMmap, idx: u16) {
         mem.write_obj(idx, GuestAddress(AVAIL + 2)).unwrap();

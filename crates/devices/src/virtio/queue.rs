@@ -145,6 +145,31 @@ where
     false
 }
 
+/// A queue for unit tests: ready, EVENT_IDX, [`testing::SIZE`] entries with its rings at
+/// [`testing::DESC`], [`testing::AVAIL`] and [`testing::USED`] in 64 KiB of memory.
+#[cfg(test)]
+pub(crate) mod testing {
+    use virtio_queue::{Queue, QueueT};
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    pub const DESC: u64 = 0x1000;
+    pub const AVAIL: u64 = 0x2000;
+    pub const USED: u64 = 0x3000;
+    pub const SIZE: u16 = 16;
+
+    pub fn ring() -> (GuestMemoryMmap, Queue) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mut q = Queue::new(256).unwrap();
+        q.set_size(SIZE);
+        q.set_desc_table_address(Some(DESC as u32), Some(0));
+        q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
+        q.set_used_ring_address(Some(USED as u32), Some(0));
+        q.set_event_idx(true);
+        q.set_ready(true);
+        (mem, q)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,10 +182,7 @@ mod tests {
         fn trigger(&self) {}
     }
 
-    const DESC: u64 = 0x1000;
-    const AVAIL: u64 = 0x2000;
-    const USED: u64 = 0x3000;
-    const SIZE: u16 = 16;
+    use super::testing::{AVAIL, DESC, SIZE, USED};
 
     /// Found in the rig (a guest's transmit queue reported broken mid-stream): with EVENT_IDX
     /// the driver notifies while the device drains, so the pass that notification starts often
@@ -170,7 +192,7 @@ mod tests {
     #[test]
     fn a_driver_publishing_during_an_empty_pass_does_not_break_the_queue() {
         const CHAINS: u16 = 60_000;
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let (mem, mut q) = super::testing::ring();
         for i in 0..u64::from(SIZE) {
             let d = DESC + 16 * i;
             mem.write_obj(0x8000u64 + 0x100 * i, GuestAddress(d))
@@ -178,13 +200,6 @@ mod tests {
             mem.write_obj(64u32, GuestAddress(d + 8)).unwrap();
             mem.write_obj(2u16, GuestAddress(d + 12)).unwrap(); // device-writable
         }
-        let mut q = Queue::new(SIZE).unwrap();
-        q.set_size(SIZE);
-        q.set_desc_table_address(Some(DESC as u32), Some(0));
-        q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
-        q.set_used_ring_address(Some(USED as u32), Some(0));
-        q.set_event_idx(true);
-        q.set_ready(true);
         let done = Arc::new(AtomicBool::new(false));
         let driver = {
             let (mem, done) = (mem.clone(), done.clone());
