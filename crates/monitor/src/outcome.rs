@@ -115,11 +115,20 @@ impl StopReason {
     }
 }
 
+/// The instruction pointer of an x86 CPU just reset (with CS base 0xffff0000).
+const RESET_RIP: u64 = 0xfff0;
+
 impl fmt::Display for StopReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             StopReason::Exited(s) => write!(f, "payload exited with status {s}"),
             StopReason::Fault(r) => write!(f, "payload fault: {r}"),
+            // KVM on AMD reinitialises the vCPU when the guest shuts down, so its rip reads as
+            // the reset vector: say that, rather than show it as where the guest was.
+            StopReason::TripleFault { vcpu, rip } if *rip == RESET_RIP => write!(
+                f,
+                "vCPU {vcpu} triple-faulted: the guest broke its own IDT, GDT or page tables (where it was is lost: KVM reset the vCPU at the shutdown, as it does on AMD)"
+            ),
             StopReason::TripleFault { vcpu, rip } => write!(
                 f,
                 "vCPU {vcpu} triple-faulted (last rip {rip:#x}): the guest broke its own IDT, GDT or page tables"
@@ -265,6 +274,28 @@ mod tests {
         assert!(
             s.contains("instruction emulation failed") && s.contains("kvm_pvm"),
             "{s}"
+        );
+    }
+
+    #[test]
+    fn triple_fault_at_the_reset_vector_says_the_state_is_lost() {
+        let lost = StopReason::TripleFault {
+            vcpu: 0,
+            rip: 0xfff0,
+        }
+        .to_string();
+        assert!(
+            lost.contains("where it was is lost") && !lost.contains("0xfff0"),
+            "{lost}"
+        );
+        let kept = StopReason::TripleFault {
+            vcpu: 2,
+            rip: 0xffff_ffff_8100_0000,
+        }
+        .to_string();
+        assert!(
+            kept.contains("vCPU 2 triple-faulted (last rip 0xffffffff81000000)"),
+            "{kept}"
         );
     }
 }
