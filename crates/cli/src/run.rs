@@ -116,11 +116,14 @@ fn linux_cmdline(
         c.push_str(e.trim());
     }
     let job = job_cmdline(command)?;
-    match (image, job.is_empty()) {
-        (true, true) => c.push_str(&format!(" -- {JOB_MARKER}")),
-        (true, false) => c.push_str(&format!(" -- {JOB_MARKER} {job}")),
-        (false, true) => {}
-        (false, false) => c.push_str(&format!(" -- {job}")),
+    let after: Vec<&str> = [image.then_some(JOB_MARKER), Some(job.as_str())]
+        .into_iter()
+        .flatten()
+        .filter(|w| !w.is_empty())
+        .collect();
+    if !after.is_empty() {
+        c.push_str(" -- ");
+        c.push_str(&after.join(" "));
     }
     Ok(c)
 }

@@ -45,14 +45,6 @@ fn random_secret() -> [u8; 32] {
     s
 }
 
-/// `blk_io`'s 40 input bytes.
-fn input(secret: &[u8; 32], rounds: u32, blocks: u32) -> Vec<u8> {
-    let mut v = secret.to_vec();
-    v.extend_from_slice(&rounds.to_le_bytes());
-    v.extend_from_slice(&blocks.to_le_bytes());
-    v
-}
-
 fn ppid_and_comm(pid: u32) -> Option<(u32, String)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let open = stat.find('(')?;
@@ -229,7 +221,7 @@ fn a_block_backend_never_sees_guest_memory() {
         &payload,
         img.to_str().unwrap(),
         &[],
-        &input(&secret, 8, 128),
+        &blk_io_input(&secret, 8, 128),
     );
     run.wait_line("blk_io: running");
     let backend = descendants_named(run.pid(), "bw-blk0");
@@ -299,7 +291,7 @@ fn a_killed_block_backend_is_restarted_and_no_acknowledged_write_is_lost() {
         &payload,
         img.to_str().unwrap(),
         &[],
-        &input(&random_secret(), rounds, blocks),
+        &blk_io_input(&random_secret(), rounds, blocks),
     );
     run.wait_line("blk_io: running");
     let mut kills = 0u64;
@@ -369,7 +361,7 @@ fn a_backend_that_breaks_its_seccomp_policy_is_reported_and_restarted() {
             &payload,
             img.to_str().unwrap(),
             &[("BULWARK_BACKEND_PROBE", &format!("blk0:{nr}"))],
-            &input(&random_secret(), 2, 16),
+            &blk_io_input(&random_secret(), 2, 16),
         );
         let (code, out, err) = run.finish();
         assert_eq!(code, Some(0), "{name}: {out}\n{err}");
@@ -401,7 +393,7 @@ fn a_backend_that_breaks_its_seccomp_policy_is_reported_and_restarted() {
         &payload,
         img.to_str().unwrap(),
         &[("BULWARK_BACKEND_PROBE", "blk0:257")],
-        &input(&random_secret(), 2, 16),
+        &blk_io_input(&random_secret(), 2, 16),
     );
     let (code, out, err) = run.finish();
     assert_eq!(code, Some(0), "{out}\n{err}");
@@ -420,7 +412,12 @@ fn an_inline_drive_has_no_backend_process() {
     let payload = build_payload(&dir, "tests/payloads/blk_io.c");
     let img = image(&dir, 8);
     let drive = format!("path={},backend=inline", img.display());
-    let mut run = Run::start(&payload, &drive, &[], &input(&random_secret(), 2, 16));
+    let mut run = Run::start(
+        &payload,
+        &drive,
+        &[],
+        &blk_io_input(&random_secret(), 2, 16),
+    );
     run.wait_line("blk_io: waiting");
     assert!(descendants_named(run.pid(), "bw-blk0").is_empty());
     assert!(descendants_named(run.pid(), "bw-launcher").is_empty());

@@ -307,22 +307,14 @@ fn read_blocked_on_open_input_ends_at_timeout() {
     let dir = TestDir::new("blocked-read");
     let p = build_payload(&dir, "tests/payloads/echo.c");
     // Keep stdin open and silent: the payload blocks in `read` until the timeout stops it.
-    let mut child = std::process::Command::new(bulwark())
-        .args([
-            "run",
-            "--payload",
-            p.to_str().unwrap(),
-            "--timeout",
-            "300ms",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let open_stdin = child.stdin.take(); // wait_with_output would close it
-    let o = child.wait_with_output().unwrap();
-    drop(open_stdin);
+    let args = [
+        "run",
+        "--payload",
+        p.to_str().unwrap(),
+        "--timeout",
+        "300ms",
+    ];
+    let o = run_with_open_input(&args, b"");
     assert_eq!(o.status.code(), Some(124), "{}", stderr(&o));
     assert!(stderr(&o).contains("timed out after 0.3"), "{}", stderr(&o));
 }
@@ -332,7 +324,6 @@ fn read_blocked_on_open_input_ends_at_timeout() {
 #[test]
 fn timed_out_vm_shows_its_virtio_rings() {
     require_kvm();
-    use std::io::Write;
     let dir = TestDir::new("timeout-rings");
     let p = build_payload(&dir, "tests/payloads/blk_io.c");
     let img = dir.path("disk.img");
@@ -340,22 +331,11 @@ fn timed_out_vm_shows_its_virtio_rings() {
         .unwrap()
         .set_len(1 << 20)
         .unwrap();
-    let mut child = std::process::Command::new(bulwark())
-        .args(["run", "--payload", p.to_str().unwrap(), "--timeout", "3s"])
-        .args(["--drive", img.to_str().unwrap()])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
     // The secret, one round of four blocks; then input stays open and silent.
-    let mut input = vec![7u8; 32];
-    input.extend_from_slice(&1u32.to_le_bytes());
-    input.extend_from_slice(&4u32.to_le_bytes());
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(&input).unwrap();
-    let o = child.wait_with_output().unwrap();
-    drop(stdin);
+    let mut input = blk_io_input(&[7; 32], 1, 4);
+    let drive = ["--drive", img.to_str().unwrap()];
+    let args = ["run", "--payload", p.to_str().unwrap(), "--timeout", "3s"];
+    let o = run_with_open_input(&[&args[..], &drive[..]].concat(), &input);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(124), "{}\n{err}", stdout(&o));
     assert!(stdout(&o).contains("blk_io: waiting"), "{}", stdout(&o));
@@ -370,11 +350,10 @@ fn timed_out_vm_shows_its_virtio_rings() {
     );
     // A run that ends by itself (the byte it waits for given) prints them only with --stats.
     input.push(0);
-    let args = ["run", "--payload", p.to_str().unwrap(), "--drive"];
-    let o = run(&[&args[..], &[img.to_str().unwrap()]].concat(), &input);
+    let o = run(&[&args[..3], &drive[..]].concat(), &input);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(!stderr(&o).contains("bulwark: rings"), "{}", stderr(&o));
-    let o = run_payload(&p, &["--drive", img.to_str().unwrap()], &input);
+    let o = run_payload(&p, &drive, &input);
     assert!(
         stderr(&o).contains("bulwark: rings blk0: "),
         "{}",

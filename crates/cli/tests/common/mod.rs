@@ -75,6 +75,16 @@ pub fn build_payload(dir: &TestDir, src: &str) -> PathBuf {
 
 /// Runs `bulwark` with `args`, feeding `stdin`.
 pub fn run(args: &[&str], stdin: &[u8]) -> Output {
+    run_fed(args, stdin, false)
+}
+
+/// As [`run`], but input stays open (and silent) after `stdin` until bulwark exits: a guest
+/// that reads more blocks until something else ends it.
+pub fn run_with_open_input(args: &[&str], stdin: &[u8]) -> Output {
+    run_fed(args, stdin, true)
+}
+
+fn run_fed(args: &[&str], stdin: &[u8], keep_open: bool) -> Output {
     let mut child = Command::new(bulwark())
         .args(args)
         .stdin(Stdio::piped())
@@ -86,10 +96,19 @@ pub fn run(args: &[&str], stdin: &[u8]) -> Output {
     let data = stdin.to_vec();
     let writer = std::thread::spawn(move || {
         let _ = input.write_all(&data);
+        keep_open.then_some(input)
     });
     let out = child.wait_with_output().unwrap();
-    writer.join().unwrap();
+    drop(writer.join().unwrap());
     out
+}
+
+/// `tests/payloads/blk_io.c`'s 40 input bytes: the secret, then the rounds and blocks.
+pub fn blk_io_input(secret: &[u8; 32], rounds: u32, blocks: u32) -> Vec<u8> {
+    let mut v = secret.to_vec();
+    v.extend_from_slice(&rounds.to_le_bytes());
+    v.extend_from_slice(&blocks.to_le_bytes());
+    v
 }
 
 /// Runs a payload file with extra flags.

@@ -546,11 +546,7 @@ fn boot_fresh(
     supported: &kvm_bindings::CpuId,
     sync_regs: bool,
 ) -> Result<Vec<kvm_ioctls::VcpuFd>, VmError> {
-    let mut kernel = cfg
-        .kernel
-        .try_clone()
-        .map_err(|e| LinuxError::from(boot::BootError::Read(e)))?;
-    let loaded = boot::load_kernel(mem, &mut kernel).map_err(LinuxError::from)?;
+    let loaded = boot::load_kernel(mem, &mut &*cfg.kernel).map_err(LinuxError::from)?;
     let initrd = match &cfg.initrd {
         Some(rd) => {
             let max = loaded
